@@ -1,0 +1,136 @@
+"""Qwen2/Llama decoder blocks: RMSNorm, rotary embeddings, GQA attention with a static KV cache, SwiGLU.
+
+Parameter names follow Hugging Face Qwen2 (`self_attn.q_proj`, `mlp.gate_proj`, `input_layernorm`, ...)
+so official checkpoints load with no renaming. Numerics follow HF: norms and RoPE tables in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nextstep.model.config import NextStepConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(
+    position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF default rotary tables for integer positions (B, L) -> cos, sin (B, 1, L, D)."""
+    inv_freq = 1.0 / (
+        theta
+        ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float() / head_dim)
+    )
+    freqs = position_ids.float()[..., None] * inv_freq  # (B, L, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin
+
+
+def build_attention_mask(key_valid: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """Boolean SDPA mask (B, 1, Lq, Lk): causal over positions and blind to invalid (pad) keys.
+
+    A query always sees its own key, so left-pad rows (no valid key yet) stay finite, as HF's
+    SDPA path arranges; their outputs are meaningless and never read.
+    key_valid: (B, Lk) bool; q_pos: (Lq,) and k_pos: (Lk,) cache slots.
+    """
+    causal = k_pos[None, :] <= q_pos[:, None]  # (Lq, Lk)
+    own = k_pos[None, :] == q_pos[:, None]
+    return ((causal[None] & key_valid[:, None, :]) | own[None])[:, None]
+
+
+class KVCache(nn.Module):
+    """Pre-allocated keys and values for one layer: (B, Hkv, Lmax, D) each."""
+
+    def __init__(self, batch: int, max_len: int, num_kv_heads: int, head_dim: int, *, dtype, device):
+        super().__init__()
+        shape = (batch, num_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(
+        self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, Hkv, L, D) at cache slots (L,) and return the whole cache."""
+        self.k.index_copy_(2, slots, k)
+        self.v.index_copy_(2, slots, v)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: NextStepConfig):
+        super().__init__()
+        d, h, hkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = h, hkv, hd
+        self.q_proj = nn.Linear(d, h * hd, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(d, hkv * hd, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(d, hkv * hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(h * hd, d, bias=cfg.o_attention_bias)
+        self.cache: KVCache | None = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        slots: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        b, n, _ = x.shape
+        q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
+        k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, D)
+        v = self.v_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.cache is not None:
+            k, v = self.cache.update(slots, k, v)  # (B, Hkv, Lmax, D)
+        if self.num_kv_heads != self.num_heads:
+            rep = self.num_heads // self.num_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: NextStepConfig):
+        super().__init__()
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(d, f, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(d, f, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(f, d, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: NextStepConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, slots=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, slots)
+        return x + self.mlp(self.post_attention_layernorm(x))

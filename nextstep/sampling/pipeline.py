@@ -1,0 +1,334 @@
+"""Text-to-image and editing pipelines with the official prompt templates (eager, KV-cached).
+
+pipe = nextstep.load("path/to/checkpoint")
+images = pipe.generate("a red fox in the snow", size=(512, 512), seed=0)
+edited = pipe.edit(Image.open("in.png"), "make the sky blue")
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from nextstep.model.backbone import build_attention_mask
+from nextstep.model.checkpoint import check_model_dir, from_pretrained
+from nextstep.model.nextstep import NextStep, patchify, unpatchify
+from nextstep.model.tokenizer import BOI, EOI, IMAGE_AREA, IMAGE_PLACEHOLDER, TextTokenizer
+from nextstep.model.vae import AutoEncoder, load_vae, pil_to_pixels, pixels_to_pil
+from nextstep.sampling.flow import FlowSettings, guidance_rows, guidance_scale, sample_token
+
+MAX_PROMPT_TOKENS = 1024  # longest prompt accepted, in tokens
+MAX_BATCH = 64  # most images one call may make
+MAX_SIDE = 2048  # largest image side in pixels
+
+
+@dataclass
+class GenerateOptions:
+    size: tuple[int, int] = (512, 512)  # output (height, width) in pixels, multiples of 16
+    steps: int = 28  # flow-matching head steps per token
+    cfg: float = 7.5  # text guidance scale (1 = off)
+    cfg_img: float = 1.0  # image guidance scale for editing (1 = off)
+    cfg_schedule: str = "constant"  # guidance over tokens: constant | linear
+    cfg_normalize: bool = False  # NextStep-1.1 norm-rescaled guidance
+    shift: float = 1.0  # timestep shift
+    sampler: str = "sde"  # update rule: sde | ode | cps (1.1 only)
+    noise_level: float = 0.8  # NextStep-1.1 SDE/CPS noise scale
+    use_norm: bool = False  # layer-normalise each sampled token before feeding it back
+    seed: int | None = 0  # one generator for every draw; None draws a random seed
+    n: int = 1  # images per prompt
+    positive_prompt: str = ""  # appended to each prompt (after a space)
+    negative_prompt: str = ""  # the text of the unconditional branch
+    progress: bool = False  # tqdm bar over image tokens
+
+
+EDIT_DEFAULTS = {
+    "cfg": 7.5,
+    "cfg_img": 2.0,
+    "shift": 3.2,
+    "use_norm": True,
+    "steps": 50,
+    "negative_prompt": "Copy original image.",
+}
+
+
+@dataclass
+class Trace:
+    """Intermediate tensors of one generation, for parity checks and debugging."""
+
+    input_ids: torch.Tensor | None = None  # (R, L) prefill ids, R = rows * B
+    attention_mask: torch.Tensor | None = None  # (R, L)
+    inputs_embeds: torch.Tensor | None = None  # (R, L, d)
+    prefill_hidden: torch.Tensor | None = None  # (R, L, d)
+    conditions: list[torch.Tensor] = field(default_factory=list)  # per token (R, d)
+    raw_tokens: list[torch.Tensor] = field(default_factory=list)  # per token (B, D) before use_norm
+    final_latents: torch.Tensor | None = None  # (B, C, H, W) raw VAE latents fed to the decoder
+    decoded: torch.Tensor | None = None  # (B, 3, H, W) in [-1, 1]
+
+
+def check_options(opts: GenerateOptions, down: int) -> None:
+    h, w = opts.size
+    for side in (h, w):
+        if side % down or side <= 0:
+            raise ValueError(f"image size {h}x{w} must be positive multiples of {down} px")
+        if side > MAX_SIDE:
+            raise ValueError(f"image size {h}x{w} exceeds the limit of {MAX_SIDE} px per side")
+    if opts.steps <= 0:
+        raise ValueError(f"steps must be > 0, got {opts.steps}")
+    if opts.n <= 0:
+        raise ValueError(f"n (images per prompt) must be > 0, got {opts.n}")
+    if opts.cfg <= 0 or opts.cfg_img <= 0:
+        raise ValueError(f"guidance scales must be > 0, got cfg={opts.cfg} cfg_img={opts.cfg_img}")
+    if opts.cfg_schedule not in ("constant", "linear"):
+        raise ValueError(f"cfg schedule must be constant or linear, got {opts.cfg_schedule!r}")
+
+
+class Pipeline:
+    def __init__(self, model: NextStep, vae: AutoEncoder, tokenizer: TextTokenizer):
+        self.model, self.vae, self.tokenizer = model, vae, tokenizer
+        self.image_area_id = tokenizer.token_id(IMAGE_AREA)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> Pipeline:
+        path = check_model_dir(path)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        model = from_pretrained(path, dtype=dtype, device=device)
+        vae = load_vae(path / "vae", dtype=dtype, device=device)
+        return cls(model, vae, TextTokenizer(path))
+
+    @property
+    def family(self) -> str:
+        return self.model.config.family
+
+    @property
+    def down_factor(self) -> int:
+        """Pixels per image-token side: VAE downsampling x latent patch."""
+        return self.vae.config.down_factor * self.model.config.latent_patch_size
+
+    # ---- public API ----------------------------------------------------------------------------
+    def generate(
+        self, prompts: str | list[str], *, trace: Trace | None = None, **options
+    ) -> list[Image.Image]:
+        """Text-to-image. Returns len(prompts) * n images, prompt-major."""
+        opts = replace(GenerateOptions(), **options)
+        prompts = _as_list(prompts, "prompt")
+        captions = [p + (" " + opts.positive_prompt if opts.positive_prompt else "") for p in prompts]
+        return self._run(captions, [[] for _ in captions], opts, trace)
+
+    def edit(
+        self,
+        images: Image.Image | list[Image.Image],
+        instructions: str | list[str],
+        *,
+        trace: Trace | None = None,
+        **options,
+    ) -> list[Image.Image]:
+        """Instruction editing: the source image is encoded into the prompt; output defaults to its size."""
+        images = images if isinstance(images, list) else [images]
+        instructions = _as_list(instructions, "instruction")
+        if len(images) != len(instructions):
+            raise ValueError(f"got {len(images)} images for {len(instructions)} instructions")
+        opts = GenerateOptions(**{**EDIT_DEFAULTS, "size": self._snap(images[0].size)})
+        opts = replace(opts, **options)
+        check_options(opts, self.down_factor)
+        sources = []
+        for img in images:
+            if img.size != (opts.size[1], opts.size[0]):
+                img = img.convert("RGB").resize((opts.size[1], opts.size[0]), Image.BICUBIC)
+            sources.append([img.convert("RGB")])
+        captions = [self._image_string(opts.size) + text for text in instructions]
+        return self._run(captions, sources, opts, trace)
+
+    # ---- prompt building -----------------------------------------------------------------------
+    def _snap(self, wh: tuple[int, int]) -> tuple[int, int]:
+        d = self.down_factor
+        w, h = wh
+        if w < d or h < d:
+            raise ValueError(f"input image {w}x{h} is smaller than {d} px")
+        return (min(h, MAX_SIDE) // d * d, min(w, MAX_SIDE) // d * d)
+
+    def _image_string(self, size: tuple[int, int]) -> str:
+        h, w = size[0] // self.down_factor, size[1] // self.down_factor
+        return f"{IMAGE_AREA}{h}*{w}{BOI}" + IMAGE_PLACEHOLDER * (h * w) + EOI
+
+    def _rows(
+        self, captions: list[str], sources: list[list[Image.Image]], opts: GenerateOptions
+    ) -> tuple[list[str], list[list[Image.Image]]]:
+        """Branch rows stacked [cond; uncond...] (official order), each repeated n times per prompt."""
+        rows = guidance_rows(opts.cfg, opts.cfg_img)
+        captions = [c for c in captions for _ in range(opts.n)]
+        sources = [s for s in sources for _ in range(opts.n)]
+        texts, images = list(captions), list(sources)
+        if rows == 3:
+            texts += [
+                self._image_string(opts.size) + opts.negative_prompt if s else opts.negative_prompt
+                for s in sources
+            ]
+            images += sources
+        if rows >= 2:
+            texts += [opts.negative_prompt] * len(captions)
+            images += [[] for _ in captions]
+        return texts, images
+
+    def _tokenize(self, texts: list[str], size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded ids and mask (R, L), every row ending with `<|image_area|>h*w` + boi."""
+        ids = [self.tokenizer.encode(t) for t in texts]
+        for t, row in zip(texts, ids):
+            if len(row) > MAX_PROMPT_TOKENS:
+                raise ValueError(f"prompt of {len(row)} tokens exceeds {MAX_PROMPT_TOKENS}: {t[:60]!r}...")
+        h, w = size[0] // self.down_factor, size[1] // self.down_factor
+        suffix = self.tokenizer.encode(f"{IMAGE_AREA}{h}*{w}") + [self.model.config.boi]
+        width = max(len(r) for r in ids)
+        pad = self.model.config.pad_token_id_added
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r + suffix for r in ids])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * (len(r) + len(suffix)) for r in ids])
+        return input_ids, mask
+
+    # ---- generation ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _run(self, captions, sources, opts: GenerateOptions, trace: Trace | None) -> list[Image.Image]:
+        check_options(opts, self.down_factor)
+        if len(captions) * opts.n > MAX_BATCH:
+            raise ValueError(f"{len(captions)} prompts x n={opts.n} exceeds the batch limit of {MAX_BATCH}")
+        settings = FlowSettings(
+            family=self.family,
+            num_steps=opts.steps,
+            shift=opts.shift,
+            rule=opts.sampler,
+            noise_level=opts.noise_level,
+        )
+        texts, images = self._rows(captions, sources, opts)
+        input_ids, attn = self._tokenize(texts, opts.size)
+        pixels = [pil_to_pixels(img) for row in images for img in row]
+        latents = self.encode_images(pixels)
+        seed = opts.seed if opts.seed is not None else int(torch.randint(0, 2**31 - 1, (1,)).item())
+        tokens = self.generate_tokens(input_ids, attn, latents, settings, opts, seed=seed, trace=trace)
+        h, w = opts.size[0] // self.down_factor, opts.size[1] // self.down_factor
+        decoded = self.decode_tokens(tokens, h, w, trace)
+        return [pixels_to_pil(x) for x in decoded]
+
+    def encode_images(self, pixels: list[torch.Tensor]) -> torch.Tensor:
+        """Source images (each (1, 3, H, W) in [-1, 1]) -> their image tokens in order (N, D)."""
+        p = self.model.config.latent_patch_size
+        if not pixels:
+            return torch.zeros(0, self.model.config.token_dim, device=self.model.embed_tokens.weight.device)
+        toks = [patchify(self.vae.encode(x.to(self.vae.decoder.conv_in.weight)), p)[0] for x in pixels]
+        return torch.cat(toks)
+
+    def decode_tokens(self, tokens: torch.Tensor, h: int, w: int, trace: Trace | None = None) -> torch.Tensor:
+        """Model tokens (B, h*w, D) -> pixels (B, 3, H, W) in [-1, 1]."""
+        latents = unpatchify(tokens, self.model.config.latent_patch_size, h, w)
+        z = self.vae.denormalize_latents(latents.to(self.vae.decoder.conv_in.weight.dtype))
+        decoded = self.vae.decode_raw(z).float()
+        if trace is not None:
+            trace.final_latents, trace.decoded = z.float(), decoded
+        return decoded
+
+    def generate_tokens(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_tokens: torch.Tensor,
+        settings: FlowSettings,
+        opts: GenerateOptions,
+        *,
+        seed: int,
+        trace: Trace | None = None,
+        draw=None,
+    ) -> torch.Tensor:
+        """The autoregressive loop: prefill, then per image token sample with the head and feed back.
+
+        input_ids, attention_mask: (R, L) with R = rows * B; image_tokens (N, D) fill the placeholders.
+        Returns the fed-back tokens (B, h*w, D). `draw` overrides the seeded generator (replay).
+        """
+        model, cfg = self.model, self.model.config
+        device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
+        rows = guidance_rows(opts.cfg, opts.cfg_img)
+        r, n_prefix = input_ids.shape
+        b = r // rows
+        n_tokens = (opts.size[0] // self.down_factor) * (opts.size[1] // self.down_factor)
+        max_len = n_prefix + n_tokens
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        if draw is None:
+            gen = torch.Generator(device=device).manual_seed(seed)
+            draw = lambda shape: torch.randn(shape, generator=gen, device=device, dtype=torch.float32)  # noqa: E731
+
+        key_valid = torch.ones(r, max_len, dtype=torch.bool, device=device)
+        key_valid[:, :n_prefix] = attention_mask.bool()
+        slots = torch.arange(max_len, device=device)
+        model.setup_caches(r, max_len)
+        try:
+            embeds = model.embed(input_ids, image_tokens.to(device))
+            pos = slots[:n_prefix]
+            mask = build_attention_mask(key_valid, pos, slots)
+            hidden = model.forward_hidden(embeds, position_ids=pos.expand(r, -1), mask=mask, slots=pos)
+            if trace is not None:
+                trace.input_ids, trace.attention_mask = input_ids.cpu(), attention_mask.cpu()
+                trace.inputs_embeds, trace.prefill_hidden = embeds.float().cpu(), hidden.float().cpu()
+            cond = model.head_condition(hidden[:, -1])  # (R, d)
+            net = model.image_head.net
+
+            def velocity(x, t, c):
+                return net(x.to(dtype), t.to(dtype), c).float()
+
+            out = []
+            for k in tqdm(range(n_tokens), desc="image tokens", disable=not opts.progress, leave=False):
+                scale = guidance_scale(self.family, opts.cfg_schedule, opts.cfg, k, n_tokens)
+                scale_img = guidance_scale(self.family, opts.cfg_schedule, opts.cfg_img, k, n_tokens)
+                token = sample_token(
+                    velocity,
+                    cond,
+                    settings,
+                    cfg=scale,
+                    cfg_img=scale_img,
+                    normalize=opts.cfg_normalize,
+                    token_dim=cfg.token_dim,
+                    draw=draw,
+                )  # (B, D)
+                if trace is not None:
+                    trace.conditions.append(cond.float().cpu())
+                    trace.raw_tokens.append(token.cpu())
+                if opts.use_norm:
+                    token = F.layer_norm(token, token.shape[-1:], eps=1e-6)
+                out.append(token)
+                if k == n_tokens - 1:
+                    break
+                slot = slots[n_prefix + k : n_prefix + k + 1]
+                step_embeds = model.image_in_projector(token.to(dtype)).repeat(rows, 1)[:, None]  # (R, 1, d)
+                mask = build_attention_mask(key_valid, slot, slots)
+                hidden = model.forward_hidden(
+                    step_embeds, position_ids=slot.expand(r, 1), mask=mask, slots=slot
+                )
+                cond = model.head_condition(hidden[:, -1])
+        finally:
+            model.clear_caches()
+        return torch.stack(out, dim=1)  # (B, h*w, D)
+
+
+def _as_list(value: str | list[str], what: str) -> list[str]:
+    items = [value] if isinstance(value, str) else list(value)
+    if not items:
+        raise ValueError(f"no {what} given")
+    for item in items:
+        if not isinstance(item, str) or not item.strip():
+            raise ValueError(f"{what} must be a non-empty string, got {item!r}")
+    return items
+
+
+def load(
+    path: str | Path | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> Pipeline:
+    """Load a pipeline from a checkpoint directory."""
+    if path is None:
+        raise ValueError("no model given: pass a checkpoint directory (CLI: --model DIR)")
+    return Pipeline.from_pretrained(path, device=device, dtype=dtype)
