@@ -180,7 +180,7 @@ class Pipeline:
     def _tokenize(self, texts: list[str], size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded ids and mask (R, L), every row ending with `<|image_area|>h*w` + boi."""
         ids = [self.tokenizer.encode(t) for t in texts]
-        for t, row in zip(texts, ids):
+        for t, row in zip(texts, ids, strict=True):
             if len(row) > MAX_PROMPT_TOKENS:
                 raise ValueError(f"prompt of {len(row)} tokens exceeds {MAX_PROMPT_TOKENS}: {t[:60]!r}...")
         h, w = size[0] // self.down_factor, size[1] // self.down_factor
@@ -252,7 +252,6 @@ class Pipeline:
         device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
         rows = guidance_rows(opts.cfg, opts.cfg_img)
         r, n_prefix = input_ids.shape
-        b = r // rows
         n_tokens = (opts.size[0] // self.down_factor) * (opts.size[1] // self.down_factor)
         max_len = n_prefix + n_tokens
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
