@@ -160,8 +160,11 @@ def _finish(key: str, json_bytes: bytes | None, images: dict[int, bytes]) -> Raw
     return RawSample(key=key, json=json_bytes, images=[images[i] for i in range(len(images))])
 
 
-def iter_raw_samples(fileobj: IO[bytes]) -> Iterator[RawSample]:
-    """Stream RawSamples from an open tar byte stream; raises on truncation or malformed members."""
+def iter_raw_samples(fileobj: IO[bytes], *, offsets: list[int] | None = None) -> Iterator[RawSample]:
+    """Stream RawSamples from an open tar byte stream; raises on truncation or malformed members.
+
+    If `offsets` is given, the byte offset of each sample's first tar header is appended to it.
+    """
     key: str | None = None
     json_bytes: bytes | None = None
     images: dict[int, bytes] = {}
@@ -182,6 +185,8 @@ def iter_raw_samples(fileobj: IO[bytes]) -> Iterator[RawSample]:
                         f"sample {member_key!r}: members are not contiguous or key is duplicated"
                     )
                 seen.add(member_key)
+                if offsets is not None:
+                    offsets.append(member.offset)
                 key, json_bytes, images = member_key, None, {}
             if index is None:
                 if json_bytes is not None:

@@ -1,0 +1,374 @@
+"""Dataset tools: build shards from raw data, per-shard metadata (meta.json), and the training index cache.
+
+nextstep data build-wds photos/ shards/ --shard-size 1000 --workers 8    # or: build_wds ...
+nextstep data meta shards/                                               # or: gen_meta shards/
+nextstep data warmup shards/ --n_jobs 32                                 # or: warmup_data ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from multiprocessing import Pool
+from pathlib import Path
+from typing import IO
+
+from PIL import Image
+from tqdm import tqdm
+
+from nextstep.data.format import PLACEHOLDER_RE, Sample, ShardWriter, encode_sample, iter_raw_samples
+
+log = logging.getLogger(__name__)
+
+META_NAME = "meta.json"  # gen_meta output, beside the shards
+INDEX_NAME = "index.json"  # warmup_data output, beside the shards
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@dataclass
+class Record:
+    """One raw-data sample before loading: caption with placeholders and image file paths."""
+
+    key: str
+    caption: str
+    images: list[Path] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+    where: str = ""  # source location for error messages ("manifest.jsonl:12")
+
+
+def _pmap(fn: Callable, items: Iterable, workers: int, *, chunksize: int = 1) -> Iterator:
+    """Ordered map over `workers` processes (in-process when 1), so output never depends on workers."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    with Pool(workers) as pool:
+        yield from pool.imap(fn, items, chunksize=chunksize)
+
+
+def _as_key(text: str) -> str:
+    # Derived keys (file names, row numbers) are made legal; explicit manifest keys are validated as given.
+    return re.sub(r"[^A-Za-z0-9_]", "_", text)
+
+
+def _t2i_caption(text: str) -> str:
+    """Plain text-to-image caption -> "text <image_0>"; captions that already place the image stay."""
+    return text if PLACEHOLDER_RE.search(text) else f"{text.strip()} <image_0>"
+
+
+def iter_records(source: str | os.PathLike) -> Iterator[Record]:
+    """Records of a folder (image + same-name .txt caption), a JSONL manifest or a CSV (caption,image)."""
+    source = Path(source)
+    if source.is_dir():
+        for path in sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+            txt = path.with_suffix(".txt")
+            rel = path.relative_to(source).with_suffix("").as_posix()
+            caption = txt.read_text(encoding="utf-8") if txt.exists() else ""
+            yield Record(_as_key(rel), _t2i_caption(caption), [path], where=str(path))
+    elif source.suffix == ".jsonl":
+        with open(source, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{source}:{n}"
+                try:
+                    doc = json.loads(line)
+                    images = [source.parent / p for p in doc.pop("images", [])]
+                    key = str(doc.pop("key", f"s{n:09d}"))
+                    yield Record(key, doc.pop("caption"), images, doc, where)
+                except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                    raise ValueError(f"{where}: bad manifest line: {type(e).__name__}: {e}") from e
+    elif source.suffix == ".csv":
+        with open(source, encoding="utf-8", newline="") as f:
+            for n, row in enumerate(csv.DictReader(f), 2):
+                where = f"{source}:{n}"
+                if "caption" not in row or "image" not in row:
+                    raise ValueError(f"{where}: CSV needs columns 'caption' and 'image', got {list(row)}")
+                caption, image = row.pop("caption"), row.pop("image")
+                images = [source.parent / image] if image else []
+                key = _as_key(row.pop("key", "") or f"s{n:09d}")
+                yield Record(key, _t2i_caption(caption) if images else caption, images, row, where)
+    else:
+        raise ValueError(f"{source}: expected a folder, a .jsonl manifest or a .csv file")
+
+
+def load_record(record: Record, *, max_size: int | None = None) -> Sample:
+    """Decode a record's images (fully, to catch corrupt files) and downscale to `max_size` if given."""
+    images = []
+    for path in record.images:
+        try:
+            with Image.open(path) as im:
+                im.load()
+                image = im.copy() if max_size is None else _shrink(im, max_size)
+        except Exception as e:
+            raise ValueError(f"sample {record.key!r} ({record.where}): cannot read image {path}: {e}") from e
+        images.append(image)
+    return Sample(record.key, record.caption, images, record.meta)
+
+
+def _shrink(image: Image.Image, max_size: int) -> Image.Image:
+    scale = max_size / max(image.size)
+    if scale >= 1:
+        return image.copy()
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.LANCZOS)
+
+
+def _encode_record(args: tuple[Record, int | None]) -> tuple[str, list[tuple[str, bytes]] | str]:
+    record, max_size = args
+    try:
+        return record.key, encode_sample(load_record(record, max_size=max_size))
+    except ValueError as e:
+        msg = str(e)
+        return record.key, msg if record.where in msg else f"{msg} ({record.where})"
+
+
+@dataclass
+class BuildReport:
+    paths: list[Path]  # shards written, in order
+    written: int  # samples written
+    skipped: list[str]  # one-line errors of samples left out (only with skip_bad)
+
+
+def build_wds(
+    source: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    prefix: str = "data",
+    shard_size: int = 1000,
+    max_size: int | None = None,
+    workers: int = 1,
+    skip_bad: bool = False,
+    progress: bool = False,
+) -> BuildReport:
+    """Convert raw data into shards; the first bad sample raises ValueError unless `skip_bad`."""
+    records = ((r, max_size) for r in iter_records(source))
+    skipped: list[str] = []
+    written = 0
+    with ShardWriter(out_dir, prefix=prefix, max_count=shard_size) as writer:
+        results = _pmap(_encode_record, records, workers, chunksize=16)
+        for key, result in tqdm(results, disable=not progress, unit="sample"):
+            if isinstance(result, str):
+                if not skip_bad:
+                    raise ValueError(result)
+                log.warning("skipped: %s", result)
+                skipped.append(result)
+                continue
+            writer.write_members(key, result)
+            written += 1
+    return BuildReport(writer.paths, written, skipped)
+
+
+class _HashingReader(io.RawIOBase):
+    """Read-through stream that hashes and counts every byte read."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f, self.sha, self.nbytes = f, hashlib.sha256(), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = self.f.readinto(b)
+        self.sha.update(memoryview(b)[:n])
+        self.nbytes += n
+        return n
+
+
+def scan_shard(path: str | os.PathLike) -> dict:
+    """Count, checksum, image-size stats and sample offsets of one shard; errors are recorded, not raised."""
+    path = Path(path)
+    st = path.stat()
+    entry: dict = {"size": st.st_size, "mtime": st.st_mtime_ns, "count": 0, "images": 0, "error": None}
+    widths, heights, keys, offsets = [], [], [], []
+    with open(path, "rb") as f:
+        reader = _HashingReader(f)
+        stream = io.BufferedReader(reader, 1 << 20)
+        try:
+            for raw in iter_raw_samples(stream, offsets=offsets):
+                keys.append(raw.key)
+                for data in raw.images:
+                    w, h = Image.open(io.BytesIO(data)).size
+                    widths.append(w)
+                    heights.append(h)
+        except Exception as e:  # truncated / corrupt: keep what was readable, report the rest
+            entry["error"] = f"{type(e).__name__}: {e}"
+        while stream.read(1 << 20):  # hash the whole file even when parsing stopped early
+            pass
+    del offsets[len(keys) :]
+    entry.update(sha256=reader.sha.hexdigest(), count=len(keys), images=len(widths))
+    if widths:
+        entry["width"] = {"min": min(widths), "max": max(widths), "mean": sum(widths) / len(widths)}
+        entry["height"] = {"min": min(heights), "max": max(heights), "mean": sum(heights) / len(heights)}
+    entry["keys"], entry["offsets"] = keys, offsets
+    return entry
+
+
+def _shards(root: Path) -> list[Path]:
+    return sorted(root.rglob("*.tar"))
+
+
+def _write_json(path: Path, doc: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _scan_all(root: Path, names: list[str], workers: int, progress: bool) -> dict[str, dict]:
+    results = _pmap(scan_shard, [root / n for n in names], workers)
+    return dict(zip(names, tqdm(results, total=len(names), disable=not progress, unit="shard"), strict=True))
+
+
+def gen_meta(root: str | os.PathLike, *, workers: int = 1, progress: bool = False) -> dict:
+    """Write ROOT/meta.json (per-shard count, bytes, sha256, image sizes, error); reuses unchanged shards."""
+    root = Path(root)
+    old = _read_json(root / META_NAME).get("shards", {})
+    shards, todo = {}, []
+    for path in _shards(root):
+        name, st = path.relative_to(root).as_posix(), path.stat()
+        prev = old.get(name)
+        if prev and (prev["size"], prev["mtime"]) == (st.st_size, st.st_mtime_ns):
+            shards[name] = prev
+        else:
+            todo.append(name)
+    for name, entry in _scan_all(root, todo, workers, progress).items():
+        del entry["keys"], entry["offsets"]  # those belong to the index (warmup_data)
+        shards[name] = entry
+    shards = dict(sorted(shards.items()))
+    doc = {
+        "version": 1,
+        "num_shards": len(shards),
+        "num_samples": sum(e["count"] for e in shards.values()),
+        "num_bytes": sum(e["size"] for e in shards.values()),
+        "errors": {n: e["error"] for n, e in shards.items() if e["error"]},
+        "rescanned": len(todo),
+        "shards": shards,
+    }
+    _write_json(root / META_NAME, doc)
+    return doc
+
+
+def warmup_index(root: str | os.PathLike, *, n_jobs: int = 1, progress: bool = False) -> dict:
+    """Write ROOT/index.json (per-shard keys, byte offsets, counts) for shards meta.json lists as intact."""
+    root = Path(root)
+    meta = _read_json(root / META_NAME).get("shards")
+    if meta is None:
+        raise FileNotFoundError(f"{root / META_NAME} missing or unreadable: run gen_meta {root} first")
+    old = _read_json(root / INDEX_NAME).get("shards", {})
+    shards, todo = {}, []
+    for name, m in meta.items():
+        prev = old.get(name)
+        if m["error"]:
+            continue
+        if prev and (prev["sha256"], prev["size"]) == (m["sha256"], m["size"]):
+            shards[name] = prev
+        else:
+            todo.append(name)
+    for name, entry in _scan_all(root, todo, n_jobs, progress).items():
+        if (entry["sha256"], entry["size"]) != (meta[name]["sha256"], meta[name]["size"]):
+            log.warning("%s changed since gen_meta; left out of the index (rerun gen_meta)", name)
+            continue
+        shards[name] = {k: entry[k] for k in ("size", "sha256", "count", "keys", "offsets")}
+    doc = {"version": 1, "shards": dict(sorted(shards.items()))}
+    _write_json(root / INDEX_NAME, doc)
+    return doc
+
+
+def load_index(root: str | os.PathLike) -> dict[str, dict]:
+    """Index entries (by shard path) whose sha256/size match meta.json and whose file is unchanged since."""
+    root = Path(root)
+    meta = _read_json(root / META_NAME).get("shards", {})
+    index = _read_json(root / INDEX_NAME).get("shards", {})
+    out = {}
+    for name, entry in index.items():
+        m = meta.get(name)
+        path = root / name
+        if m is None or (entry["sha256"], entry["size"]) != (m["sha256"], m["size"]) or not path.exists():
+            continue
+        st = path.stat()
+        if (st.st_size, st.st_mtime_ns) == (m["size"], m["mtime"]):
+            out[str(path)] = entry
+    return out
+
+
+def main_build_wds(argv: list[str] | None = None) -> int:
+    """build_wds SOURCE OUT_DIR: folder (image + .txt), manifest.jsonl or data.csv -> tar shards."""
+    p = argparse.ArgumentParser(prog="build_wds", description=main_build_wds.__doc__)
+    p.add_argument(
+        "source", help="folder of images with same-name .txt captions, a .jsonl manifest or a .csv"
+    )
+    p.add_argument("out_dir")
+    p.add_argument("--prefix", default="data", help="shard file name prefix: PREFIX-000000.tar")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    p.add_argument("--max-size", type=int, default=None, help="downscale images so the longer side <= this")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes")
+    p.add_argument("--skip-bad", action="store_true", help="leave out bad samples instead of stopping")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        report = build_wds(
+            args.source,
+            args.out_dir,
+            prefix=args.prefix,
+            shard_size=args.shard_size,
+            max_size=args.max_size,
+            workers=args.workers,
+            skip_bad=args.skip_bad,
+            progress=True,
+        )
+    except (ValueError, FileNotFoundError) as e:
+        print(f"build_wds: error: {e}", file=sys.stderr)
+        return 1
+    print(
+        f"wrote {report.written} samples in {len(report.paths)} shards to {args.out_dir}; "
+        f"skipped {len(report.skipped)}"
+    )
+    return 0
+
+
+def main_gen_meta(argv: list[str] | None = None) -> int:
+    """gen_meta ROOT: per-shard counts, checksums and image sizes -> ROOT/meta.json."""
+    p = argparse.ArgumentParser(prog="gen_meta", description=main_gen_meta.__doc__)
+    p.add_argument("root")
+    p.add_argument("--workers", "--n_jobs", type=int, default=os.cpu_count() or 1)
+    args = p.parse_args(argv)
+    doc = gen_meta(args.root, workers=args.workers, progress=True)
+    for name, error in doc["errors"].items():
+        print(f"CORRUPT {name}: {error}")
+    print(
+        f"{doc['num_shards']} shards ({doc['rescanned']} rescanned), {doc['num_samples']} samples, "
+        f"{doc['num_bytes'] / 1e9:.3f} GB, {len(doc['errors'])} corrupt -> {Path(args.root) / META_NAME}"
+    )
+    return 1 if doc["errors"] else 0
+
+
+def main_warmup(argv: list[str] | None = None) -> int:
+    """warmup_data ROOT --n_jobs N: cache per-shard keys/offsets/counts -> ROOT/index.json."""
+    p = argparse.ArgumentParser(prog="warmup_data", description=main_warmup.__doc__)
+    p.add_argument("root")
+    p.add_argument("--n_jobs", "--workers", type=int, default=os.cpu_count() or 1)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        doc = warmup_index(args.root, n_jobs=args.n_jobs, progress=True)
+    except FileNotFoundError as e:
+        print(f"warmup_data: error: {e}", file=sys.stderr)
+        return 1
+    total = sum(e["count"] for e in doc["shards"].values())
+    print(f"indexed {len(doc['shards'])} shards, {total} samples -> {Path(args.root) / INDEX_NAME}")
+    return 0
