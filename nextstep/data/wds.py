@@ -139,8 +139,11 @@ def resize_center_crop(image: Image.Image, size: tuple[int, int]) -> Image.Image
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """uint8 RGB image -> float tensor (3, H, W) in [-1, 1]."""
-    x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
-    return x.float().div_(127.5).sub_(1.0)
+    # In numpy: one single-threaded pass; torch ops here would contend for threads in the main process.
+    x = np.ascontiguousarray(np.asarray(image, dtype=np.float32).transpose(2, 0, 1))
+    x *= 1 / 127.5
+    x -= 1.0
+    return torch.from_numpy(x)
 
 
 def drop_caption_text(caption: str) -> str:
