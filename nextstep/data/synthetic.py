@@ -1,0 +1,307 @@
+"""Procedural captioned shape scenes (text-to-image, editing, interleaved) written as training shards.
+
+Sample `i` depends only on (seed, i), so output is the same for any number of workers:
+
+    nextstep data synth-shapes OUT --n 1000000 --seed 0 --workers 16
+
+Held-out color-shape pairs and relations (`nextstep.eval.scenes.HELDOUT_*`) never appear here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import random
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+
+from tqdm import tqdm
+
+from nextstep.data.format import Sample, ShardWriter
+from nextstep.eval.scenes import (
+    COLORS,
+    REGION_PHRASES,
+    REGIONS,
+    RELATION_PHRASES,
+    RELATIONS,
+    SIZES,
+    TRAIN_PAIRS,
+    Background,
+    Edit,
+    Obj,
+    Scene,
+    apply_edit,
+    edit_text,
+    in_region,
+    is_heldout_relation,
+    join_phrases,
+    noun_phrase,
+    place,
+    render,
+)
+
+log = logging.getLogger(__name__)
+
+KINDS = {"t2i": 0.7, "edit": 0.2, "interleaved": 0.1}  # sample kind -> probability
+T2I_MODES = {"objects": 0.4, "count": 0.2, "position": 0.2, "relation": 0.2}  # what a caption stresses
+EDIT_OPS = ("recolor", "move", "add", "remove")
+P_NO_COLOR = 0.15  # captions that name shapes only, as GenEval's color-free prompts do
+P_SIZE = 0.3  # captions that name sizes (where a group shares one)
+P_BACKGROUND = 0.2  # captions that describe the background
+P_ADD_REGION = 0.5  # "add" instructions that say where
+# "" repeated so that most captions are in the plain form the eval prompts use.
+PREFIXES = ("", "", "", "", "a picture of ", "an image of ", "a drawing of ", "a simple scene with ")
+SCENE_LINKS = (" then ", " and next, ", ". Now ", " followed by ")
+EDIT_LINKS = (" now ", ". Next, ", " then ")
+
+
+def sample_rng(seed: int, index: int) -> random.Random:
+    """The RNG of sample `index`: string seeds hash with sha512, so it is stable across runs and hosts."""
+    return random.Random(f"synth-shapes:{seed}:{index}")
+
+
+def _pick(rng: random.Random, weights: dict[str, float]) -> str:
+    return rng.choices(list(weights), weights=list(weights.values()))[0]
+
+
+def random_background(rng: random.Random) -> Background:
+    """A dark or mid gray, slightly tinted, plain, noisy or striped background."""
+    gray = rng.randint(15, 70) if rng.random() < 0.6 else rng.randint(95, 135)
+    color = tuple(gray + rng.randint(-8, 8) for _ in range(3))
+    texture = rng.choice(("plain", "noise", "stripes"))
+    amount = {"plain": 0, "noise": rng.randint(2, 6), "stripes": rng.randint(6, 14)}[texture]
+    return Background(color, texture, amount, rng.randint(4, 12), rng.getrandbits(32))
+
+
+def _background_phrase(bg: Background) -> str:
+    tone = "dark" if sum(bg.color) < 3 * 80 else "gray"
+    return f" on a {tone}{' striped' if bg.texture == 'stripes' else ''} background"
+
+
+def random_objects(
+    rng: random.Random, n: int, *, pairs: tuple[tuple[str, str], ...] = TRAIN_PAIRS, by_color: bool = True
+) -> list[Obj]:
+    """`n` objects with distinct descriptions: distinct (color, shape), or shapes if not `by_color`."""
+    objs: list[Obj] = []
+    while len(objs) < n:
+        color, shape = rng.choice(pairs)
+        if all((o.color, o.shape) != (color, shape) and (by_color or o.shape != shape) for o in objs):
+            objs.append(Obj(shape, color, rng.choice(tuple(SIZES))))
+    return objs
+
+
+def random_scene(rng: random.Random, n: int, *, pairs: tuple[tuple[str, str], ...] = TRAIN_PAIRS) -> Scene:
+    """A scene of `n` distinctly colored-and-shaped objects at random free places."""
+    while True:
+        objs = random_objects(rng, n, pairs=pairs)
+        if place(objs, rng):
+            return Scene(objs, random_background(rng))
+
+
+def _group_phrases(objs: list[Obj], *, by_color: bool, by_size: bool) -> list[str]:
+    groups: dict[tuple, list[Obj]] = {}
+    for o in objs:
+        groups.setdefault((o.color, o.shape) if by_color else (o.shape,), []).append(o)
+    phrases = []
+    for members in groups.values():
+        sizes = {o.size for o in members}
+        size = sizes.pop() if by_size and len(sizes) == 1 else None
+        color = members[0].color if by_color else None
+        phrases.append(noun_phrase(members[0].shape, color=color, size=size, count=len(members)))
+    return phrases
+
+
+def _phrase(o: Obj, *, by_color: bool, by_size: bool) -> str:
+    return noun_phrase(o.shape, color=o.color if by_color else None, size=o.size if by_size else None)
+
+
+def sample_t2i(rng: random.Random) -> tuple[Scene, str]:
+    """A scene and a caption that names every object truthfully (counts, regions, relations as chosen)."""
+    mode = _pick(rng, T2I_MODES)
+    by_color = rng.random() >= P_NO_COLOR
+    by_size = rng.random() < P_SIZE
+    while True:
+        regions, relations = None, []
+        if mode == "objects":
+            objs = [
+                Obj(s, c, rng.choice(tuple(SIZES))) for c, s in rng.choices(TRAIN_PAIRS, k=rng.randint(1, 4))
+            ]
+        elif mode == "count":
+            color, shape = rng.choice(TRAIN_PAIRS)
+            objs = [Obj(shape, color, rng.choice(tuple(SIZES))) for _ in range(rng.randint(2, 4))]
+            if len(objs) < 4 and rng.random() < 0.4:
+                objs += [o for o in random_objects(rng, 2, by_color=by_color) if o.shape != shape][:1]
+        elif mode == "position":
+            objs = random_objects(rng, rng.randint(1, 2), by_color=by_color)
+            regions = rng.sample(REGIONS, len(objs))
+        else:
+            objs = random_objects(rng, rng.choice((2, 2, 3)), by_color=by_color)
+            rel = rng.choice(RELATIONS)
+            if is_heldout_relation(objs[0].shape, rel, objs[1].shape):
+                continue
+            relations = [(0, rel, 1)]
+        if place(objs, rng, regions=regions, relations=relations):
+            break
+    if mode == "position":
+        parts = [
+            f"{_phrase(o, by_color=by_color, by_size=by_size)} {REGION_PHRASES[r]}"
+            for o, r in zip(objs, regions, strict=True)
+        ]
+        text = join_phrases(parts)
+    elif mode == "relation":
+        a, b = (_phrase(o, by_color=by_color, by_size=by_size) for o in objs[:2])
+        text = f"{a} {rng.choice(RELATION_PHRASES[relations[0][1]])} {b}"
+        if len(objs) == 3:
+            text += f" and {_phrase(objs[2], by_color=by_color, by_size=by_size)}"
+    else:
+        text = join_phrases(_group_phrases(objs, by_color=by_color, by_size=by_size))
+    scene = Scene(objs, random_background(rng))
+    text = rng.choice(PREFIXES) + text
+    if rng.random() < P_BACKGROUND:
+        text += _background_phrase(scene.background)
+    return scene, text
+
+
+def sample_edit(
+    rng: random.Random,
+    *,
+    source: Scene | None = None,
+    pairs: tuple[tuple[str, str], ...] = TRAIN_PAIRS,
+    new_pairs: tuple[tuple[str, str], ...] = TRAIN_PAIRS,
+    ops: tuple[str, ...] = EDIT_OPS,
+) -> tuple[Scene, Edit, Scene]:
+    """(source, edit, target): an edit of one uniquely described object of `source` (a random scene of
+    1-3 objects from `pairs` if None); a recolored or added object takes its pair from `new_pairs`."""
+    for _ in range(1000):
+        src = source or random_scene(rng, rng.randint(1, 3), pairs=pairs)
+        keys = Counter((o.color, o.shape) for o in src.objects)
+        unique = [o for o in src.objects if keys[(o.color, o.shape)] == 1]
+        op = rng.choice(ops)
+        if (op != "add" and not unique) or (op == "remove" and len(src.objects) < 2):
+            continue
+        if op == "add" and len(src.objects) >= 4:
+            continue
+        if op == "add":
+            free = [p for p in new_pairs if p not in keys]
+            color, shape = rng.choice(free)
+            region = rng.choice(REGIONS) if rng.random() < P_ADD_REGION else None
+            edit = Edit("add", shape, color, region=region, size=rng.choice(tuple(SIZES)))
+        else:
+            t = rng.choice(unique)
+            edit = Edit(op, t.shape, t.color)
+            if op == "recolor":
+                colors = [c for c in COLORS if (c, t.shape) in new_pairs and (c, t.shape) not in keys]
+                if not colors:
+                    continue
+                edit.new_color = rng.choice(colors)
+            elif op == "move":
+                edit.region = rng.choice([r for r in REGIONS if not in_region(t.cx, t.cy, r, strict=False)])
+        dst = apply_edit(src, edit, rng)
+        if dst is not None:
+            return src, edit, dst
+    raise RuntimeError(f"no feasible edit among {ops} for scene {source}")
+
+
+def make_sample(index: int, *, seed: int, size: int = 128) -> Sample:
+    """Sample `index` of the stream `seed`; its meta holds the ground truth of every image."""
+    rng = sample_rng(seed, index)
+    kind = _pick(rng, KINDS)
+    edit = None
+    if kind == "t2i":
+        scene, text = sample_t2i(rng)
+        scenes, caption = [scene], f"{text}<image_0>"
+    elif kind == "edit":
+        src, edit, dst = sample_edit(rng)
+        scenes, caption = [src, dst], f"<image_0>{edit_text(edit, rng.randrange(3))}<image_1>"
+    else:
+        scene, text = sample_t2i(rng)
+        editable = len(scene.objects) < 4 or len({(o.color, o.shape) for o in scene.objects}) > 1
+        if rng.random() < 0.5 or not editable:
+            other, text2 = sample_t2i(rng)
+            scenes, caption = [scene, other], f"{text}<image_0>{rng.choice(SCENE_LINKS)}{text2}<image_1>"
+        else:
+            _, edit, dst = sample_edit(rng, source=scene)
+            link = rng.choice(EDIT_LINKS)
+            scenes, caption = (
+                [scene, dst],
+                f"{text}<image_0>{link}{edit_text(edit, rng.randrange(3))}<image_1>",
+            )
+    meta = {"kind": kind, "split": "train", "seed": seed, "index": index, "size": size}
+    meta["scenes"] = [s.to_json(size) for s in scenes]
+    if edit is not None:
+        meta["edit"] = asdict(edit)
+    return Sample(f"shapes{index:010d}", caption, [render(s, size=size) for s in scenes], meta)
+
+
+def _write_shard(task: tuple[int, int, int, int, int, str, str]) -> Path:
+    shard, start, stop, seed, size, out_dir, prefix = task
+    with ShardWriter(out_dir, prefix=prefix, max_count=stop - start, start_index=shard) as writer:
+        for i in range(start, stop):
+            writer.write(make_sample(i, seed=seed, size=size))
+    return writer.paths[0]
+
+
+def write_synthetic(
+    out_dir: str | Path,
+    *,
+    n: int,
+    seed: int,
+    workers: int = 1,
+    size: int = 128,
+    shard_size: int = 1000,
+    prefix: str = "shapes",
+    progress: bool = False,
+) -> list[Path]:
+    """Write samples 0..n-1 of stream `seed` as `out_dir/{prefix}-{k:06d}.tar`, one process per shard
+    across `workers`; shard k holds samples [k*shard_size, (k+1)*shard_size). Returns the paths in order."""
+    for name, value in (("n", n), ("workers", workers), ("size", size), ("shard_size", shard_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    tasks = [
+        (k, start, min(n, start + shard_size), seed, size, str(out_dir), prefix)
+        for k, start in enumerate(range(0, n, shard_size))
+    ]
+    bar = tqdm(total=n, unit="sample", disable=not progress)
+    paths = []
+    if workers == 1:
+        for task in tasks:
+            paths.append(_write_shard(task))
+            bar.update(task[2] - task[1])
+    else:
+        # spawn: safe even when the parent already runs threads (torch), and the same on every OS.
+        with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
+            for task, path in zip(tasks, pool.imap(_write_shard, tasks), strict=True):
+                paths.append(path)
+                bar.update(task[2] - task[1])
+    bar.close()
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`nextstep data synth-shapes OUT --n N --seed S [--workers W --size 128 --shard-size 1000]`."""
+    p = argparse.ArgumentParser(prog="nextstep data synth-shapes", description=__doc__.splitlines()[0])
+    p.add_argument("out", type=Path, help="output directory for the tar shards")
+    p.add_argument("--n", type=int, required=True, help="number of samples")
+    p.add_argument("--seed", type=int, default=0, help="stream seed; sample i depends only on (seed, i)")
+    p.add_argument("--workers", type=int, default=1, help="processes, one shard at a time each")
+    p.add_argument("--size", type=int, default=128, help="image side in pixels")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    p.add_argument("--prefix", default="shapes", help="shard file name prefix")
+    args = p.parse_args(argv)
+    try:
+        paths = write_synthetic(
+            args.out,
+            n=args.n,
+            seed=args.seed,
+            workers=args.workers,
+            size=args.size,
+            shard_size=args.shard_size,
+            prefix=args.prefix,
+            progress=True,
+        )
+    except ValueError as e:
+        p.error(str(e))
+    log.info("wrote %d samples in %d shards to %s", args.n, len(paths), args.out)
+    return 0
