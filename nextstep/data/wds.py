@@ -28,6 +28,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from nextstep.data.format import PLACEHOLDER_RE, RawSample, Sample, decode_sample, iter_raw_samples
+from nextstep.data.tools import load_index
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +235,17 @@ class _Ref:
     dropped: bool  # whether caption dropout hit it
 
 
+@dataclass
+class _Cursor:
+    """Where an epoch's generator stands: next shard and sample in it, samples seen, buffer contents."""
+
+    shard: int = 0  # position in the slot's shard list
+    ordinal: int = 0  # next sample within that shard
+    seen: int = 0  # samples read this epoch before the slot filter (for the sample split)
+    buffer: list = field(default_factory=list)
+    rng_state: tuple | None = None
+
+
 class _DatasetStream:
     """Raw samples of one dataset for one worker slot, epoch after epoch, positioned by (epoch, taken)."""
 
@@ -243,15 +255,36 @@ class _DatasetStream:
         self.index, self.urls, self.cfg, self.stats = index, urls, cfg, stats
         self.slot, self.num_slots = slot, num_slots
         self.epoch, self.taken, self.done = 0, 0, False
-        self._it: Iterator[tuple[str, RawSample]] | None = None
+        self._it: Iterator[tuple[str, Any]] | None = None
+        self._cursor = _Cursor()
 
     def position(self) -> dict:
         return {"epoch": self.epoch, "taken": self.taken, "done": self.done}
 
     def seek(self, epoch: int, taken: int = 0, done: bool = False) -> None:
-        """Position the stream; the first `taken` samples of `epoch` are read and discarded (not decoded)."""
+        """Position the stream after the first `taken` samples of `epoch`.
+
+        With a verified warmup index for every shard involved, the shuffle buffer is replayed on sample
+        numbers and only the samples still buffered are read (by byte offset); otherwise the epoch prefix
+        is re-read without decoding.
+        """
         self.epoch, self.taken, self.done = epoch, 0, done
-        self._it = self._epoch_items(epoch)
+        index = self._index(epoch) if taken else None
+        if index is None:
+            self._it = self._epoch_items(epoch)
+        else:
+            counts = lambda url, skip: ((url, o) for o in range(skip, index[url]["count"]))  # noqa: E731
+            sim = self._epoch_items(epoch, read=counts)
+            for _ in range(taken):
+                next(sim)
+            c = self._cursor
+            c.buffer = [(url, _read_at(url, index[url]["offsets"][o])) for url, o in c.buffer]
+            self._it = self._epoch_items(epoch, start=c, offsets={u: e["offsets"] for u, e in index.items()})
+            self.taken = taken
+            log.debug(
+                "fast seek of %s to epoch %d sample %d", self.cfg.datasets[self.index].name, epoch, taken
+            )
+            return
         for _ in range(taken):
             if next(self._it, None) is None:
                 break
@@ -279,32 +312,75 @@ class _DatasetStream:
             f"dataset {self.cfg.datasets[self.index].name!r}: no readable samples in any shard"
         )
 
-    def _epoch_items(self, epoch: int) -> Iterator[tuple[str, RawSample]]:
-        seed = (self.cfg.seed, self.index, epoch)
-        order = random.Random(_seed("shards", *seed)).sample(self.urls, len(self.urls))
+    def _shards(self, epoch: int) -> tuple[list[str], bool]:
+        order = random.Random(_seed("shards", self.cfg.seed, self.index, epoch)).sample(
+            self.urls, len(self.urls)
+        )
         # Enough shards: each slot reads its own; too few: every slot reads all and keeps every n-th sample.
         by_shard = len(order) >= self.num_slots
-        urls = order[self.slot :: self.num_slots] if by_shard else order
-        buffer = _ShuffleBuffer(self.cfg.shuffle_buffer, _seed("buffer", *seed, self.slot))
-        ordinal = 0
-        for url in urls:
-            for raw in self._read_shard(url):
-                ordinal += 1
-                if not by_shard and (ordinal - 1) % self.num_slots != self.slot:
+        return (order[self.slot :: self.num_slots] if by_shard else order), by_shard
+
+    def _index(self, epoch: int) -> dict[str, dict] | None:
+        """Warmup index entries of this epoch's shards, or None unless every one is local and verified."""
+        urls, _ = self._shards(epoch)
+        if any(u.startswith("pipe:") or "://" in u for u in urls):
+            return None
+        index: dict[str, dict] = {}
+        for parent in {str(Path(u).parent) for u in urls}:
+            index.update(load_index(parent))
+        index = {str(Path(u)): index.get(str(Path(u))) for u in urls}
+        return None if None in index.values() else {u: index[str(Path(u))] for u in urls}
+
+    def _epoch_items(
+        self,
+        epoch: int,
+        *,
+        read: Callable[[str, int], Iterator] | None = None,
+        start: _Cursor | None = None,
+        offsets: dict[str, list[int]] | None = None,
+    ) -> Iterator[tuple[str, Any]]:
+        """(url, raw sample) of this slot's epoch, shuffled; `read(url, skip)` replaces shard reading."""
+        urls, by_shard = self._shards(epoch)
+        buffer = _ShuffleBuffer(
+            self.cfg.shuffle_buffer, _seed("buffer", self.cfg.seed, self.index, epoch, self.slot)
+        )
+        c = start or _Cursor()
+        if start is not None:
+            buffer.items, self._cursor = list(start.buffer), _Cursor(start.shard, start.ordinal, start.seen)
+            buffer.rng.setstate(start.rng_state)
+        read = read or (lambda url, skip: ((url, raw) for raw in self._read_shard(url, offsets, skip)))
+        seen = c.seen
+        for si in range(c.shard, len(urls)):
+            ordinal = c.ordinal if si == c.shard else 0
+            for item in read(urls[si], ordinal):
+                ordinal, seen = ordinal + 1, seen + 1
+                if not by_shard and (seen - 1) % self.num_slots != self.slot:
                     continue
-                out = buffer.push((url, raw))
+                out = buffer.push(item)
                 if out is not None:
+                    self._cursor = _Cursor(si, ordinal, seen, buffer.items, buffer.rng.getstate())
                     yield out
         while (out := buffer.pop()) is not None:
+            self._cursor = _Cursor(len(urls), 0, seen, buffer.items, buffer.rng.getstate())
             yield out
 
-    def _read_shard(self, url: str) -> Iterator[RawSample]:
+    def _read_shard(self, url: str, offsets: dict[str, list[int]] | None, skip: int) -> Iterator[RawSample]:
         try:
             with open_shard(url) as f:
+                if skip:  # only after a fast seek, which guarantees a local file with known offsets
+                    if skip >= len(offsets[url]):
+                        return
+                    f.seek(offsets[url][skip])
                 yield from iter_raw_samples(f)
         except Exception as e:  # missing file, truncated tar, bad member, failing pipe: skip the rest
             self.stats["shard_errors"] += 1
             log.warning("skipping rest of shard %s: %s: %s", url, type(e).__name__, e)
+
+
+def _read_at(url: str, offset: int) -> RawSample:
+    with open(url, "rb") as f:
+        f.seek(offset)
+        return next(iter_raw_samples(f))
 
 
 @dataclass

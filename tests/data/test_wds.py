@@ -198,3 +198,31 @@ def test_tokenizer_hook_and_config_validation(shards):
         DataConfig(datasets=[], image_size=250)
     cfg = DataConfig(datasets=[{"shards": a, "weight": 2.0}])
     assert cfg.datasets[0].name == "dataset0" and cfg.datasets[0].weight == 2.0
+
+
+@pytest.mark.parametrize("per_shard", [5, 40])  # shard split, and sample split (1 shard, 2 workers)
+@pytest.mark.parametrize("cut", [2, 9, 17])  # 17: inside the final buffer drain of a 40-sample pass
+def test_fast_resume_with_warmup_index(tmp_path, caplog, per_shard, cut):
+    from nextstep.data.tools import gen_meta, warmup_index
+
+    a = _make(tmp_path, "alpha", 40, per_shard=per_shard)
+    gen_meta(tmp_path / "alpha")
+    warmup_index(tmp_path / "alpha")
+    cfg = _cfg([DatasetSpec(shards=a)], loop=False, batch_size=2, shuffle_buffer=6, num_workers=2)
+    full = _summary(list(build_dataloader(cfg)))
+    loader = build_dataloader(cfg)
+    head = _take(loader, cut)
+    resumed = build_dataloader(cfg)
+    resumed.load_state_dict(loader.state_dict())
+    cfg0 = _cfg([DatasetSpec(shards=a)], loop=False, batch_size=2, shuffle_buffer=6, num_workers=0)
+    with caplog.at_level(logging.DEBUG, logger="nextstep.data.wds"):
+        tail = list(resumed)
+        # Same fast path in-process, where the log is visible.
+        solo = build_dataloader(cfg0)
+        solo_head = _take(solo, cut)
+        solo_resumed = build_dataloader(cfg0)
+        solo_resumed.load_state_dict(solo.state_dict())
+        solo_tail = list(solo_resumed)
+    assert _summary(head) + _summary(tail) == full
+    assert _summary(solo_head) + _summary(solo_tail) == _summary(list(build_dataloader(cfg0)))
+    assert "fast seek" in caplog.text
