@@ -1,0 +1,497 @@
+"""The training loop: one plain process or one process per GPU under torchrun (FSDP2).
+
+nextstep train -m configs.shapes training.max_steps=1000 training.save_steps=200 data.num_workers=2
+torchrun --nproc_per_node=8 -m configs.nextstep_qwen14b_512px training.resume=true
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from nextstep.data.format import Sample
+from nextstep.model.checkpoint import build_model, from_pretrained, load_state_dict, weight_files
+from nextstep.model.config import NextStepConfig
+from nextstep.model.nextstep import NextStep, patchify
+from nextstep.model.tokenizer import BOI, EOI, IMAGE_PLACEHOLDER, PAD, TextTokenizer
+from nextstep.model.vae import AutoEncoder, load_vae
+from nextstep.train import checkpoint as ckpt
+from nextstep.train.config import TrainConfig, dumps, resolve, to_dict
+from nextstep.train.lora import apply_lora
+from nextstep.train.metrics import MetricsWriter, peak_flops, train_flops
+from nextstep.train.parallel import DTYPE, parallelize, uses_fsdp
+from nextstep.train.tokenize import SequenceBuilder, TrainBatch, collate, special_ids
+
+log = logging.getLogger(__name__)
+
+
+# ---- setup ---------------------------------------------------------------------------------------
+
+
+def setup_distributed(backend: str = "") -> tuple[int, int, torch.device]:
+    """(rank, world_size, device); joins the torchrun process group when launched by torchrun."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    return rank, world, device
+
+
+def resolve_arch(cfg: TrainConfig, tokenizer: TextTokenizer | None) -> NextStepConfig:
+    """The model hyper-parameters: config.json for pretrained inits, else `model.arch` with the
+    vocabulary size and special-token ids taken from the tokenizer."""
+    m = cfg.model
+    if m.init == "pretrained":
+        from nextstep.model.config import load_config
+
+        return load_config(Path(m.path) / "config.json")
+    arch = m.arch
+    if tokenizer is not None and m.vocab_multiple:
+        arch.vocab_size = -(-len(tokenizer) // m.vocab_multiple) * m.vocab_multiple
+        arch.boi, arch.eoi = tokenizer.token_id(BOI), tokenizer.token_id(EOI)
+        arch.image_placeholder_id = tokenizer.token_id(IMAGE_PLACEHOLDER)
+        arch.pad_token_id_added = tokenizer.token_id(PAD)
+    return arch
+
+
+def load_lm_backbone(model: NextStep, path: str | Path) -> None:
+    """Backbone weights from a Qwen2-style HF LM directory (`model.`-prefixed names); image modules
+    keep their fresh init. A smaller LM vocabulary fills the first rows of the embeddings."""
+    state = load_state_dict(Path(path), torch.float32, "cpu")
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    if "lm_head.weight" not in state:  # tied LMs store only the embeddings
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    own = model.state_dict()
+    backbone = [k for k in own if not k.startswith(("image_", "gen_pos_embed"))]
+    with torch.no_grad():
+        for name in backbone:
+            if name not in state:
+                raise ValueError(f"LM checkpoint {path} is missing parameter {name!r}")
+            src, dst = state[name], own[name]
+            if name in ("embed_tokens.weight", "lm_head.weight") and src.shape[0] <= dst.shape[0]:
+                dst[: src.shape[0]].copy_(src)
+            elif src.shape != dst.shape:
+                raise ValueError(
+                    f"LM parameter {name!r} has shape {tuple(src.shape)}, "
+                    f"model.arch implies {tuple(dst.shape)}"
+                )
+            else:
+                dst.copy_(src)
+    log.info("initialised the backbone from LM %s (%d files)", path, len(weight_files(Path(path))))
+
+
+def init_model(cfg: TrainConfig, arch: NextStepConfig) -> NextStep:
+    if cfg.model.init == "pretrained":
+        model = from_pretrained(cfg.model.path)
+        model.train()
+        return model
+    model = build_model(arch, seed=cfg.training.seed)
+    if cfg.model.init == "lm":
+        load_lm_backbone(model, cfg.model.path)
+    return model
+
+
+def set_trainable(model: nn.Module, prefixes: list[str]) -> None:
+    """Freeze everything outside `prefixes` ([] keeps all trainable)."""
+    if not prefixes:
+        return
+    names = [n for n, _ in model.named_children()]
+    for p in prefixes:
+        if not any(p == n or p.startswith(n + ".") for n in names):
+            raise ValueError(f"training.train_modules entry {p!r} names no module (top level: {names})")
+    for name, p in model.named_parameters():
+        p.requires_grad = any(name == m or name.startswith(m + ".") for m in prefixes)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with groups per (lr multiplier, decay): biases and norms (ndim < 2) are not decayed."""
+    o = cfg.optim
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    matched = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        clean = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+        mult = 1.0
+        for prefix, m in o.module_lr.items():
+            if clean.startswith(prefix):
+                mult = m
+                matched.add(prefix)
+        groups.setdefault((mult, p.ndim >= 2), []).append(p)
+    unmatched = set(o.module_lr) - matched
+    if unmatched:
+        raise ValueError(f"optim.module_lr prefixes {sorted(unmatched)} match no trainable parameter")
+    if not groups:
+        raise ValueError("no trainable parameters (check training.train_modules / lora)")
+    param_groups = [
+        {"params": ps, "lr": o.lr * mult, "lr_mult": mult, "weight_decay": o.weight_decay if decay else 0.0}
+        for (mult, decay), ps in sorted(groups.items())
+    ]
+    fused = next(model.parameters()).device.type == "cuda"
+    return torch.optim.AdamW(param_groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused)
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to 1, then cosine down to min_lr_ratio at max_steps (or constant)."""
+    o, total = cfg.optim, cfg.training.max_steps
+    if step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    if o.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+    return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ---- one step ------------------------------------------------------------------------------------
+
+
+def _key_seed(*parts: Any) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+def image_targets(batch: TrainBatch, vae: AutoEncoder | None, patch: int) -> torch.Tensor:
+    """Patchified model latents of every image, in placeholder order: (N, C*p*p)."""
+    if not batch.images:
+        return torch.zeros(0, 1)
+    out: list[torch.Tensor | None] = [None] * len(batch.images)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, im in enumerate(batch.images):
+        by_shape.setdefault(tuple(im.shape), []).append(i)
+    for idx in by_shape.values():
+        x = torch.stack([batch.images[i] for i in idx])
+        if vae is not None:
+            with torch.no_grad():
+                x = vae.encode(x.to(next(vae.parameters()).dtype)).float()  # (n, C, h, w)
+        tokens = patchify(x.float(), patch)  # (n, h*w, C*p*p)
+        for j, i in enumerate(idx):
+            out[i] = tokens[j]
+    return torch.cat(out)
+
+
+def flow_noise(
+    batch: TrainBatch, token_dim: int, batch_mul: int, *, key: tuple, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise and t for the flow head, drawn per image from a generator keyed by (key, sample index,
+    image number), so they do not depend on how samples are split over ranks or resumed runs.
+    Returned in the head's tiled order: (batch_mul * N, D) and (batch_mul * N,)."""
+    noises, us, seen = [], [], {}
+    for sample, n in zip(batch.image_sample, batch.image_tokens, strict=True):
+        k = seen[sample] = seen.get(sample, -1) + 1
+        g = torch.Generator(device=device).manual_seed(_key_seed(*key, sample, k))
+        noises.append(torch.randn(batch_mul, n, token_dim, generator=g, device=device))
+        us.append(torch.randn(batch_mul, n, generator=g, device=device))
+    noise = torch.cat(noises, dim=1).reshape(-1, token_dim)
+    t = torch.sigmoid(torch.cat(us, dim=1).reshape(-1))
+    return noise, t
+
+
+# ---- data ----------------------------------------------------------------------------------------
+
+
+class BatchStream:
+    """Micro-batches of Tokenized samples for this rank, from wds.py or from a given iterable of
+    Sample lists; `state_dict` is the loader position after the last batch taken."""
+
+    def __init__(self, cfg: TrainConfig, builder: SequenceBuilder, rank: int, world: int, data=None):
+        self.builder, self.rank = builder, rank
+        self.loader = None
+        if data is None:
+            from nextstep.data.wds import build_dataloader
+
+            self.loader = build_dataloader(
+                cfg.data, rank=rank, world_size=world, tokenizer_fn=builder, collate=list
+            )
+            self.source: Iterable = self.loader
+        else:
+            self.source = data
+        self._it: Iterator | None = None
+
+    def next(self) -> list:
+        for _ in range(2):
+            if self._it is None:
+                self._it = iter(self.source)
+            try:
+                items = next(self._it)
+                break
+            except StopIteration:  # one-pass loaders start their next epoch
+                self._it = None
+        else:
+            raise RuntimeError("the data source yielded no batches")
+        if items and isinstance(items[0], Sample):
+            items = [self.builder(s) for s in items]
+        for i, item in enumerate(items):
+            item.index = self.rank * len(items) + i
+        return items
+
+    def state_dict(self) -> dict | None:
+        return self.loader.state_dict() if self.loader is not None else None
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if self.loader is not None and state is not None:
+            self.loader.load_state_dict(state)
+            self._it = None
+
+    def stats(self) -> dict:
+        return self.loader.stats() if self.loader is not None else {}
+
+
+# ---- the loop ------------------------------------------------------------------------------------
+
+
+def _all_mean(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.tolist()
+
+
+def train(cfg: TrainConfig, *, data: Iterable | None = None) -> list[dict[str, float]]:
+    """Run (or resume) training; returns this run's per-step metrics (rank 0 logs them too).
+    `data`: optional iterable of per-rank Sample lists instead of the wds.py loader."""
+    t_cfg = cfg.training
+    rank, world, device = setup_distributed(cfg.parallel.backend)
+    if world > 1 and not cfg.parallel.fsdp:
+        raise ValueError("parallel.fsdp=false with more than one process: only FSDP2 is supported")
+    if t_cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+    out_dir = Path(t_cfg.output_dir)
+    tok_dir = cfg.model.resolved_tokenizer_dir
+    tokenizer = TextTokenizer(tok_dir) if tok_dir else None
+    if tokenizer is None:
+        raise ValueError("model.tokenizer_dir (or model.path) must name a directory with tokenizer.json")
+    arch = resolve_arch(cfg, tokenizer)
+    cfg.model.arch = arch
+    config_json = dumps(cfg)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(config_json)
+        log.info("resolved config:\n%s", config_json)
+
+    model = init_model(cfg, arch)
+    vae = None
+    patch = arch.latent_patch_size
+    if not cfg.model.precomputed_latents:
+        vae_dtype = DTYPE[cfg.parallel.param_dtype] if device.type == "cuda" else torch.float32
+        vae = load_vae(cfg.model.resolved_vae_dir, dtype=vae_dtype, device=device)
+        vae.requires_grad_(False)
+    down = patch * (vae.config.down_factor if vae is not None else 1)
+    if cfg.lora.enabled:
+        apply_lora(model, cfg.lora)
+    set_trainable(model, t_cfg.train_modules)
+    n_params = sum(p.numel() for p in model.parameters())
+    head_params = sum(p.numel() for p in model.image_head.parameters())
+    model.to(device)
+    parallelize(model, cfg.parallel, device)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+
+    ids = special_ids(tokenizer, arch.boi, arch.eoi, arch.image_placeholder_id, arch.pad_token_id_added)
+    builder = SequenceBuilder(
+        tokenizer, ids, down_factor=down, max_len=t_cfg.max_seq_len, add_eos=t_cfg.add_eos
+    )
+    stream = BatchStream(cfg, builder, rank, world, data)
+
+    step = 0
+    ckpt_root = out_dir / "checkpoints"
+    if t_cfg.resume and (last := ckpt.latest_checkpoint(ckpt_root)) is not None:
+        step, state = ckpt.load(last, model=model, optimizer=optimizer)
+        scheduler.load_state_dict(state["scheduler"])
+        stream.load_state_dict(state["data"])
+        ckpt.set_rng_state(state["rng"])
+        log.info("resumed from %s at step %d", last, step)
+    elif t_cfg.resume:
+        log.info("training.resume=true but no checkpoint in %s: starting fresh", ckpt_root)
+
+    autocast = contextlib.nullcontext()
+    if not uses_fsdp(cfg.parallel) and cfg.parallel.param_dtype != "float32":
+        autocast = torch.autocast(device.type, dtype=DTYPE[cfg.parallel.param_dtype])
+    writer = MetricsWriter(
+        out_dir,
+        enabled=rank == 0,
+        run_name=cfg.logging.run_name or out_dir.name,
+        config=to_dict(cfg),
+        wandb=cfg.logging.wandb,
+        wandb_project=cfg.logging.wandb_project,
+        tensorboard=cfg.logging.tensorboard,
+    )
+    peak = peak_flops(device, cfg.logging.peak_tflops)
+    log.info(
+        "model: %.1fM parameters (%.1fM in the flow head), world size %d",
+        n_params / 1e6,
+        head_params / 1e6,
+        world,
+    )
+    bar = tqdm(total=t_cfg.max_steps, initial=step, disable=rank != 0 or not cfg.logging.progress)
+    params = [p for p in model.parameters() if p.requires_grad]
+    history: list[dict[str, float]] = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    window_start, window_tokens, window_flops = time.perf_counter(), 0, 0.0
+    model.train()
+    while step < t_cfg.max_steps:
+        sums = [0.0, 0.0, 0.0]
+        for micro in range(t_cfg.grad_accum_steps):
+            batch = collate(
+                stream.next(),
+                ids=ids,
+                max_len=t_cfg.max_seq_len,
+                pack=t_cfg.pack,
+                pad_to_multiple=t_cfg.pad_to_multiple,
+            ).to(device)
+            targets = image_targets(batch, vae, patch).to(device)
+            noise, t = flow_noise(
+                batch, arch.token_dim, arch.fm_head_batch_mul, key=(t_cfg.seed, step, micro), device=device
+            )
+            last_micro = micro == t_cfg.grad_accum_steps - 1
+            if uses_fsdp(cfg.parallel):
+                model.set_requires_gradient_sync(last_micro)
+            with autocast:
+                out = model.forward_train(
+                    batch.input_ids,
+                    batch.labels,
+                    targets,
+                    attention_mask=batch.attention_mask,
+                    position_ids=batch.position_ids,
+                    fm_noise=noise,
+                    fm_t=t,
+                )
+            (out.loss / t_cfg.grad_accum_steps).backward()
+            for i, v in enumerate((out.loss, out.lm_loss, out.im_loss)):
+                sums[i] += v.detach().float().item() / t_cfg.grad_accum_steps
+            window_tokens += sum(batch.seq_lens)
+            window_flops += train_flops(
+                arch,
+                head_params,
+                seq_lens=batch.seq_lens,
+                text_targets=batch.num_text_targets,
+                image_tokens=sum(batch.image_tokens),
+            )
+        grad_norm = 0.0
+        if cfg.optim.max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        loss, lm_loss, im_loss = _all_mean(sums, device)
+        metrics = {"loss": loss, "lm_loss": lm_loss, "im_loss": im_loss, "grad_norm": grad_norm}
+        metrics["lr"] = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_mult"]
+        history.append({"step": step, **metrics})
+        if step % cfg.logging.log_steps == 0 or step == t_cfg.max_steps:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            elapsed = time.perf_counter() - window_start
+            tokens, flops = _all_mean([window_tokens, window_flops], device)
+            metrics["tokens_per_s"] = tokens * world / elapsed
+            if peak:
+                metrics["mfu"] = flops / elapsed / peak
+            if device.type == "cuda":
+                metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            for k, v in stream.stats().items():
+                if isinstance(v, int):
+                    metrics[f"data/{k}"] = v
+            writer.log(step, metrics)
+            bar.set_postfix(loss=f"{loss:.4f}", lm=f"{lm_loss:.3f}", im=f"{im_loss:.4f}")
+            window_start, window_tokens, window_flops = time.perf_counter(), 0, 0.0
+        if cfg.logging.sample_steps and step % cfg.logging.sample_steps == 0:
+            write_samples(cfg, model, vae, tokenizer, writer, step, world)
+        if (t_cfg.save_steps and step % t_cfg.save_steps == 0) or step == t_cfg.max_steps:
+            trainer_state = {
+                "scheduler": scheduler.state_dict(),
+                "data": stream.state_dict(),
+                "rng": ckpt.rng_state(),
+            }
+            ckpt.save(
+                ckpt_root,
+                step,
+                model=model,
+                optimizer=optimizer,
+                trainer_state=trainer_state,
+                config_json=config_json,
+                keep_last=cfg.checkpoint.keep_last,
+            )
+    bar.close()
+    writer.close()
+    if cfg.checkpoint.export_final and rank == 0:
+        from nextstep.train.export import export
+
+        export(ckpt.latest_checkpoint(ckpt_root), out_dir / "final")
+    return history
+
+
+def write_samples(
+    cfg: TrainConfig, model, vae, tokenizer, writer: MetricsWriter, step: int, world: int
+) -> None:
+    """Sample images with the inference pipeline (one process only: FSDP shards are not gathered here)."""
+    if world > 1 or vae is None:
+        log.warning("sample images skipped: they need a single process and a VAE")
+        return
+    from nextstep.sampling.pipeline import Pipeline
+
+    lg = cfg.logging
+    model.eval()
+    images = Pipeline(model, vae, tokenizer).generate(
+        lg.sample_prompts,
+        size=(lg.sample_size, lg.sample_size),
+        steps=lg.sample_head_steps,
+        cfg=lg.sample_cfg,
+        seed=0,
+    )
+    model.train()
+    writer.log_images(step, images, lg.sample_prompts)
+
+
+def main(argv: list[str] | None = None, *, base: TrainConfig | None = None) -> int:
+    """`nextstep train -m configs.NAME [--resume] key=value ...`; presets run this as their __main__."""
+    parser = argparse.ArgumentParser(prog="nextstep train", description="train NextStep")
+    parser.add_argument("-m", "--module", "--config", dest="preset", help="preset, e.g. configs.shapes")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.max_steps=1000")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        level=logging.INFO if int(os.environ.get("RANK", 0)) == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    overrides = args.overrides + (["training.resume=true"] if args.resume else [])
+    try:
+        if base is not None:
+            from nextstep.train.config import apply_overrides
+
+            cfg = apply_overrides(base, overrides)
+        elif args.preset:
+            cfg = resolve(args.preset, overrides)
+        else:
+            parser.error("give a preset with -m configs.NAME")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        train(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0

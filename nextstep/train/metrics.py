@@ -1,0 +1,144 @@
+"""Training metrics: FLOP accounting for MFU, device peaks, and the rank-0 sinks (metrics.jsonl, tqdm,
+optional wandb and TensorBoard, imported only when enabled)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nextstep.model.config import NextStepConfig
+
+log = logging.getLogger(__name__)
+
+# bf16 dense tensor-core peaks (no sparsity), FLOP/s, by a substring of the device name.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12}
+
+
+def peak_flops(device: torch.device, override_tflops: float = 0.0) -> float | None:
+    """The device's bf16 dense peak, None when unknown (CPU)."""
+    if override_tflops > 0:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def layer_params(cfg: NextStepConfig) -> int:
+    """Matmul parameters of one decoder layer (biases and norms are negligible)."""
+    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    return d * q + 2 * d * kv + q * d + 3 * d * f
+
+
+def train_flops(
+    cfg: NextStepConfig, head_params: int, *, seq_lens: list[int], text_targets: int, image_tokens: int
+) -> float:
+    """Model FLOPs of one forward+backward (6 per parameter and token; recomputation not counted).
+
+    Decoder layers see every token; causal attention adds 6 * L^2/2 * H*D * 2 per layer and document;
+    lm_head runs on text targets only; the projectors on image tokens; the flow head on each image
+    token `fm_head_batch_mul` times.
+    """
+    tokens = sum(seq_lens)
+    flops = 6 * cfg.num_hidden_layers * layer_params(cfg) * tokens
+    attn_width = cfg.num_attention_heads * cfg.head_dim
+    flops += 6 * cfg.num_hidden_layers * attn_width * sum(n * n for n in seq_lens)
+    flops += 6 * cfg.hidden_size * cfg.vocab_size * text_targets
+    flops += 6 * (cfg.token_dim * cfg.hidden_size + cfg.hidden_size**2) * image_tokens
+    flops += 6 * head_params * image_tokens * cfg.fm_head_batch_mul
+    return float(flops)
+
+
+def read_wandb_dotconfig(path: str | Path = ".config") -> dict[str, str]:
+    """WANDB_* lines of the official `.config` file (KEY=VALUE), put into the environment if unset."""
+    path = Path(path)
+    found = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            key, sep, value = line.strip().partition("=")
+            if sep and key.startswith("WANDB_"):
+                found[key] = value.strip()
+                os.environ.setdefault(key, value.strip())
+    return found
+
+
+class MetricsWriter:
+    """Rank-0 sinks; every other rank gets a writer that does nothing."""
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        *,
+        enabled: bool,
+        run_name: str,
+        config: dict[str, Any],
+        wandb: bool = False,
+        wandb_project: str = "nextstep",
+        tensorboard: bool = False,
+    ) -> None:
+        self.enabled = enabled
+        self._wandb = self._tb = None
+        if not enabled:
+            return
+        self.dir = Path(output_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = (self.dir / "metrics.jsonl").open("a")
+        if wandb:
+            read_wandb_dotconfig()
+            if not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
+                os.environ["WANDB_MODE"] = "offline"
+            import wandb as wandb_lib
+
+            self._wandb = wandb_lib.init(
+                project=wandb_project, name=run_name, config=config, dir=str(self.dir), resume="allow"
+            )
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.dir / "tb"))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._jsonl.flush()
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+        if self._tb is not None:
+            for k, v in metrics.items():
+                self._tb.add_scalar(k, v, step)
+
+    def log_images(self, step: int, images: list, captions: list[str]) -> None:
+        if not self.enabled:
+            return
+        out = self.dir / "samples"
+        out.mkdir(exist_ok=True)
+        for i, im in enumerate(images):
+            im.save(out / f"step{step:08d}_{i}.png")
+        if self._wandb is not None:
+            import wandb as wandb_lib
+
+            self._wandb.log(
+                {"samples": [wandb_lib.Image(im, caption=c) for im, c in zip(images, captions, strict=True)]},
+                step=step,
+            )
+        if self._tb is not None:
+            import numpy as np
+
+            for i, im in enumerate(images):
+                self._tb.add_image(f"sample/{i}", np.asarray(im), step, dataformats="HWC")
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._jsonl.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+        if self._tb is not None:
+            self._tb.close()

@@ -1,0 +1,86 @@
+"""Parallelism applied to a plain NextStep model from outside: activation checkpointing, per-layer
+torch.compile and FSDP2 sharding, composed in `parallelize` (the torchtitan order: AC, compile, FSDP).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+from nextstep.model.nextstep import NextStep
+from nextstep.train.config import ParallelConfig
+
+log = logging.getLogger(__name__)
+
+DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def apply_ac(model: NextStep) -> None:
+    """Recompute every decoder layer in backward; only layer inputs stay alive between passes.
+    The wrapper's state-dict hooks drop its prefix, so parameter names are unchanged."""
+    for i, layer in enumerate(model.layers):
+        model.layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False)
+
+
+def apply_compile(model: NextStep) -> None:
+    """Compile each decoder layer (and the head network) in place: one graph is reused by all layers,
+    and FSDP's per-layer hooks stay outside the graphs."""
+    for layer in model.layers:
+        layer.compile(dynamic=False)
+    model.image_head.net.compile(dynamic=False)
+
+
+def apply_fsdp(
+    model: NextStep,
+    mesh: DeviceMesh,
+    *,
+    param_dtype: torch.dtype,
+    reduce_dtype: torch.dtype,
+    reshard_after_forward: bool = True,
+) -> None:
+    """FSDP2: one unit per decoder layer, one for the flow head network, and the root (embeddings,
+    norms, lm_head, projectors). The last layer stays gathered after forward since backward needs it
+    at once."""
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    n = len(model.layers)
+    for i, layer in enumerate(model.layers):
+        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward and i < n - 1)
+    fully_shard(model.image_head.net, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    # Training enters through forward_train, not __call__: give it the root's gather/reshard hooks.
+    register_fsdp_forward_method(model, "forward_train")
+
+
+def uses_fsdp(cfg: ParallelConfig) -> bool:
+    return cfg.fsdp and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def parallelize(model: NextStep, cfg: ParallelConfig, device: torch.device) -> nn.Module:
+    """Apply what `cfg` asks for, in order: activation checkpointing, compile, FSDP2."""
+    if cfg.activation_checkpointing:
+        apply_ac(model)
+    if cfg.compile:
+        apply_compile(model)
+    if uses_fsdp(cfg):
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        apply_fsdp(
+            model,
+            mesh,
+            param_dtype=DTYPE[cfg.param_dtype],
+            reduce_dtype=DTYPE[cfg.reduce_dtype],
+            reshard_after_forward=cfg.reshard_after_forward,
+        )
+    log.info(
+        "parallelize: fsdp=%s ac=%s compile=%s param_dtype=%s",
+        uses_fsdp(cfg),
+        cfg.activation_checkpointing,
+        cfg.compile,
+        cfg.param_dtype,
+    )
+    return model
