@@ -1,0 +1,170 @@
+"""Exact shapes scorer: ground-truth scenes pass, wrong ones fail, prompt sets respect the held-out split."""
+
+import json
+import random
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nextstep.data.synthetic import make_sample
+from nextstep.eval.scenes import (
+    COLORS,
+    HELDOUT_PAIRS,
+    INVERSE,
+    SHAPES,
+    Edit,
+    Obj,
+    Scene,
+    is_heldout_relation,
+    place,
+    render,
+)
+from nextstep.eval.shapes import (
+    CATEGORIES,
+    Prompt,
+    Want,
+    build_prompts,
+    classify,
+    evaluate,
+    main,
+    parse_scene,
+    reference_fn,
+    reference_scene,
+    score_image,
+    source_image,
+)
+
+
+@pytest.mark.parametrize("split", ["in", "heldout"])
+def test_reference_scenes_pass_every_category(split, tmp_path):
+    prompts = build_prompts(split, 60, seed=0)
+    results = evaluate(reference_fn(prompts, seed=1), prompts, tmp_path)
+    for category in CATEGORIES:
+        assert results["categories"][category]["n"] == 60
+        assert results["categories"][category]["accuracy"] >= 0.99, category
+    assert results["overall"] >= 0.99
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png", "results.json"]
+    assert json.loads((tmp_path / "results.json").read_text())["num_prompts"] == len(prompts)
+    assert Image.open(tmp_path / "grid.png").size == (8 * 136, 8 * 136)
+
+
+def test_parse_recovers_generator_ground_truth():
+    for i in range(150):
+        sample = make_sample(i, seed=4)
+        for image, scene in zip(sample.images, sample.meta["scenes"], strict=True):
+            truth = sorted((o["shape"], o["color"], o["size"], o["cx"], o["cy"]) for o in scene["objects"])
+            found = sorted((d.shape, d.color, d.size, d.cx, d.cy) for d in parse_scene(image))
+            assert [t[:3] for t in truth] == [f[:3] for f in found], sample.caption
+            np.testing.assert_allclose([t[3:] for t in truth], [f[3:] for f in found], atol=1.5 / 128)
+
+
+def _other(options, current, rng):
+    return rng.choice([o for o in options if o != current])
+
+
+def _wrong_scenes(prompt, rng):
+    """Scenes that each break exactly one thing the prompt asks for."""
+    good = reference_scene(prompt, rng)
+    objs = good.objects
+    if prompt.edit is not None:
+        yield Scene.from_json(prompt.source)  # nothing done
+        edit = Edit(**prompt.edit)
+        if edit.op == "recolor":
+            changed = next(o for o in objs if (o.shape, o.color) == (edit.shape, edit.new_color))
+            wrong = _other([c for c in COLORS if c != edit.color], edit.new_color, rng)
+            yield replace(good, objects=[replace(o, color=wrong) if o is changed else o for o in objs])
+        untouched = [
+            o
+            for o in objs
+            if (o.color, o.shape) not in ((edit.color, edit.shape), (edit.new_color, edit.shape))
+        ]
+        if untouched:  # the rest must stay as it was
+            yield replace(good, objects=[o for o in objs if o is not untouched[0]])
+        return
+    yield replace(good, objects=[replace(objs[0], shape=_other(SHAPES, objs[0].shape, rng)), *objs[1:]])
+    if prompt.objects[0].color is not None:
+        yield replace(good, objects=[replace(objs[0], color=_other(COLORS, objs[0].color, rng)), *objs[1:]])
+    if prompt.category == "counting":
+        yield replace(good, objects=objs[1:])
+        extra = Obj(objs[0].shape, objs[0].color, "small")
+        if place([extra], rng, fixed=objs):
+            yield replace(good, objects=[*objs, extra])
+    for i, _, j in prompt.relations:  # swap the two objects' places: the inverse relation holds
+        a, b = objs[i], objs[j]
+        swapped = [replace(a, cx=b.cx, cy=b.cy), replace(b, cx=a.cx, cy=a.cy)]
+        if not any(o.box()[0] < 0 or o.box()[2] > 1 or o.box()[1] < 0 or o.box()[3] > 1 for o in swapped):
+            yield replace(good, objects=swapped)
+
+
+@pytest.mark.parametrize("split", ["in", "heldout"])
+def test_wrong_scenes_fail(split):
+    rng = random.Random(3)
+    prompts = build_prompts(split, 25, seed=7)
+    kinds = 0
+    for prompt in prompts:
+        source = source_image(prompt)
+        for scene in _wrong_scenes(prompt, rng):
+            result = score_image(render(scene), prompt, source=source)
+            assert not result["correct"], (prompt.text, scene)
+            kinds += 1
+    assert kinds > 2 * len(prompts)
+
+
+def test_edit_is_judged_against_the_parsed_source():
+    prompt = next(p for p in build_prompts("in", 40, seed=1) if p.edit and p.edit["op"] == "move")
+    source = source_image(prompt)
+    target = render(reference_scene(prompt, random.Random(0)))
+    assert score_image(target, prompt, source=source)["correct"]
+    assert score_image(target, prompt)["correct"]
+    blank = Image.new("RGB", (128, 128), (30, 30, 30))
+    result = score_image(target, prompt, source=blank)
+    assert not result["correct"] and "not uniquely in the source" in result["reason"]
+
+
+def test_prompt_sets_are_deterministic_and_respect_the_split():
+    assert [p.text for p in build_prompts("in", 10, seed=2)] == [
+        p.text for p in build_prompts("in", 10, seed=2)
+    ]
+    assert [p.text for p in build_prompts("in", 10, seed=2)] != [
+        p.text for p in build_prompts("in", 10, seed=3)
+    ]
+    for split in ("in", "heldout"):
+        for p in build_prompts(split, 40, seed=0):
+            if p.category == "position":
+                uses = is_heldout_relation(p.objects[0].shape, p.relations[0][1], p.objects[1].shape)
+            elif p.category == "editing":
+                e = p.edit
+                uses = (e["new_color"] or e["color"], e["shape"]) in HELDOUT_PAIRS
+            else:
+                uses = any((w.color, w.shape) in HELDOUT_PAIRS for w in p.objects)
+            assert uses == (split == "heldout"), (split, p)
+    with pytest.raises(ValueError, match="split"):
+        build_prompts("test", 1)
+
+
+def test_relations_and_unknown_shapes():
+    assert classify(np.ones((6, 40), bool))[0] == "unknown"  # a thin bar is none of the shapes
+    a, b = Obj("circle", "red", cx=0.25, cy=0.5), Obj("square", "blue", cx=0.75, cy=0.5)
+    swapped = Scene([replace(a, cx=0.75), replace(b, cx=0.25)])
+    wants = [Want("circle", "red"), Want("square", "blue")]
+    left = Prompt("position", "a red circle to the left of a blue square", wants, [(0, "left of", 1)])
+    assert score_image(render(Scene([a, b])), left)["correct"]
+    result = score_image(render(swapped), left)
+    assert not result["correct"] and result["reason"] == "positions or relations do not match"
+    assert score_image(render(swapped), replace(left, relations=[(0, INVERSE["left of"], 1)]))["correct"]
+
+
+def test_main_and_bad_generators(tmp_path, capsys):
+    def factory(model_dir):
+        assert model_dir == tmp_path
+        return lambda items: [Image.new("RGB", (128, 128), (20, 20, 20)) for _ in items]
+
+    assert main(["--model", str(tmp_path), "--n", "2", "--split", "heldout"], factory) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["overall"] == 0.0 and summary["split"] == "heldout"
+    assert (tmp_path / "eval" / "shapes_heldout" / "results.json").exists()
+    prompts = build_prompts("in", 1)
+    with pytest.raises(ValueError, match="returned 0 images"):
+        evaluate(lambda items: [], prompts, tmp_path / "x")
