@@ -505,7 +505,8 @@ class _WorkerRun:
         try:
             sample = decode_sample(raw, load=False)
             bucket = nearest_bucket(*sample.images[0].size, self.ds.buckets) if sample.images else None
-            sample.images = [to_tensor(resize_center_crop(im, bucket)) for im in sample.images]
+            # Resized PIL images wait in the buckets: a quarter of the memory of float tensors.
+            sample.images = [resize_center_crop(im, bucket) for im in sample.images]
         except Exception as e:  # undecodable sample: count, log, skip
             self.stats["sample_errors"] += 1
             log.warning("skipping sample %s in %s: %s", ref.key, ref.url, e)
@@ -517,6 +518,8 @@ class _WorkerRun:
     def _emit(self, bucket: Bucket) -> tuple[Any, dict]:
         items = self.pending.pop(bucket)
         samples = [s for s, _ in items]
+        for s in samples:
+            s.images = [to_tensor(im) for im in s.images]
         if self.ds.transform is not None:
             samples = [self.ds.transform(s) for s in samples]
         self.batches_out += 1
@@ -547,7 +550,7 @@ class _WorkerRun:
 
 
 def _bucket_of(sample: Sample) -> Bucket:
-    return tuple(sample.images[0].shape[1:]) if sample.images else None
+    return (sample.images[0].height, sample.images[0].width) if sample.images else None
 
 
 def _fetch(refs: list[_Ref]) -> dict[tuple[str, str], RawSample]:
