@@ -71,7 +71,7 @@ def random_background(rng: random.Random) -> Background:
     gray = rng.randint(15, 70) if rng.random() < 0.6 else rng.randint(95, 135)
     color = tuple(gray + rng.randint(-8, 8) for _ in range(3))
     texture = rng.choice(("plain", "noise", "stripes"))
-    amount = {"plain": 0, "noise": rng.randint(2, 6), "stripes": rng.randint(6, 14)}[texture]
+    amount = {"plain": 0, "noise": rng.randint(3, 8), "stripes": rng.randint(6, 14)}[texture]
     return Background(color, texture, amount, rng.randint(4, 12), rng.getrandbits(32))
 
 

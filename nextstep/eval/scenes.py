@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -136,7 +137,7 @@ class Background:
 
     color: tuple[int, int, int] = (40, 40, 40)  # base RGB
     texture: str = "plain"  # plain | noise | stripes
-    amount: int = 0  # noise standard deviation or stripe contrast, in 0-255 levels
+    amount: int = 0  # noise half-range (uniform) or stripe contrast, in 0-255 levels
     period: int = 8  # diagonal stripe period, pixels of a 128 px image
     seed: int = 0  # seed of the noise
 
@@ -213,7 +214,12 @@ def overlaps(a: Obj, b: Obj) -> bool:
     return ax0 < bx1 + GAP and bx0 < ax1 + GAP and ay0 < by1 + GAP and by0 < ay1 + GAP
 
 
-def _sample_center(o: Obj, region: str | None, rng: random.Random) -> tuple[float, float]:
+def _sample_center(
+    o: Obj, region: str | None, rng: random.Random, anchor: tuple[str, float, float] | None
+) -> tuple[float, float]:
+    # Uniform in the box allowed by the border and region; for a relation to anchor (rel, x, y), the
+    # relation's axis first, then the other axis within half that offset (the strict test), so that
+    # rejection is left to overlaps.
     r = SIZES[o.size]
     hw, hh = EXTENTS[o.shape]
     x0, x1 = r * hw + MARGIN, 1 - r * hw - MARGIN
@@ -228,7 +234,16 @@ def _sample_center(o: Obj, region: str | None, rng: random.Random) -> tuple[floa
         y0 = max(y0, 0.7)
     elif region == "center":
         x0, x1, y0, y1 = 0.45, 0.55, 0.45, 0.55
-    return rng.uniform(x0, x1), rng.uniform(y0, y1)
+    if anchor is None:
+        return rng.uniform(x0, x1), rng.uniform(y0, y1)
+    rel, ax, ay = anchor
+    if rel in ("left of", "right of"):
+        x = rng.uniform(x0, min(x1, ax - 0.2)) if rel == "left of" else rng.uniform(max(x0, ax + 0.2), x1)
+        half = 0.5 * abs(ax - x)
+        return x, rng.uniform(max(y0, ay - half), min(y1, ay + half))
+    y = rng.uniform(y0, min(y1, ay - 0.2)) if rel == "above" else rng.uniform(max(y0, ay + 0.2), y1)
+    half = 0.5 * abs(ay - y)
+    return rng.uniform(max(x0, ax - half), min(x1, ax + half)), y
 
 
 def place(
@@ -252,12 +267,12 @@ def place(
         placed = list(fixed)
         for i in order:
             o = objs[i]
+            rel, j = anchor.get(i, (None, None))
+            to = None if rel is None else (rel, objs[j].cx, objs[j].cy)
             for _ in range(tries):
-                o.cx, o.cy = _sample_center(o, regions[i], rng)
-                if i in anchor:
-                    rel, j = anchor[i]
-                    if not relation_holds((o.cx, o.cy), (objs[j].cx, objs[j].cy), rel, strict=True):
-                        continue
+                o.cx, o.cy = _sample_center(o, regions[i], rng, to)
+                if rel is not None and not relation_holds((o.cx, o.cy), to[1:], rel, strict=True):
+                    continue  # the anchor sits too near the border for this relation
                 if not any(overlaps(o, p) for p in placed):
                     break
             else:
@@ -280,15 +295,21 @@ def draw_shape(
         draw.polygon([(cx + r * u, cy + r * v) for u, v in POLYGONS[shape]], fill=fill)
 
 
+@lru_cache(maxsize=16)
+def _stripe_bands(size: int, period: int) -> np.ndarray:
+    yy, xx = np.mgrid[:size, :size]
+    return (((xx + yy) * 128 // size // period) % 2).astype(np.int16)[..., None]  # (size, size, 1)
+
+
 def _background(bg: Background, size: int) -> Image.Image:
-    base = np.broadcast_to(np.asarray(bg.color, np.float32), (size, size, 3))
+    base = np.empty((size, size, 3), np.int16)
+    base[:] = bg.color
     if bg.texture == "noise":
-        noise = np.random.default_rng(bg.seed).normal(0.0, bg.amount, (size, size, 1))
-        base = base + noise.astype(np.float32)
+        base += np.random.default_rng(bg.seed).integers(
+            -bg.amount, bg.amount + 1, (size, size, 1), dtype=np.int16
+        )
     elif bg.texture == "stripes":
-        yy, xx = np.mgrid[:size, :size]
-        band = ((xx + yy) * 128 // size // bg.period) % 2
-        base = base + (band * bg.amount)[..., None]
+        base += _stripe_bands(size, bg.period) * bg.amount
     return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB")
 
 
