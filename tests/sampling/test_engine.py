@@ -1,0 +1,165 @@
+"""The fast engine equals the eager Pipeline.generate_tokens (CPU fp32; bf16 + CUDA graphs on GPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nextstep.model.nextstep import NextStep
+from nextstep.model.vae import pil_to_pixels
+from nextstep.sampling.engine import (
+    Engine,
+    QuantLinear,
+    apply_quantization,
+    engine_for,
+    generate_tokens_fast,
+    plan_steps,
+)
+from nextstep.sampling.flow import FlowSettings, sample_token
+from nextstep.sampling.pipeline import GenerateOptions, Pipeline
+
+REFERENCE = Path(__file__).resolve().parents[2].parent / "shared/reference"
+FAMILIES = {"nextstep11": "nextstep11-tiny", "nextstep1": "nextstep-tiny"}
+_PIPES: dict[tuple[str, str], Pipeline] = {}
+
+
+def load(family: str, device: str = "cpu") -> Pipeline:
+    path = REFERENCE / FAMILIES[family]
+    if not path.is_dir():
+        pytest.skip(f"reference checkpoint {path} not found")
+    if (family, device) not in _PIPES:
+        _PIPES[family, device] = Pipeline.from_pretrained(path, device=device)
+    return _PIPES[family, device]
+
+
+def replay(seed: int, device: str = "cpu"):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return lambda shape: torch.randn(shape, generator=gen, device=device)
+
+
+def inputs(pipe: Pipeline, opts: GenerateOptions, captions: list[str], edit: bool = False):
+    """The pipeline's own rows, padding and source latents for `captions` (left padded, ragged)."""
+    if edit:
+        rng = np.random.default_rng(0)
+        img = Image.fromarray(rng.integers(0, 255, (*opts.size, 3), dtype=np.uint8))
+        sources = [[img] for _ in captions]
+        captions = [pipe._image_string(opts.size) + c for c in captions]
+    else:
+        sources = [[] for _ in captions]
+    texts, images = pipe._rows(captions, sources, opts)
+    ids, mask = pipe._tokenize(texts, opts.size)
+    latents = pipe.encode_images([pil_to_pixels(i) for r in images for i in r])
+    settings = FlowSettings(
+        family=pipe.family,
+        num_steps=opts.steps,
+        shift=opts.shift,
+        rule=opts.sampler,
+        noise_level=opts.noise_level,
+    )
+    return ids, mask, latents, settings
+
+
+CASES = [
+    # family, sampler, options, edit (3-way guidance with a source image), replayed draws
+    ("nextstep11", "sde", dict(cfg=7.5, cfg_schedule="linear", cfg_normalize=True), False, False),
+    ("nextstep11", "cps", dict(cfg=3.0, cfg_img=2.0, use_norm=True, shift=3.2), True, True),
+    ("nextstep11", "ode", dict(cfg=1.0), False, True),
+    ("nextstep1", "sde", dict(cfg=5.0, cfg_schedule="linear", n=2), False, True),
+    ("nextstep1", "ode", dict(cfg=4.0, cfg_img=1.5, use_norm=True), True, False),
+]
+
+
+@pytest.mark.parametrize("family,sampler,extra,edit,replayed", CASES)
+def test_engine_equals_eager_cpu(family, sampler, extra, edit, replayed):
+    pipe = load(family)
+    opts = GenerateOptions(size=(64, 64), steps=6, sampler=sampler, **extra)
+    captions = ["a fox", "a much longer prompt about a red fox in deep snow at dawn"]
+    ids, mask, latents, settings = inputs(pipe, opts, captions, edit)
+    assert (mask == 0).any(), "prompts must differ in length to test left padding"
+    draw = (lambda: replay(5)) if replayed else (lambda: None)
+    eager = pipe.generate_tokens(ids, mask, latents, settings, opts, seed=5, draw=draw())
+    fast = generate_tokens_fast(pipe, ids, mask, latents, settings, opts, seed=5, draw=draw())
+    assert fast.shape == eager.shape == (len(captions) * opts.n, 16, pipe.model.config.token_dim)
+    torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_engine_reuses_state_across_prompt_lengths():
+    pipe = load("nextstep11")
+    opts = GenerateOptions(size=(64, 64), steps=4)
+    engine = engine_for(pipe.model)
+    for captions in (["short"], ["a somewhat longer prompt than the first one"]):
+        ids, mask, latents, settings = inputs(pipe, opts, captions)
+        eager = pipe.generate_tokens(ids, mask, latents, settings, opts, seed=1)
+        fast = generate_tokens_fast(pipe, ids, mask, latents, settings, opts, seed=1)
+        torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-4)
+        state = engine._state
+    assert engine._state is state and state.key.max_len % engine.kv_block == 0
+
+
+@pytest.mark.parametrize("family,rule", [("nextstep11", "sde"), ("nextstep11", "cps"), ("nextstep1", "sde")])
+def test_plan_matches_sample_token(family, rule):
+    """The affine step coefficients reproduce flow.sample_token for a velocity that depends on x."""
+    s = FlowSettings(family=family, num_steps=7, shift=2.5, rule=rule)
+    plan = plan_steps(s)
+    noise = torch.randn(plan.num_draws, 3, 8, dtype=torch.float64)
+    it = iter(noise)
+
+    def velocity(x, t, c):
+        return torch.sin(x * 1.3 + t[:, None]) + c
+
+    cond = torch.randn(3, 8, dtype=torch.float64)
+    ref = sample_token(velocity, cond, s, token_dim=8, draw=lambda shape: next(it))
+    x = noise[0]
+    for i, (a, b, c) in enumerate(plan.coef):
+        v = velocity(x, plan.t[i].double().expand(3), cond)
+        x = a * x + b * v + (c * noise[1 + i] if i < plan.num_eps else 0)
+    torch.testing.assert_close(x, ref, rtol=1e-6, atol=1e-6)
+    assert next(it, None) is None, "the plan must consume exactly the eager draws"
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_quantized_linear_close(mode):
+    lin = torch.nn.Linear(64, 32)
+    x = torch.randn(5, 64)
+    q = QuantLinear(lin, mode)
+    ref = lin(x)
+    err = (q(x) - ref).norm() / ref.norm()
+    assert err < (1e-2 if mode == "int8" else 5e-2)
+
+
+def test_quantized_engine_runs():
+    path = REFERENCE / FAMILIES["nextstep11"]
+    if not path.is_dir():
+        pytest.skip("reference checkpoint not found")
+    pipe = Pipeline.from_pretrained(path, device="cpu")
+    apply_quantization(pipe.model, "int8")
+    assert not any(isinstance(m, torch.nn.Linear) for m in pipe.model.layers.modules())
+    opts = GenerateOptions(size=(32, 32), steps=3)
+    ids, mask, latents, settings = inputs(pipe, opts, ["a fox"])
+    out = Engine(pipe.model).generate(ids, mask, latents, settings, opts, n_tokens=4, seed=0)
+    assert out.shape == (1, 4, 64) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="quantize"):
+        apply_quantization(NextStep(pipe.model.config), "int4")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", ["nextstep11", "nextstep1"])
+def test_engine_graphs_match_eager_gpu(family):
+    """bf16 weights, CUDA graphs: equal to the eager pipeline within bf16 tolerance."""
+    pipe = load(family, "cuda")
+    opts = GenerateOptions(size=(64, 64), steps=8, cfg=3.0, sampler="sde")
+    ids, mask, latents, settings = inputs(pipe, opts, ["a fox", "a longer prompt about a red fox in snow"])
+    eager = pipe.generate_tokens(ids, mask, latents, settings, opts, seed=0, draw=replay(0, "cuda"))
+    engine = engine_for(pipe.model)
+    fast = generate_tokens_fast(pipe, ids, mask, latents, settings, opts, seed=0, draw=replay(0, "cuda"))
+    assert engine.graphs and engine._state.head.graph is not None
+    err = ((fast - eager).norm() / eager.norm()).item()
+    first = ((fast[:, 0] - eager[:, 0]).norm() / eager[:, 0].norm()).item()
+    assert first < 2e-2 and err < 5e-2, (first, err)
+    again = generate_tokens_fast(pipe, ids, mask, latents, settings, opts, seed=0, draw=replay(0, "cuda"))
+    torch.testing.assert_close(again, fast, rtol=0, atol=0)  # replays are deterministic
