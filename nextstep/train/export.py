@@ -1,0 +1,77 @@
+"""Training checkpoint -> the official directory format (what the official zero_to_fp32 step gives):
+config.json + safetensors + tokenizer files + vae/, loadable with `from_pretrained`.
+
+    nextstep export runs/shapes/checkpoints/step-00001000 exported/shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from nextstep.model.checkpoint import save_pretrained
+from nextstep.model.nextstep import NextStep
+from nextstep.train import checkpoint as ckpt
+from nextstep.train.config import load_json
+from nextstep.train.lora import apply_lora, merge_lora
+from nextstep.train.parallel import DTYPE
+
+log = logging.getLogger(__name__)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A step directory, or a run / checkpoints directory (its newest step)."""
+    path = Path(path)
+    if (path / ckpt.META_NAME).is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        latest = ckpt.latest_checkpoint(root)
+        if latest is not None:
+            return latest
+    raise FileNotFoundError(
+        f"no training checkpoint at {path} (expected step-XXXXXXXX/ with {ckpt.META_NAME})"
+    )
+
+
+def export(path: str | Path, out: str | Path, *, dtype: str = "float32") -> Path:
+    """Write the official format of checkpoint `path` to `out`; LoRA adapters are merged first."""
+    path = resolve_checkpoint(path)
+    cfg = load_json(path / ckpt.CONFIG_NAME)
+    with torch.device("meta"):
+        model = NextStep(cfg.model.arch)
+    if cfg.lora.enabled:
+        apply_lora(model, cfg.lora)
+    model.to_empty(device="cpu")
+    ckpt.load_model_weights(path, model)
+    if cfg.lora.enabled:
+        merge_lora(model)
+    model.to(DTYPE[dtype])
+    vae_dir = cfg.model.resolved_vae_dir
+    out = save_pretrained(
+        model,
+        out,
+        tokenizer_dir=cfg.model.resolved_tokenizer_dir or None,
+        vae_dir=vae_dir if vae_dir and Path(vae_dir).is_dir() else None,
+    )
+    log.info("exported %s -> %s", path, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`nextstep export CKPT OUT [--dtype bfloat16]`."""
+    parser = argparse.ArgumentParser(prog="nextstep export", description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", help="step-XXXXXXXX directory, or a run directory (newest step)")
+    parser.add_argument("out", help="output directory (official format)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPE), help="weight dtype written")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        export(args.checkpoint, args.out, dtype=args.dtype)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,187 @@
+"""Training loop: 2-process FSDP2 equals 1 process, exact kill-and-resume, corrupt shards counted,
+overfitting one batch, export round trip, LoRA merge-and-export."""
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from PIL import Image
+
+from nextstep.data.format import Sample, write_shards
+from nextstep.data.wds import DataConfig, DatasetSpec
+from nextstep.model.checkpoint import from_pretrained
+from nextstep.model.config import NextStepConfig
+from nextstep.model.vae import AutoEncoder, VAEConfig, save_vae
+from nextstep.train import loop
+from nextstep.train.config import (
+    LoggingConfig,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    TrainConfig,
+    TrainingConfig,
+    apply_overrides,
+)
+from nextstep.train.export import export
+
+TINY = Path(__file__).parents[2].parent / "shared/reference/nextstep11-tiny"
+ARCH = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, fm_head_dim=32)
+CAPTIONS = ["a red cat <image_0>", "a big dog <image_0>", "a red dog <image_0>", "a big cat <image_0>"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls are far faster on one thread, and the test machine is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_cfg(out: Path, **training) -> TrainConfig:
+    return TrainConfig(
+        model=ModelConfig(tokenizer_dir=str(TINY), arch=NextStepConfig(**ARCH), precomputed_latents=True),
+        training=TrainingConfig(output_dir=str(out), max_seq_len=64, pad_to_multiple=8, **training),
+        optim=OptimConfig(lr=3e-3, warmup_steps=2, weight_decay=0.0),
+        parallel=ParallelConfig(param_dtype="float32"),
+        logging=LoggingConfig(log_steps=1, progress=False),
+    )
+
+
+def latent_batches(n_batches: int, batch: int, *, rank: int = 0, world: int = 1, seed: int = 0):
+    """Global batches of latent samples (16 x 8 x 8 -> 16 tokens each); this rank's slice of each."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for b in range(n_batches):
+        samples = [
+            Sample(f"s{b}x{i}", CAPTIONS[i % 4], [torch.randn(16, 8, 8, generator=g)]) for i in range(batch)
+        ]
+        per = batch // world
+        out.append(samples[rank * per : (rank + 1) * per])
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fsdp_worker(rank: int, world: int, port: int, out: str, result: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    cfg = tiny_cfg(Path(out), max_steps=4, save_steps=0)
+    history = loop.train(cfg, data=latent_batches(4, 4, rank=rank, world=world))
+    if rank == 0:
+        Path(result).write_text(json.dumps(history))
+    torch.distributed.destroy_process_group()
+
+
+def test_two_process_fsdp_matches_one_process(tmp_path):
+    single = loop.train(tiny_cfg(tmp_path / "one", max_steps=4, save_steps=0), data=latent_batches(4, 4))
+    result = tmp_path / "two.json"
+    mp.spawn(_fsdp_worker, args=(2, _free_port(), str(tmp_path / "two"), str(result)), nprocs=2)
+    double = json.loads(result.read_text())
+    for a, b in zip(single, double, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
+    assert (tmp_path / "two/checkpoints/step-00000004/meta.json").is_file()
+
+
+def test_overfits_one_batch(tmp_path):
+    cfg = tiny_cfg(tmp_path, max_steps=300, save_steps=0)
+    overrides = ["optim.schedule=constant", "optim.max_grad_norm=0", "optim.lr=1e-2"]
+    cfg = apply_overrides(cfg, overrides + ["model.arch.fm_head_dim=64", "model.arch.fm_head_layers=3"])
+    history = loop.train(cfg, data=latent_batches(1, 4) * 300)
+    first = history[0]["loss"]
+    last = np.mean([h["loss"] for h in history[-10:]])
+    assert last < first / 10, (first, last)
+
+
+# ---- through wds.py: tiny VAE, image shards with a corrupt one, crash and resume -------------------
+
+
+@pytest.fixture
+def shard_run(tmp_path):
+    torch.manual_seed(0)
+    vae = AutoEncoder(VAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, resolution=32))
+    save_vae(vae, tmp_path / "vae")
+    rng = np.random.default_rng(0)
+    samples = [
+        Sample(f"s{i}", CAPTIONS[i % 4], [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))])
+        for i in range(24)
+    ]
+    write_shards(samples, tmp_path / "shards", prefix="d", max_count=6)
+    (tmp_path / "shards" / "d-999999.tar").write_bytes(b"this is not a tar file" * 50)
+    cfg = tiny_cfg(tmp_path / "run", max_steps=6, save_steps=2)
+    cfg.model.precomputed_latents = False
+    cfg.model.vae_dir = str(tmp_path / "vae")
+    cfg.data = DataConfig(
+        datasets=[DatasetSpec(shards=str(tmp_path / "shards"))],
+        image_size=32,
+        batch_size=2,
+        num_workers=0,
+        shuffle_buffer=4,
+        caption_drop_prob=0.2,
+    )
+    return cfg
+
+
+def test_kill_and_resume_reproduces_losses(shard_run, tmp_path, monkeypatch):
+    full = loop.train(apply_overrides(shard_run, [f"training.output_dir={tmp_path / 'full'}"]))
+    metrics = [json.loads(line) for line in (tmp_path / "full/metrics.jsonl").read_text().splitlines()]
+    assert max(m["data/shard_errors"] for m in metrics) >= 1  # the corrupt shard was skipped and counted
+
+    real_log = loop.MetricsWriter.log
+
+    def crash_at_5(self, step, values):
+        if step == 5:
+            raise KeyboardInterrupt("simulated kill")
+        real_log(self, step, values)
+
+    monkeypatch.setattr(loop.MetricsWriter, "log", crash_at_5)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(shard_run)
+    monkeypatch.setattr(loop.MetricsWriter, "log", real_log)
+    assert (tmp_path / "run/checkpoints/step-00000004").is_dir()
+    assert not list((tmp_path / "run/checkpoints").glob("*.tmp"))
+    resumed = loop.train(apply_overrides(shard_run, ["training.resume=true"]))
+    assert [h["step"] for h in resumed] == [5, 6]
+    assert [h["loss"] for h in resumed] == [h["loss"] for h in full[4:]]  # exactly equal
+    assert [h["grad_norm"] for h in resumed] == [h["grad_norm"] for h in full[4:]]
+    ckpts = sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir())
+    assert ckpts == ["step-00000002", "step-00000004", "step-00000006"]  # keep_last=3
+
+    out = export(tmp_path / "run", tmp_path / "exported")
+    model = from_pretrained(out)
+    assert (out / "vae/checkpoint.pt").is_file() and (out / "tokenizer.json").is_file()
+    ref = loop.init_model(shard_run, shard_run.model.arch)
+    from nextstep.train.checkpoint import load_model_weights
+
+    load_model_weights(tmp_path / "run/checkpoints/step-00000006", ref)
+    for name, value in ref.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=0)
+
+
+def test_lora_trains_adapters_and_exports_merged(tmp_path):
+    pytest.importorskip("peft")
+    base = tiny_cfg(tmp_path / "base", max_steps=1, save_steps=0)
+    loop.train(base, data=latent_batches(1, 2))
+    first = export(tmp_path / "base", tmp_path / "base_export")
+    cfg = tiny_cfg(tmp_path / "lora", max_steps=3, save_steps=0)
+    cfg = apply_overrides(
+        cfg, ["model.init=pretrained", f"model.path={first}", "lora.enabled=true", "lora.rank=4"]
+    )
+    cfg.model.vae_dir = ""
+    loop.train(cfg, data=latent_batches(3, 2))
+    merged = from_pretrained(export(tmp_path / "lora", tmp_path / "lora_export"))
+    before = from_pretrained(first)
+    names = set(merged.state_dict())
+    assert names == set(before.state_dict())  # plain official names, no lora_ / base_layer
+    q = "layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged.state_dict()[q], before.state_dict()[q])  # adapters were merged in
