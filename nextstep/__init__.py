@@ -1,0 +1,20 @@
+"""nextstep: NextStep-1 / NextStep-1.1 autoregressive image generation with continuous tokens.
+
+import nextstep
+pipe = nextstep.load("path/to/checkpoint")       # or nextstep.load() for the built-in model
+image = pipe.generate("a red fox in the snow", size=(512, 512), seed=0)[0]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__version__ = "0.1.0"
+
+
+def load(path: str | Path | None = None, *, device=None, dtype=None):
+    """A text-to-image / editing pipeline from a checkpoint directory (default: the built-in model)."""
+    from nextstep.cli import resolve_model_dir
+    from nextstep.sampling.pipeline import Pipeline
+
+    return Pipeline.from_pretrained(resolve_model_dir(None if path is None else str(path)), device=device, dtype=dtype)

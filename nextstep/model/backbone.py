@@ -31,8 +31,7 @@ def rope_cos_sin(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """HF default rotary tables for integer positions (B, L) -> cos, sin (B, 1, L, D)."""
     inv_freq = 1.0 / (
-        theta
-        ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float() / head_dim)
+        theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float() / head_dim)
     )
     freqs = position_ids.float()[..., None] * inv_freq  # (B, L, D/2)
     emb = torch.cat((freqs, freqs), dim=-1)
@@ -69,9 +68,7 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(
-        self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, Hkv, L, D) at cache slots (L,) and return the whole cache."""
         self.k.index_copy_(2, slots, k)
         self.v.index_copy_(2, slots, v)

@@ -53,9 +53,7 @@ def weight_files(path: Path) -> list[Path]:
     raise FileNotFoundError(f"model directory {path} has no {WEIGHTS_NAME} or {INDEX_NAME}")
 
 
-def load_state_dict(
-    path: Path, dtype: torch.dtype | None, device: str | torch.device
-) -> dict[str, torch.Tensor]:
+def load_state_dict(path: Path, dtype: torch.dtype | None, device: str | torch.device) -> dict[str, torch.Tensor]:
     state = {}
     for file in weight_files(path):
         with safe_open(str(file), framework="pt", device=str(device)) as f:

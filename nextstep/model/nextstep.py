@@ -69,9 +69,7 @@ class NextStep(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.image_in_projector = nn.Linear(cfg.token_dim, cfg.hidden_size)
         self.image_out_projector = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.image_head = FlowMatchingHead(
-            cfg.token_dim, cfg.hidden_size, cfg.fm_head_dim, cfg.fm_head_layers
-        )
+        self.image_head = FlowMatchingHead(cfg.token_dim, cfg.hidden_size, cfg.fm_head_dim, cfg.fm_head_layers)
         if cfg.family == "nextstep1":
             # Stored by NextStep-1 checkpoints; unused while use_gen_pos_embed is off (all releases).
             self.register_buffer("gen_pos_embed", sincos_2d(cfg.hidden_size, cfg.base_image_grid_size))
@@ -134,9 +132,7 @@ class NextStep(nn.Module):
         b, n, _ = inputs_embeds.shape
         if position_ids is None:
             position_ids = torch.arange(n, device=inputs_embeds.device).expand(b, n)
-        cos, sin = rope_cos_sin(
-            position_ids, self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype
-        )
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype)
         x = inputs_embeds
         states = [x]
         for layer in self.layers:

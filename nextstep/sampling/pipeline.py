@@ -7,6 +7,8 @@ edited = pipe.edit(Image.open("in.png"), "make the sky blue")
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -46,6 +48,7 @@ class GenerateOptions:
     progress: bool = False  # tqdm bar over image tokens
 
 
+DEFAULTS_FILE = "sampling_defaults.json"  # optional per-checkpoint overrides of GenerateOptions defaults
 EDIT_DEFAULTS = {
     "cfg": 7.5,
     "cfg_img": 2.0,
@@ -87,10 +90,26 @@ def check_options(opts: GenerateOptions, down: int) -> None:
         raise ValueError(f"cfg schedule must be constant or linear, got {opts.cfg_schedule!r}")
 
 
+def read_defaults(path: Path) -> dict:
+    """A checkpoint's recommended sampling options (e.g. its training resolution), if it ships any."""
+    file = path / DEFAULTS_FILE
+    if not file.is_file():
+        return {}
+    raw = json.loads(file.read_text())
+    known = {f.name for f in dataclasses.fields(GenerateOptions)}
+    for key in raw:
+        if key not in known:
+            raise ValueError(f"unknown option {key!r} in {file}")
+    if "size" in raw:
+        raw["size"] = tuple(raw["size"])
+    return raw
+
+
 class Pipeline:
-    def __init__(self, model: NextStep, vae: AutoEncoder, tokenizer: TextTokenizer):
+    def __init__(self, model: NextStep, vae: AutoEncoder, tokenizer: TextTokenizer, *, defaults: dict | None = None):
         self.model, self.vae, self.tokenizer = model, vae, tokenizer
-        self.image_area_id = tokenizer.token_id(IMAGE_AREA)
+        tokenizer.token_id(IMAGE_AREA)  # fail at load time if the tokenizer lacks the image-area marker
+        self.defaults = defaults or {}
 
     @classmethod
     def from_pretrained(
@@ -101,7 +120,7 @@ class Pipeline:
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         model = from_pretrained(path, dtype=dtype, device=device)
         vae = load_vae(path / "vae", dtype=dtype, device=device)
-        return cls(model, vae, TextTokenizer(path))
+        return cls(model, vae, TextTokenizer(path), defaults=read_defaults(path))
 
     @property
     def family(self) -> str:
@@ -113,11 +132,9 @@ class Pipeline:
         return self.vae.config.down_factor * self.model.config.latent_patch_size
 
     # ---- public API ----------------------------------------------------------------------------
-    def generate(
-        self, prompts: str | list[str], *, trace: Trace | None = None, **options
-    ) -> list[Image.Image]:
+    def generate(self, prompts: str | list[str], *, trace: Trace | None = None, **options) -> list[Image.Image]:
         """Text-to-image. Returns len(prompts) * n images, prompt-major."""
-        opts = replace(GenerateOptions(), **options)
+        opts = replace(GenerateOptions(**self.defaults), **options)
         prompts = _as_list(prompts, "prompt")
         captions = [p + (" " + opts.positive_prompt if opts.positive_prompt else "") for p in prompts]
         return self._run(captions, [[] for _ in captions], opts, trace)
@@ -135,7 +152,7 @@ class Pipeline:
         instructions = _as_list(instructions, "instruction")
         if len(images) != len(instructions):
             raise ValueError(f"got {len(images)} images for {len(instructions)} instructions")
-        opts = GenerateOptions(**{**EDIT_DEFAULTS, "size": self._snap(images[0].size)})
+        opts = GenerateOptions(**{**self.defaults, **EDIT_DEFAULTS, "size": self._snap(images[0].size)})
         opts = replace(opts, **options)
         check_options(opts, self.down_factor)
         sources = []
@@ -168,8 +185,7 @@ class Pipeline:
         texts, images = list(captions), list(sources)
         if rows == 3:
             texts += [
-                self._image_string(opts.size) + opts.negative_prompt if s else opts.negative_prompt
-                for s in sources
+                self._image_string(opts.size) + opts.negative_prompt if s else opts.negative_prompt for s in sources
             ]
             images += sources
         if rows >= 2:
@@ -302,9 +318,7 @@ class Pipeline:
                 slot = slots[n_prefix + k : n_prefix + k + 1]
                 step_embeds = model.image_in_projector(token.to(dtype)).repeat(rows, 1)[:, None]  # (R, 1, d)
                 mask = build_attention_mask(key_valid, slot, slots)
-                hidden = model.forward_hidden(
-                    step_embeds, position_ids=slot.expand(r, 1), mask=mask, slots=slot
-                )
+                hidden = model.forward_hidden(step_embeds, position_ids=slot.expand(r, 1), mask=mask, slots=slot)
                 cond = model.head_condition(hidden[:, -1])
         finally:
             model.clear_caches()

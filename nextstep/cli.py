@@ -1,0 +1,164 @@
+"""The `nextstep` command.
+
+nextstep generate "two red circles above a blue star" -o out.png [--model DIR]
+nextstep edit --image in.png "make the star green" -o out.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+# Subcommands implemented in their own modules, each a `main(argv) -> int`.
+FORWARDED = {}
+
+
+def _size(text: str) -> tuple[int, int]:
+    """'512x768' (width x height, like most image tools) -> (height, width)."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 512x512, got {text!r}") from None
+    return h, w
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, *, edit: bool) -> None:
+    p.add_argument("prompt", help="instruction" if edit else "text prompt")
+    p.add_argument("-o", "--output", default="out.png", help="output PNG; with --n > 1, name_0.png, name_1.png, ...")
+    p.add_argument("--model", default=None, help="checkpoint directory (default: the built-in model)")
+    p.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT in pixels, multiples of 16")
+    p.add_argument("--steps", type=int, default=None, help="flow-matching head steps per token")
+    p.add_argument("--cfg", type=float, default=None, help="text guidance scale (1 = off)")
+    p.add_argument("--shift", type=float, default=None, help="timestep shift")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same image)")
+    p.add_argument("--sampler", choices=("sde", "ode", "cps"), default=None, help="head update rule")
+    p.add_argument("--n", type=int, default=1, help="images to make")
+    p.add_argument("--negative-prompt", default=None, help="text of the unconditional branch")
+    p.add_argument(
+        "--use-norm",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="layer-normalise sampled tokens before feeding them back",
+    )
+    p.add_argument("--cfg-schedule", choices=("constant", "linear"), default=None)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    if edit:
+        p.add_argument("--image", required=True, help="input image to edit")
+        p.add_argument("--cfg-img", type=float, default=None, help="image guidance scale")
+    else:
+        p.add_argument("--positive-prompt", default=None, help="text appended to the prompt")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nextstep", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_sampling_args(sub.add_parser("generate", help="text-to-image"), edit=False)
+    _add_sampling_args(sub.add_parser("edit", help="instruction-based image editing"), edit=True)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for path in FORWARDED:
+        target = sub
+        for part in path[:-1]:
+            if part not in groups:
+                groups[part] = sub.add_parser(part).add_subparsers(dest=f"{part}_command", required=True)
+            target = groups[part]
+        target.add_parser(path[-1], add_help=False)
+    return parser
+
+
+def resolve_model_dir(model: str | None) -> Path:
+    if model is not None:
+        return Path(model)
+    from nextstep.assets import builtin_model_dir
+
+    path = builtin_model_dir()
+    if path is None:
+        raise ValueError("no built-in model is installed: pass a checkpoint directory with --model DIR")
+    return path
+
+
+def _options(args: argparse.Namespace) -> dict:
+    names = {
+        "size": "size",
+        "steps": "steps",
+        "cfg": "cfg",
+        "shift": "shift",
+        "sampler": "sampler",
+        "negative_prompt": "negative_prompt",
+        "use_norm": "use_norm",
+        "cfg_schedule": "cfg_schedule",
+        "cfg_img": "cfg_img",
+        "positive_prompt": "positive_prompt",
+    }
+    opts = {key: getattr(args, attr) for attr, key in names.items() if getattr(args, attr, None) is not None}
+    return {**opts, "seed": args.seed, "n": args.n, "progress": True}
+
+
+def save_png(image, path: Path) -> None:
+    """Write a PNG atomically (temp file in the same folder, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def output_paths(output: str, n: int) -> list[Path]:
+    out = Path(output)
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"output must be a .png file, got {output!r}")
+    if n == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(n)]
+
+
+def run_sampling(args: argparse.Namespace) -> int:
+    from PIL import Image, UnidentifiedImageError
+
+    from nextstep.sampling.pipeline import load
+
+    paths = output_paths(args.output, args.n)
+    source = None
+    if args.command == "edit":
+        try:
+            source = Image.open(args.image)
+            source.load()
+        except (OSError, UnidentifiedImageError) as e:
+            raise ValueError(f"cannot read input image {args.image!r}: {e}") from None
+    pipe = load(resolve_model_dir(args.model), device=args.device)
+    opts = _options(args)
+    if args.command == "edit":
+        images = pipe.edit(source, args.prompt, **opts)
+    else:
+        images = pipe.generate(args.prompt, **opts)
+    for image, path in zip(images, paths, strict=True):
+        save_png(image, path)
+        print(path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    for path, target in FORWARDED.items():
+        if tuple(argv[: len(path)]) == path:
+            module, func = target.split(":")
+            return getattr(importlib.import_module(module), func)(argv[len(path) :]) or 0
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return run_sampling(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"nextstep: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Where the official-format reference checkpoints live, and which layout each one has.
+
+Both shipped references are found next to the repo (../shared/reference); NEXTSTEP_REFERENCE may name
+one more directory of either layout. The layout is read from the files a directory holds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+
+
+def reference_dirs() -> list[Path]:
+    dirs = [p for p in (ROOT / "nextstep-tiny", ROOT / "nextstep11-tiny") if p.is_dir()]
+    extra = os.environ.get("NEXTSTEP_REFERENCE")
+    if extra:
+        dirs.append(Path(extra))
+    return dirs
+
+
+def layout(path: Path) -> str:
+    """'nextstep1' when it holds meta.json + a_..e_ files, 'nextstep11' when it holds reference.json."""
+    if (path / "reference" / "meta.json").is_file():
+        return "nextstep1"
+    if (path / "reference" / "reference.json").is_file():
+        return "nextstep11"
+    raise ValueError(f"{path} holds no known reference layout")
+
+
+def dirs_with(kind: str) -> list[Path]:
+    return [p for p in reference_dirs() if layout(p) == kind]
+
+
+def tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "reference" / name))
+
+
+def meta(path: Path) -> dict:
+    name = "meta.json" if layout(path) == "nextstep1" else "reference.json"
+    return json.loads((path / "reference" / name).read_text())
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a.float() - b.float()).abs().max().item()

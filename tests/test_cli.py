@@ -1,0 +1,56 @@
+"""The `nextstep` command as a user runs it: PNGs out, bad input -> exit 2 with one clear line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from tests.refs import reference_dirs
+
+SMALL = ["--size", "32x32", "--steps", "2"]
+
+
+def nextstep(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nextstep.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("ref", reference_dirs(), ids=lambda p: p.name)
+def test_generate_and_edit_write_pngs(tmp_path, ref):
+    out = tmp_path / "x.png"
+    r = nextstep("generate", "a cat", "--model", str(ref), "-o", str(out), *SMALL, "--n", "2")
+    assert r.returncode == 0, r.stderr
+    for i in range(2):
+        assert Image.open(tmp_path / f"x_{i}.png").size == (32, 32)
+    src = tmp_path / "in.png"
+    Image.new("RGB", (48, 32), "red").save(src)
+    r = nextstep(
+        "edit", "--image", str(src), "make it blue", "--model", str(ref), "-o", str(tmp_path / "e.png"), "--steps", "2"
+    )
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "e.png").size == (48, 32)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "a cat", "--model", "/nonexistent/model"], "model directory not found"),
+        (["generate", "a cat", "--model", "{ref}", "--size", "100x100"], "multiples of 16"),
+        (["generate", "a cat", "--model", "{ref}", "--steps", "0"], "steps must be > 0"),
+        (["generate", "", "--model", "{ref}"], "non-empty"),
+        (["generate", "a cat", "--model", "{ref}", "--size", "big"], "size must look like"),
+        (["edit", "--image", "{bad}", "x", "--model", "{ref}"], "cannot read input image"),
+        (["edit", "--image", "/nonexistent.png", "x", "--model", "{ref}"], "cannot read input image"),
+    ],
+)
+def test_bad_input_is_a_clear_error(tmp_path, args, message):
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    args = [a.format(ref=reference_dirs()[0], bad=bad) for a in args]
+    r = nextstep(*args, "-o", str(tmp_path / "o.png"))
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "o.png").exists()
