@@ -31,9 +31,7 @@ def main() -> None:
     for workers in args.workers:
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
-            write_synthetic(
-                Path(tmp), n=args.n, seed=0, workers=workers, size=args.size, shard_size=args.shard_size
-            )
+            write_synthetic(Path(tmp), n=args.n, seed=0, workers=workers, size=args.size, shard_size=args.shard_size)
             seconds = time.perf_counter() - start
         config = {"n": args.n, "workers": workers, "size": args.size, "shard_size": args.shard_size}
         result = {"what": "synth-shapes write", "config": config, "device": device}

@@ -125,9 +125,7 @@ def sample_t2i(rng: random.Random) -> tuple[Scene, str]:
     while True:
         regions, relations = None, []
         if mode == "objects":
-            objs = [
-                Obj(s, c, rng.choice(tuple(SIZES))) for c, s in rng.choices(TRAIN_PAIRS, k=rng.randint(1, 4))
-            ]
+            objs = [Obj(s, c, rng.choice(tuple(SIZES))) for c, s in rng.choices(TRAIN_PAIRS, k=rng.randint(1, 4))]
         elif mode == "count":
             color, shape = rng.choice(TRAIN_PAIRS)
             objs = [Obj(shape, color, rng.choice(tuple(SIZES))) for _ in range(rng.randint(2, 4))]

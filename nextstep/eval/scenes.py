@@ -28,7 +28,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "white": (245, 245, 245),
 }
 SHAPES = ("circle", "square", "triangle", "star", "hexagon", "ring", "cross", "heart")
-SIZES = {"small": 0.09, "large": 0.16}  # half-extent of an object's box, fraction of the image side
+SIZES = {"small": 0.11, "large": 0.17}  # half-extent of an object's box, fraction of the image side
 REGIONS = ("left", "right", "top", "bottom", "center")
 RELATIONS = ("left of", "right of", "above", "below")
 INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
@@ -305,9 +305,7 @@ def _background(bg: Background, size: int) -> Image.Image:
     base = np.empty((size, size, 3), np.int16)
     base[:] = bg.color
     if bg.texture == "noise":
-        base += np.random.default_rng(bg.seed).integers(
-            -bg.amount, bg.amount + 1, (size, size, 1), dtype=np.int16
-        )
+        base += np.random.default_rng(bg.seed).integers(-bg.amount, bg.amount + 1, (size, size, 1), dtype=np.int16)
     elif bg.texture == "stripes":
         base += _stripe_bands(size, bg.period) * bg.amount
     return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB")
@@ -398,9 +396,7 @@ def edit_text(edit: Edit, variant: int = 0) -> str:
     if edit.op == "add" and edit.region:
         obj = f"{obj} {REGION_PHRASES[edit.region]}"
     dest = MOVE_PHRASES.get(edit.region or "", "")
-    return templates[variant % len(templates)].format(
-        target=target, new_color=edit.new_color, obj=obj, dest=dest
-    )
+    return templates[variant % len(templates)].format(target=target, new_color=edit.new_color, obj=obj, dest=dest)
 
 
 def apply_edit(scene: Scene, edit: Edit, rng: random.Random) -> Scene | None:

@@ -56,7 +56,7 @@ CATEGORIES = (
     "editing",
 )
 COLOR_TOL = 75.0  # a pixel belongs to its nearest palette color if closer than this (RGB distance)
-MIN_AREA = 0.002  # smallest object, fraction of the image area (a small star covers ~0.009)
+MIN_AREA = 0.003  # smallest object, fraction of the image area (a small star covers ~0.017)
 MIN_MATCH = 0.5  # shape score below which a blob's shape is "unknown"
 ASPECT_WEIGHT = 2.0  # weight of the aspect-ratio mismatch in the shape score (separates hexagon/circle)
 NEAR_TOL = 0.06  # an unchanged object may drift this far (fraction of the side) in an edit
@@ -166,9 +166,7 @@ def _templates() -> tuple[np.ndarray, np.ndarray]:
         draw = ImageDraw.Draw(canvas)
         if shape in POLYGONS:
             hw, hh = EXTENTS[shape]
-            draw.polygon(
-                [(big / 2 * (1 + u / hw), big / 2 * (1 + v / hh)) for u, v in POLYGONS[shape]], fill=255
-            )
+            draw.polygon([(big / 2 * (1 + u / hw), big / 2 * (1 + v / hh)) for u, v in POLYGONS[shape]], fill=255)
         else:
             draw_shape(draw, shape, big / 2, big / 2, big / 2, 255)
         masks.append(np.asarray(canvas.reduce(8)) > 127)
@@ -354,9 +352,7 @@ def _build(category: str, rng: random.Random, heldout: bool) -> Prompt:
         show = rng.random() < 0.5
         a = _pair(rng, [p for p in TRAIN_PAIRS if p[1] == sa], show_color=show)
         b = _pair(rng, [p for p in TRAIN_PAIRS if p[1] == sb], show_color=show)
-        return Prompt(
-            category, f"{_phrase(a)} {RELATION_PHRASES[rel][0]} {_phrase(b)}", [a, b], [(0, rel, 1)]
-        )
+        return Prompt(category, f"{_phrase(a)} {RELATION_PHRASES[rel][0]} {_phrase(b)}", [a, b], [(0, rel, 1)])
     ops = ("recolor", "add") if heldout else ("recolor", "move", "add", "remove")
     src, edit, _ = sample_edit(rng, new_pairs=pairs, ops=ops)
     return Prompt(category, edit_text(edit), source=src.to_json(128), edit=asdict(edit))
@@ -382,10 +378,7 @@ def reference_scene(prompt: Prompt, rng: random.Random) -> Scene:
             if scene is not None:
                 return scene
             continue
-        objs = [
-            Obj(w.shape, w.color or rng.choice(list(COLORS)), rng.choice(tuple(SIZES)))
-            for w in prompt.objects
-        ]
+        objs = [Obj(w.shape, w.color or rng.choice(list(COLORS)), rng.choice(tuple(SIZES))) for w in prompt.objects]
         if place(objs, rng, regions=[w.region for w in prompt.objects], relations=prompt.relations):
             return Scene(objs, random_background(rng))
 
@@ -440,9 +433,7 @@ def evaluate(
     sources = [source_image(p) for p in prompts]
     images: list[Image.Image] = []
     for i in range(0, len(prompts), batch_size):
-        batch = [
-            (p.text, s) for p, s in zip(prompts[i : i + batch_size], sources[i : i + batch_size], strict=True)
-        ]
+        batch = [(p.text, s) for p, s in zip(prompts[i : i + batch_size], sources[i : i + batch_size], strict=True)]
         out = generate_fn(batch)
         if len(out) != len(batch):
             raise ValueError(f"generate_fn returned {len(out)} images for {len(batch)} prompts")
@@ -460,9 +451,7 @@ def evaluate(
         "accuracy": sum(r["correct"] for r in scores) / len(scores),
         "num_prompts": len(prompts),
         "categories": categories,
-        "samples": [
-            {"category": p.category, "text": p.text, **r} for p, r in zip(prompts, scores, strict=True)
-        ],
+        "samples": [{"category": p.category, "text": p.text, **r} for p, r in zip(prompts, scores, strict=True)],
     }
     _write_atomic(out_dir / "results.json", json.dumps(results, indent=1).encode())
     by_category: dict[str, list[int]] = {}
@@ -496,7 +485,5 @@ def main(argv: list[str] | None, generate_fn_factory: Callable[[Path], GenerateF
     prompts = build_prompts(args.split, args.n, args.seed)
     results = evaluate(generate_fn_factory(args.model), prompts, out, batch_size=args.batch_size)
     summary = {c: round(v["accuracy"], 4) for c, v in results["categories"].items()}
-    print(
-        json.dumps({"split": args.split, "overall": round(results["overall"], 4), **summary, "out": str(out)})
-    )
+    print(json.dumps({"split": args.split, "overall": round(results["overall"], 4), **summary, "out": str(out)}))
     return 0

@@ -88,9 +88,7 @@ def test_heldout_pairs_and_relations_never_in_training(samples):
                 assert (o["color"], o["shape"]) not in HELDOUT_PAIRS, s.caption
     # A held-out relation may not be stated in either direction, whatever words sit between the shapes.
     filler = "(?:(?:a|an|two|three|four|small|large|" + "|".join(COLORS) + r") )+"
-    stated = re.compile(
-        rf"\b(?:{'|'.join(SHAPES)})e?s? (?:to the )?(?:left of|right of|above|below) {filler}"
-    )
+    stated = re.compile(rf"\b(?:{'|'.join(SHAPES)})e?s? (?:to the )?(?:left of|right of|above|below) {filler}")
     assert sum(bool(stated.search(s.caption)) for s in samples) > N // 20  # the pattern does see relations
     for a, rel, b in HELDOUT_RELATIONS:
         for x, r, y in ((a, rel, b), (b, INVERSE[rel], a)):
