@@ -7,7 +7,6 @@ torchrun --nproc_per_node=8 -m configs.nextstep_qwen14b_512px training.resume=tr
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import logging
 import math
@@ -33,7 +32,7 @@ from nextstep.train import checkpoint as ckpt
 from nextstep.train.config import TrainConfig, dumps, resolve, to_dict
 from nextstep.train.lora import apply_lora
 from nextstep.train.metrics import MetricsWriter, peak_flops, train_flops
-from nextstep.train.parallel import DTYPE, parallelize, uses_fsdp
+from nextstep.train.parallel import DTYPE, init_single_process_group, parallelize, uses_fsdp
 from nextstep.train.tokenize import SequenceBuilder, TrainBatch, collate, special_ids
 
 log = logging.getLogger(__name__)
@@ -93,8 +92,7 @@ def load_lm_backbone(model: NextStep, path: str | Path) -> None:
                 dst[: src.shape[0]].copy_(src)
             elif src.shape != dst.shape:
                 raise ValueError(
-                    f"LM parameter {name!r} has shape {tuple(src.shape)}, "
-                    f"model.arch implies {tuple(dst.shape)}"
+                    f"LM parameter {name!r} has shape {tuple(src.shape)}, model.arch implies {tuple(dst.shape)}"
                 )
             else:
                 dst.copy_(src)
@@ -219,9 +217,7 @@ class BatchStream:
         if data is None:
             from nextstep.data.wds import build_dataloader
 
-            self.loader = build_dataloader(
-                cfg.data, rank=rank, world_size=world, tokenizer_fn=builder, collate=list
-            )
+            self.loader = build_dataloader(cfg.data, rank=rank, world_size=world, tokenizer_fn=builder, collate=list)
             self.source: Iterable = self.loader
         else:
             self.source = data
@@ -274,6 +270,10 @@ def train(cfg: TrainConfig, *, data: Iterable | None = None) -> list[dict[str, f
     rank, world, device = setup_distributed(cfg.parallel.backend)
     if world > 1 and not cfg.parallel.fsdp:
         raise ValueError("parallel.fsdp=false with more than one process: only FSDP2 is supported")
+    if cfg.parallel.param_dtype != "float32" and cfg.parallel.fsdp:
+        init_single_process_group(device)  # mixed precision comes from FSDP2, also in one process
+    elif cfg.parallel.param_dtype != "float32":
+        raise ValueError(f"parallel.param_dtype={cfg.parallel.param_dtype} needs parallel.fsdp=true")
     if t_cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     out_dir = Path(t_cfg.output_dir)
@@ -308,9 +308,7 @@ def train(cfg: TrainConfig, *, data: Iterable | None = None) -> list[dict[str, f
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
 
     ids = special_ids(tokenizer, arch.boi, arch.eoi, arch.image_placeholder_id, arch.pad_token_id_added)
-    builder = SequenceBuilder(
-        tokenizer, ids, down_factor=down, max_len=t_cfg.max_seq_len, add_eos=t_cfg.add_eos
-    )
+    builder = SequenceBuilder(tokenizer, ids, down_factor=down, max_len=t_cfg.max_seq_len, add_eos=t_cfg.add_eos)
     stream = BatchStream(cfg, builder, rank, world, data)
 
     step = 0
@@ -324,9 +322,6 @@ def train(cfg: TrainConfig, *, data: Iterable | None = None) -> list[dict[str, f
     elif t_cfg.resume:
         log.info("training.resume=true but no checkpoint in %s: starting fresh", ckpt_root)
 
-    autocast = contextlib.nullcontext()
-    if not uses_fsdp(cfg.parallel) and cfg.parallel.param_dtype != "float32":
-        autocast = torch.autocast(device.type, dtype=DTYPE[cfg.parallel.param_dtype])
     writer = MetricsWriter(
         out_dir,
         enabled=rank == 0,
@@ -367,16 +362,15 @@ def train(cfg: TrainConfig, *, data: Iterable | None = None) -> list[dict[str, f
             last_micro = micro == t_cfg.grad_accum_steps - 1
             if uses_fsdp(cfg.parallel):
                 model.set_requires_gradient_sync(last_micro)
-            with autocast:
-                out = model.forward_train(
-                    batch.input_ids,
-                    batch.labels,
-                    targets,
-                    attention_mask=batch.attention_mask,
-                    position_ids=batch.position_ids,
-                    fm_noise=noise,
-                    fm_t=t,
-                )
+            out = model.forward_train(
+                batch.input_ids,
+                batch.labels,
+                targets,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                fm_noise=noise,
+                fm_t=t,
+            )
             (out.loss / t_cfg.grad_accum_steps).backward()
             for i, v in enumerate((out.loss, out.lm_loss, out.im_loss)):
                 sums[i] += v.detach().float().item() / t_cfg.grad_accum_steps
@@ -443,12 +437,10 @@ def train(cfg: TrainConfig, *, data: Iterable | None = None) -> list[dict[str, f
     return history
 
 
-def write_samples(
-    cfg: TrainConfig, model, vae, tokenizer, writer: MetricsWriter, step: int, world: int
-) -> None:
+def write_samples(cfg: TrainConfig, model, vae, tokenizer, writer: MetricsWriter, step: int, world: int) -> None:
     """Sample images with the inference pipeline (one process only: FSDP shards are not gathered here)."""
-    if world > 1 or vae is None:
-        log.warning("sample images skipped: they need a single process and a VAE")
+    if uses_fsdp(cfg.parallel) or vae is None:
+        log.warning("sample images skipped: they need an unsharded fp32 model and a VAE")
         return
     from nextstep.sampling.pipeline import Pipeline
 

@@ -58,7 +58,15 @@ def apply_fsdp(
 
 
 def uses_fsdp(cfg: ParallelConfig) -> bool:
-    return cfg.fsdp and dist.is_initialized() and dist.get_world_size() > 1
+    return cfg.fsdp and dist.is_initialized()
+
+
+def init_single_process_group(device: torch.device) -> None:
+    """A one-rank process group, so one plain process gets the same FSDP2 mixed precision as torchrun
+    (bf16 compute copies of fp32 masters) instead of autocast."""
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
 def parallelize(model: NextStep, cfg: ParallelConfig, device: torch.device) -> nn.Module:
