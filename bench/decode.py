@@ -1,0 +1,237 @@
+"""Image-token decoding speed: fast engine vs eager pipeline vs the memory-bandwidth roofline.
+
+    PYTHONUNBUFFERED=1 python bench/decode.py                  # official 14B shape, batch 1, 8, 32
+    python bench/decode.py --shape 1.5b --batches 1 --compile  # quick run
+
+Random bf16 weights built directly on the GPU. One JSON line per result:
+{"what", "config", "device", "number", "unit"}; ratios as their own lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from types import SimpleNamespace
+
+import torch
+
+from nextstep.model.config import NextStepConfig
+from nextstep.model.nextstep import NextStep
+from nextstep.sampling.engine import Engine, apply_quantization, guidance_table
+from nextstep.sampling.flow import FlowSettings, guidance_rows
+from nextstep.sampling.pipeline import GenerateOptions, Pipeline
+
+SHAPES = {
+    "14b": dict(hidden_size=5120, num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8,
+                intermediate_size=13824, vocab_size=152064),
+    "1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                 intermediate_size=8960, vocab_size=151936),
+}  # fmt: skip
+DEVICE = "cuda"  # everything runs here
+PROMPT_LEN = 40  # longest prompt row in tokens; other rows are left padded
+
+
+def emit(what: str, config: dict, number: float, unit: str) -> None:
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(json.dumps({"what": what, "config": config, "device": dev, "number": number, "unit": unit}))
+
+
+def hbm_bandwidth(gib: float = 2.0) -> float:
+    """Bytes/s of a large device-to-device copy (read + write counted), median of 20."""
+    src = torch.randn(int(gib * 2**30) // 4, device=DEVICE)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(23):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return 2 * src.numel() * 4 / statistics.median(times[3:])
+
+
+def build_model(shape: str, quantize: str) -> NextStep:
+    cfg = NextStepConfig(**SHAPES[shape], head_dim=128, fm_head_dim=1536, fm_head_layers=12, rms_norm_eps=1e-5)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(DEVICE):
+        model = NextStep(cfg)  # default (random) inits on the GPU: no zero-init adaLN, no host copy
+    torch.set_default_dtype(torch.float32)
+    return apply_quantization(model.eval(), quantize)
+
+
+def prompt(cfg: NextStepConfig, batch: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows * B, PROMPT_LEN) random ids ending with boi; row i left padded by i % 8 tokens."""
+    r = rows * batch
+    ids = torch.randint(0, 150000, (r, PROMPT_LEN))
+    ids[:, -1] = cfg.boi
+    mask = torch.ones(r, PROMPT_LEN, dtype=torch.long)
+    for i in range(r):
+        mask[i, : i % 8] = 0
+        ids[i, : i % 8] = cfg.pad_token_id_added
+    return ids, mask
+
+
+def num_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def roofline(model: NextStep, batch: int, rows: int, n_tokens: int, steps: int, bw: float) -> dict:
+    """Seconds per image token: decoder weights + mean live KV cache once, head weights once per step."""
+    cfg = model.config
+    weights = num_bytes(model.layers) + num_bytes(model.image_in_projector) + num_bytes(model.image_out_projector)
+    kv_per_slot = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 2  # bf16 K and V
+    kv = kv_per_slot * rows * batch * (PROMPT_LEN + n_tokens / 2)
+    net = model.image_head.net
+    head = num_bytes(net)
+    adaln = sum(num_bytes(b.adaLN_modulation) for b in net.res_blocks) + num_bytes(net.final_layer.adaLN_modulation)
+    once = adaln + num_bytes(net.cond_embed) + num_bytes(net.time_embed)  # what the engine reads once per token
+    return {
+        "backbone": (weights + kv) / bw,
+        "head": head * steps / bw,
+        "head_engine": (once + (head - once) * steps) / bw,
+        "bytes": weights + kv + head * steps,
+    }
+
+
+def time_engine(engine: Engine, model, batch, rows, settings, opts, n_tokens, window, offsets) -> dict:
+    """Per-token head and backbone seconds over windows of tokens at several positions (CUDA events)."""
+    ids, mask = prompt(model.config, batch, rows)
+    latents = torch.zeros(0, model.config.token_dim, device=DEVICE)
+    t0 = time.perf_counter()
+    st, n_prefix = engine.start(ids, mask, latents, settings, opts, n_tokens=n_tokens)
+    torch.cuda.synchronize()
+    ready = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    engine.start(ids, mask, latents, settings, opts, n_tokens=n_tokens)  # prefill alone, graphs cached
+    torch.cuda.synchronize()
+    prefill = time.perf_counter() - t0
+    scales = guidance_table(settings.family, opts, n_tokens).to(DEVICE)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    head, backbone = [], []
+    with torch.inference_mode():
+        for start in offsets:
+            ev = []
+            for j, k in enumerate(range(start - 4, start + window)):
+                k = max(k, 0)
+                e = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+                e[0].record()
+                st.noise.normal_(generator=gen)
+                st.scales.copy_(scales[k])
+                st.head()
+                e[1].record()
+                st.slot.fill_(n_prefix + k)
+                st.decode_graph(n_prefix + k)()
+                e[2].record()
+                if j >= 4:  # the first 4 of each window warm up
+                    ev.append(e)
+            torch.cuda.synchronize()
+            head += [a.elapsed_time(b) / 1e3 for a, b, _ in ev]
+            backbone += [b.elapsed_time(c) / 1e3 for _, b, c in ev]
+    return {
+        "head": statistics.mean(head),
+        "backbone": statistics.mean(backbone),
+        "prefill": prefill,
+        "ready": ready,
+        "image": prefill + n_tokens * (statistics.mean(head) + statistics.mean(backbone)),
+    }
+
+
+def time_eager(model, rows, settings, opts, tokens: int) -> float:
+    """Seconds per image token of Pipeline.generate_tokens (eager, batch 1) over `tokens` tokens."""
+    pipe = Pipeline.__new__(Pipeline)
+    pipe.model, pipe.vae = model, SimpleNamespace(config=SimpleNamespace(down_factor=8))
+    small = GenerateOptions(**{**opts.__dict__, "size": (16, 16 * tokens)})
+    ids, mask = prompt(model.config, 1, rows)
+    latents = torch.zeros(0, model.config.token_dim, device=DEVICE)
+    pipe.generate_tokens(ids, mask, latents, settings, GenerateOptions(**{**opts.__dict__, "size": (16, 64)}), seed=0)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    pipe.generate_tokens(ids, mask, latents, settings, small, seed=0)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / tokens
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="14b")
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--size", type=int, default=512, help="image side in pixels (512 -> 1024 tokens)")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--cfg", type=float, default=7.5)
+    ap.add_argument("--window", type=int, default=32, help="timed tokens per window (3 windows)")
+    ap.add_argument("--eager-tokens", type=int, default=24, help="tokens timed on the eager path (0: skip)")
+    ap.add_argument("--quantize", default="none")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the layer and head step")
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+
+    bw = hbm_bandwidth()
+    base = {"shape": args.shape, "size": args.size, "steps": args.steps, "cfg": args.cfg, "dtype": "bf16"}
+    emit(
+        "hbm_bandwidth",
+        {"method": "2 GiB device-to-device copy, read+write bytes, median of 20"},
+        bw / 1e12,
+        "TB/s",
+    )
+    model = build_model(args.shape, args.quantize)
+    opts = GenerateOptions(size=(args.size, args.size), steps=args.steps, cfg=args.cfg, sampler="sde")
+    settings = FlowSettings(family=model.config.family, num_steps=args.steps, rule="sde")
+    rows = guidance_rows(opts.cfg, opts.cfg_img)
+    n_tokens = (args.size // 16) ** 2
+    w = args.window
+    offsets = (0, n_tokens // 2 - w // 2, n_tokens - w)
+    per_image = {}
+    for batch in [int(b) for b in args.batches.split(",")]:
+        engine = Engine(model, compile=args.compile)
+        t = time_engine(engine, model, batch, rows, settings, opts, n_tokens, w, offsets)
+        del engine
+        torch.cuda.empty_cache()
+        cfg = {
+            **base,
+            "batch": batch,
+            "rows": rows * batch,
+            "quantize": args.quantize,
+            "compile": args.compile,
+            "window": f"3 windows of {w} tokens at {list(offsets)}, mean x {n_tokens} tokens + prefill",
+        }
+        roof = roofline(model, batch, rows, n_tokens, args.steps, bw)
+        step = t["head"] + t["backbone"]
+        emit("engine_token_latency", cfg, step * 1e3, "ms/token")
+        emit("engine_token_backbone", cfg, t["backbone"] * 1e3, "ms/token")
+        emit("engine_token_head", cfg, t["head"] * 1e3, "ms/token")
+        emit(
+            "engine_ready_first_call",
+            {**cfg, "includes": "state alloc + graph capture + prefill"},
+            t["ready"],
+            "s",
+        )
+        emit("engine_seconds_per_image", cfg, t["image"] / batch, "s/image")
+        emit("engine_images_per_second", cfg, batch / t["image"], "images/s")
+        floor, floor_engine = roof["backbone"] + roof["head"], roof["backbone"] + roof["head_engine"]
+        emit("roofline_token_latency", {**cfg, "bytes": roof["bytes"]}, floor * 1e3, "ms/token")
+        note = "adaLN, cond and time weights read once per token"
+        emit("roofline_token_latency_engine_algorithm", {**cfg, "note": note}, floor_engine * 1e3, "ms/token")
+        emit("ratio_engine_over_roofline", cfg, step / floor, "x")
+        per_image[batch] = t["image"] / batch
+        print(f"# batch {batch}: head {t['head'] * 1e3:.2f} ms backbone {t['backbone'] * 1e3:.2f} ms "
+              f"roofline {floor * 1e3:.2f} ms", flush=True)  # fmt: skip
+    if 1 in per_image and 32 in per_image:
+        emit("ratio_images_per_s_batch32_over_batch1", base, per_image[1] / per_image[32], "x")
+    if args.eager_tokens and 1 in per_image:
+        cfg = {
+            **base,
+            "batch": 1,
+            "path": "eager Pipeline.generate_tokens",
+            "tokens_timed": args.eager_tokens,
+        }
+        eager = time_eager(model, rows, settings, opts, args.eager_tokens)
+        emit("eager_token_latency", cfg, eager * 1e3, "ms/token")
+        emit("eager_seconds_per_image", {**cfg, "extrapolated_to": n_tokens}, eager * n_tokens, "s/image")
+        emit("ratio_eager_over_engine", cfg, eager * n_tokens / per_image[1], "x")
+
+
+if __name__ == "__main__":
+    main()
