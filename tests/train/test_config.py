@@ -1,0 +1,102 @@
+"""Config tree: dotted overrides and their errors, presets, JSON round trip, show/diff/eshow."""
+
+import json
+
+import pytest
+import torch
+
+from nextstep.model.nextstep import NextStep
+from nextstep.train import config as C
+from nextstep.train.config import TrainConfig, apply_overrides, diff, from_dict, load_preset, to_dict
+
+PRESETS = ["debug", "shapes", "nextstep_1b", "nextstep_qwen14b_256px", "nextstep_qwen14b_512px"]
+
+
+def test_overrides_set_nested_typed_values():
+    cfg = apply_overrides(
+        TrainConfig(),
+        [
+            "training.max_steps=1000",
+            "training.save_steps=200",
+            "data.num_workers=2",
+            "optim.lr=3e-4",
+            "optim.warmup_steps=10",
+            "training.resume=true",
+            "model.arch.hidden_size=128",
+            'training.train_modules=["image_head","image_in_projector"]',
+            'optim.module_lr={"image_head": 10}',
+            "logging.run_name=my run",
+            'data.datasets=[{"shards": "a-{0..3}.tar", "weight": 2}]',
+        ],
+    )
+    assert (cfg.training.max_steps, cfg.training.save_steps, cfg.data.num_workers) == (1000, 200, 2)
+    assert cfg.optim.lr == 3e-4 and cfg.training.resume is True and cfg.model.arch.hidden_size == 128
+    assert cfg.training.train_modules == ["image_head", "image_in_projector"]
+    assert cfg.optim.module_lr == {"image_head": 10.0} and cfg.logging.run_name == "my run"
+    assert cfg.data.datasets[0].weight == 2 and cfg.data.datasets[0].shards == "a-{0..3}.tar"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("training.max_step=5", "unknown config key 'training.max_step'"),
+        ("trainin.max_steps=5", "unknown config key 'trainin'"),
+        ("model.arch.hidden=5", "unknown config key 'model.arch.hidden'"),
+        ("training.max_steps=ten", "training.max_steps: expected an integer, got 'ten'"),
+        ("training.max_steps=1.5", "training.max_steps: expected an integer"),
+        ("training.resume=yes", "training.resume: expected true/false"),
+        ("optim.lr=fast", "optim.lr: expected a number"),
+        ("training.train_modules=image_head", "training.train_modules: expected a JSON list"),
+        ("training.max_steps", "not of the form key=value"),
+        ("training.max_steps=0", "training.max_steps must be >= 1, got 0"),
+        ("optim.schedule=linear", "optim.schedule must be cosine or constant, got 'linear'"),
+        ("parallel.param_dtype=fp8", "parallel.param_dtype must be one of"),
+        ("model.init=pretrained", "model.init='pretrained' needs model.path"),
+    ],
+)
+def test_override_errors_name_the_key(override, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        apply_overrides(TrainConfig(), [override])
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_load_and_round_trip_json(name):
+    cfg = load_preset(name)
+    assert load_preset(f"configs.{name}") is cfg
+    assert load_preset(f"configs/{name}.py").training.max_steps == cfg.training.max_steps
+    again = from_dict(TrainConfig, json.loads(json.dumps(to_dict(cfg))))
+    assert to_dict(again) == to_dict(cfg)
+    assert diff(cfg, again) == []
+
+
+def _params(cfg: TrainConfig) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in NextStep(cfg.model.arch).parameters())
+
+
+def test_preset_sizes():
+    assert _params(load_preset("shapes")) <= 15e6
+    assert 0.9e9 <= _params(load_preset("nextstep_1b")) - 2 * 152064 * 2048 <= 1.2e9  # non-embedding ~1B
+    arch = load_preset("nextstep_qwen14b_512px").model.arch
+    shape = (arch.hidden_size, arch.num_hidden_layers, arch.num_attention_heads, arch.num_key_value_heads)
+    assert shape == (5120, 48, 40, 8)
+    assert (arch.head_dim, arch.intermediate_size, arch.rms_norm_eps, arch.vocab_size) == (128, 13824, 1e-5, 152064)
+    assert (arch.fm_head_dim, arch.fm_head_layers) == (1536, 12)
+
+
+def test_unknown_preset_is_a_clear_error():
+    with pytest.raises(ValueError, match="no config preset 'nope'"):
+        load_preset("nope")
+
+
+def test_show_diff_and_eshow(capsys):
+    assert C.main(["show", "debug", "training.max_steps=7"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["training"]["max_steps"] == 7
+    assert C.main(["show", "debug", "training.bogus=1"]) == 2
+    assert "unknown config key 'training.bogus'" in capsys.readouterr().err
+    assert C.eshow_main(["configs/nextstep_qwen14b_256px.py", "configs/nextstep_qwen14b_512px.py"]) == 0
+    out = capsys.readouterr().out
+    assert "data.image_size: 256 -> 512" in out and 'model.init: "lm" -> "pretrained"' in out
+    assert C.eshow_main(["configs/debug.py"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"]["arch"]["hidden_size"] == 64
