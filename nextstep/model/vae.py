@@ -95,9 +95,7 @@ class ResnetBlock(nn.Module):
         self.norm2 = group_norm(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         # Identity holds no parameters, so the checkpoint has nin_shortcut only where channels change.
-        self.nin_shortcut = (
-            nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
-        )
+        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -198,8 +196,7 @@ class Decoder(nn.Module):
             level = nn.Module()
             block_out = cfg.ch * cfg.ch_mult[i]
             level.block = nn.ModuleList(
-                ResnetBlock(block_in if j == 0 else block_out, block_out)
-                for j in range(cfg.num_res_blocks + 1)
+                ResnetBlock(block_in if j == 0 else block_out, block_out) for j in range(cfg.num_res_blocks + 1)
             )
             block_in = block_out
             level.upsample = Upsample(block_out) if i != 0 else nn.Identity()

@@ -93,9 +93,7 @@ def load_case(ref_dir: Path) -> VAECase:
             extra=d,
             png=ref_dir / "reference" / "vae_input.png",
         )
-    pytest.skip(
-        f"{ref_dir} holds no VAE reference (reference/d_vae.safetensors or reference/vae.safetensors)"
-    )
+    pytest.skip(f"{ref_dir} holds no VAE reference (reference/d_vae.safetensors or reference/vae.safetensors)")
 
 
 @pytest.fixture(params=reference_dirs(), ids=lambda p: p.name)
