@@ -154,6 +154,28 @@ def time_eager(model, rows, settings, opts, tokens: int) -> float:
     return (time.perf_counter() - t0) / tokens
 
 
+def profile_kernels(model, rows, settings, opts, n_tokens: int) -> tuple[float, float, str]:
+    """Summed kernel time (s) of one head loop and one backbone step, run without graphs (batch 1):
+    graph time minus this is launch gaps and tiny-kernel overhead."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = Engine(model, graphs=False)
+    ids, mask = prompt(model.config, 1, rows)
+    st, n_prefix = engine.start(ids, mask, torch.zeros(0, 64, device=DEVICE), settings, opts, n_tokens=n_tokens)
+    sums, table = [], ""
+    with torch.inference_mode():
+        for fn in (st.head, st.decode_graph(n_prefix)):
+            fn()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                fn()
+                torch.cuda.synchronize()
+            events = prof.key_averages()
+            sums.append(sum(e.self_device_time_total for e in events) / 1e6)
+            table += events.table(sort_by="self_cuda_time_total", row_limit=12) + "\n"
+    return sums[0], sums[1], table
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", choices=sorted(SHAPES), default="14b")
@@ -165,6 +187,7 @@ def main() -> None:
     ap.add_argument("--eager-tokens", type=int, default=24, help="tokens timed on the eager path (0: skip)")
     ap.add_argument("--quantize", default="none")
     ap.add_argument("--compile", action="store_true", help="torch.compile the layer and head step")
+    ap.add_argument("--profile", action="store_true", help="kernel-time split of one token, no graphs")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -184,6 +207,12 @@ def main() -> None:
     w = args.window
     offsets = (0, n_tokens // 2 - w // 2, n_tokens - w)
     per_image = {}
+    if args.profile:
+        head, backbone, table = profile_kernels(model, rows, settings, opts, n_tokens)
+        print(table, flush=True)
+        cfg = {**base, "batch": 1, "note": "sum of kernel times, one token, eager launches (no graph)"}
+        emit("kernel_time_head", cfg, head * 1e3, "ms/token")
+        emit("kernel_time_backbone", cfg, backbone * 1e3, "ms/token")
     for batch in [int(b) for b in args.batches.split(",")]:
         engine = Engine(model, compile=args.compile)
         t = time_engine(engine, model, batch, rows, settings, opts, n_tokens, w, offsets)

@@ -101,26 +101,66 @@ def head_velocity(net: AdaLNMLP, x: torch.Tensor, mods: list[tuple], i: int, row
 
 
 # ---- one backbone step with the static cache ---------------------------------------------------
-def decode_layer(layer, cache: KVCache, x, cos, sin, mask, slot, kv_len: int) -> torch.Tensor:
+def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
+    """backbone.RMSNorm's exact arithmetic (fp32 norm, cast, then weight) in 4 kernels instead of 8."""
+    return F.rms_norm(x.float(), x.shape[-1:], eps=norm.eps).to(x.dtype) * norm.weight
+
+
+def decode_layer(layer, cache: KVCache, x, cos, sin, mask, slot, kv_len: int, fused=None) -> torch.Tensor:
     """One decoder layer for one new position per row, x (R, 1, d).
 
     GQA without repeat_interleave: the `rep` query heads of one KV head become `rep` queries against
     it, so K and V are read once, and only the first kv_len slots (a static bucket) are read.
+    fused: (w_qkv, b_qkv, w_gate_up) from fuse_projections, or None to call the layer's linears.
     """
-    attn, r = layer.self_attn, x.shape[0]
-    hkv, hd = attn.num_kv_heads, attn.head_dim
-    h = layer.input_layernorm(x)
-    q = attn.q_proj(h).view(r, -1, 1, hd)  # (R, H, 1, D)
-    k = attn.k_proj(h).view(r, hkv, 1, hd)  # (R, Hkv, 1, D)
-    v = attn.v_proj(h).view(r, hkv, 1, hd)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    attn, mlp, r = layer.self_attn, layer.mlp, x.shape[0]
+    h, hkv, hd = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    y = rms_norm(layer.input_layernorm, x)
+    if fused is None:
+        qkv = torch.cat([attn.q_proj(y), attn.k_proj(y), attn.v_proj(y)], dim=-1)
+    else:
+        qkv = F.linear(y, fused[0], fused[1])
+    qkv = qkv.view(r, h + 2 * hkv, 1, hd)  # (R, H + 2 Hkv, 1, D): [q heads, k heads, v heads]
+    qk = apply_rope(qkv[:, : h + hkv], cos, sin)  # rotate q and k in one pass
+    q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + hkv :]
     cache.update(slot, k, v)
-    q = q.view(r, hkv, -1, hd)  # (R, Hkv, rep, D)
+    q = q.reshape(r, hkv, -1, hd)  # (R, Hkv, rep, D)
     scores = (q @ cache.k[:, :, :kv_len].transpose(-1, -2)).float() * hd**-0.5  # (R, Hkv, rep, L)
     probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(x.dtype)
     out = probs @ cache.v[:, :, :kv_len]  # (R, Hkv, rep, D)
     x = x + attn.o_proj(out.reshape(r, 1, -1))
-    return x + layer.mlp(layer.post_attention_layernorm(x))
+    y = rms_norm(layer.post_attention_layernorm, x)
+    if fused is None:
+        return x + mlp(y)
+    gate, up = F.linear(y, fused[2]).chunk(2, dim=-1)
+    return x + mlp.down_proj(F.silu(gate) * up)
+
+
+def fuse_projections(model: NextStep) -> list[tuple] | None:
+    """Concatenate each layer's q/k/v and gate/up weights into one matrix and re-point the original
+    parameters at views of it (values unchanged, no extra memory): one GEMM instead of three (two).
+    None when the layers hold other modules (quantised) or biases the fused form does not carry."""
+    out = []
+    for layer in model.layers:
+        a, m = layer.self_attn, layer.mlp
+        if any(type(lin) is not nn.Linear for lin in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj)):
+            return None
+        if m.gate_proj.bias is not None or (a.q_proj.bias is None) != (a.v_proj.bias is None):
+            return None
+        w_qkv = _concat([a.q_proj, a.k_proj, a.v_proj], "weight")
+        b_qkv = _concat([a.q_proj, a.k_proj, a.v_proj], "bias") if a.q_proj.bias is not None else None
+        out.append((w_qkv, b_qkv, _concat([m.gate_proj, m.up_proj], "weight")))
+    return out
+
+
+def _concat(modules: list[nn.Module], name: str) -> torch.Tensor:
+    parts = [getattr(mod, name) for mod in modules]
+    whole = torch.cat([p.detach() for p in parts])
+    offset = 0
+    for mod, p in zip(modules, parts, strict=True):
+        setattr(mod, name, nn.Parameter(whole[offset : offset + p.shape[0]], requires_grad=p.requires_grad))
+        offset += p.shape[0]
+    return whole
 
 
 def decode_step(
@@ -131,6 +171,7 @@ def decode_step(
     key_valid: torch.Tensor,
     kv_len: int,
     layer_fn=decode_layer,
+    fused: list[tuple] | None = None,
 ) -> torch.Tensor:
     """Embeddings x (R, d) at cache slot `slot` (1,) -> final hidden (R, d), attending to kv_len slots."""
     cfg = model.config
@@ -138,9 +179,9 @@ def decode_step(
     k_pos = torch.arange(kv_len, device=x.device)
     mask = (key_valid[:, :kv_len] & (k_pos <= slot))[:, None, None]  # (R, 1, 1, kv_len)
     x = x[:, None]  # (R, 1, d)
-    for layer, cache in zip(model.layers, caches, strict=True):
-        x = layer_fn(layer, cache, x, cos, sin, mask, slot, kv_len)
-    return model.norm(x)[:, 0]
+    for i, (layer, cache) in enumerate(zip(model.layers, caches, strict=True)):
+        x = layer_fn(layer, cache, x, cos, sin, mask, slot, kv_len, None if fused is None else fused[i])
+    return rms_norm(model.norm, x)[:, 0]
 
 
 # ---- weight-only quantisation, applied from outside the model ----------------------------------
@@ -237,6 +278,7 @@ class _State:
         with torch.inference_mode():
             self.t_embed = model.image_head.net.time_embed(plan.t.to(dev, dtype))  # (S, W), every token
         self.coef_eps = torch.tensor([c for _, _, c in plan.coef[: plan.num_eps]], device=dev)[:, None, None]
+        self.fused = engine.fused
         self.velocity = torch.compile(head_velocity, dynamic=False) if engine.compile else head_velocity
         self.layer_fn = torch.compile(decode_layer, dynamic=False) if engine.compile else decode_layer
         capture, pool = engine.graphs, (torch.cuda.graph_pool_handle() if engine.graphs else None)
@@ -245,8 +287,7 @@ class _State:
         self.head = _Graph(self._head, capture=capture, pool=pool)
         n, block = key.max_len, engine.kv_block
         self.decode = {
-            kv: _Graph(partial(self._decode, kv), capture=capture, pool=pool)
-            for kv in range(block, n + 1, block)
+            kv: _Graph(partial(self._decode, kv), capture=capture, pool=pool) for kv in range(block, n + 1, block)
         }
 
     @torch.inference_mode()
@@ -270,7 +311,7 @@ class _State:
         """Feed self.token back at self.slot -> self.cond for the next token."""
         model = self.model
         x = model.image_in_projector(self.token.to(self.cond.dtype)).repeat(self.key.rows, 1)  # (R, d)
-        hidden = decode_step(model, self.caches, x, self.slot, self.key_valid, kv_len, self.layer_fn)
+        hidden = decode_step(model, self.caches, x, self.slot, self.key_valid, kv_len, self.layer_fn, self.fused)
         self.cond.copy_(model.head_condition(hidden))
 
     def decode_graph(self, slot: int) -> _Graph:
@@ -281,17 +322,23 @@ class _State:
 class Engine:
     """Holds one model's captured states; `generate` has Pipeline.generate_tokens' semantics."""
 
-    def __init__(
-        self, model: NextStep, *, graphs: bool | None = None, compile: bool = False, kv_block: int = 256
-    ):
+    def __init__(self, model: NextStep, *, graphs: bool | None = None, compile: bool = False, kv_block: int = 256):
         dev = model.embed_tokens.weight.device
         self.model = model
         self.graphs = dev.type == "cuda" if graphs is None else graphs  # capture CUDA graphs
         self.compile = compile  # torch.compile the head loop and decode step before capture
         self.kv_block = kv_block  # cache length granularity: one decode graph per kv_block slots
         self._state: _State | None = None  # one at a time: a batch-32 cache is ~14 GB at 14B
+        self.fused = fuse_projections(model)
+
+    def _fused_live(self) -> bool:
+        """The fused matrices still back the model's parameters (no .to() or swap since fusing)."""
+        q = self.model.layers[0].self_attn.q_proj.weight
+        return q.untyped_storage().data_ptr() == self.fused[0][0].untyped_storage().data_ptr()
 
     def state(self, key: _Key) -> _State:
+        if self.fused is not None and not self._fused_live():
+            self.fused, self._state = fuse_projections(self.model), None  # weights were replaced (.to, reload)
         if self._state is None or self._state.key != key:
             self._state = None
             if self.graphs:

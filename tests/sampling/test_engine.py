@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from nextstep.sampling.engine import (
 from nextstep.sampling.flow import FlowSettings, sample_token
 from nextstep.sampling.pipeline import GenerateOptions, Pipeline
 
-REFERENCE = Path(__file__).resolve().parents[2].parent / "shared/reference"
+REFERENCE = Path(os.environ.get("NEXTSTEP_REFERENCE", Path(__file__).resolve().parents[2].parent / "shared/reference"))
 FAMILIES = {"nextstep11": "nextstep11-tiny", "nextstep1": "nextstep-tiny"}
 _PIPES: dict[tuple[str, str], Pipeline] = {}
 
