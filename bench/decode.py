@@ -172,7 +172,7 @@ def profile_kernels(model, rows, settings, opts, n_tokens: int) -> tuple[float, 
                 torch.cuda.synchronize()
             events = prof.key_averages()
             sums.append(sum(e.self_device_time_total for e in events) / 1e6)
-            table += events.table(sort_by="self_cuda_time_total", row_limit=12) + "\n"
+            table += events.table(sort_by="self_device_time_total", row_limit=12) + "\n"
     return sums[0], sums[1], table
 
 
@@ -207,12 +207,7 @@ def main() -> None:
     w = args.window
     offsets = (0, n_tokens // 2 - w // 2, n_tokens - w)
     per_image = {}
-    if args.profile:
-        head, backbone, table = profile_kernels(model, rows, settings, opts, n_tokens)
-        print(table, flush=True)
-        cfg = {**base, "batch": 1, "note": "sum of kernel times, one token, eager launches (no graph)"}
-        emit("kernel_time_head", cfg, head * 1e3, "ms/token")
-        emit("kernel_time_backbone", cfg, backbone * 1e3, "ms/token")
+
     for batch in [int(b) for b in args.batches.split(",")]:
         engine = Engine(model, compile=args.compile)
         t = time_engine(engine, model, batch, rows, settings, opts, n_tokens, w, offsets)
@@ -260,6 +255,12 @@ def main() -> None:
         emit("eager_token_latency", cfg, eager * 1e3, "ms/token")
         emit("eager_seconds_per_image", {**cfg, "extrapolated_to": n_tokens}, eager * n_tokens, "s/image")
         emit("ratio_eager_over_engine", cfg, eager * n_tokens / per_image[1], "x")
+    if args.profile:
+        head, backbone, table = profile_kernels(model, rows, settings, opts, n_tokens)
+        print(table, flush=True)
+        cfg = {**base, "batch": 1, "note": "sum of kernel times, one token, eager launches (no graph)"}
+        emit("kernel_time_head", cfg, head * 1e3, "ms/token")
+        emit("kernel_time_backbone", cfg, backbone * 1e3, "ms/token")
 
 
 if __name__ == "__main__":
