@@ -15,7 +15,20 @@ import tempfile
 from pathlib import Path
 
 # Subcommands implemented in their own modules, each a `main(argv) -> int`.
-FORWARDED = {}
+FORWARDED = {
+    ("train",): "nextstep.train.loop:main",
+    ("launch",): "nextstep.train.launch:main",
+    ("export",): "nextstep.train.export:main",
+    ("config",): "nextstep.train.config:main",
+    ("data", "synth-shapes"): "nextstep.data.synthetic:main",
+    ("data", "build-wds"): "nextstep.data.tools:main_build_wds",
+    ("data", "meta"): "nextstep.data.tools:main_gen_meta",
+    ("data", "warmup"): "nextstep.data.tools:main_warmup",
+    ("data", "preview"): "nextstep.serve.preview:main_preview",
+    ("data", "train-tokenizer"): "nextstep.train.tokenizer:main",
+    ("vae", "train"): "nextstep.train.vae:main",
+    ("eval", "shapes"): "nextstep.eval.generate:main_shapes",
+}
 
 
 def _size(text: str) -> tuple[int, int]:
