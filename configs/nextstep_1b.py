@@ -47,9 +47,7 @@ config = TrainConfig(
         batch_size=16,
         num_workers=4,
     ),
-    training=TrainingConfig(
-        output_dir="runs/nextstep_1b", max_steps=100_000, save_steps=2000, max_seq_len=1024
-    ),
+    training=TrainingConfig(output_dir="runs/nextstep_1b", max_steps=100_000, save_steps=2000, max_seq_len=1024),
     optim=OptimConfig(lr=3e-4, warmup_steps=2000, weight_decay=0.1),
     parallel=ParallelConfig(compile=True),
     logging=LoggingConfig(log_steps=20, sample_steps=2000),

@@ -110,9 +110,7 @@ def save(
     return final
 
 
-def load(
-    path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer
-) -> tuple[int, dict[str, Any]]:
+def load(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, dict[str, Any]]:
     """Restore model and optimizer in place; returns (step, this rank's trainer state)."""
     path = Path(path)
     meta = json.loads((path / META_NAME).read_text())

@@ -135,9 +135,7 @@ class LoraConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )  # backbone linear names that get adapters
     # Modules trained fully next to the adapters (the image path is new to a text LM).
-    full_modules: list[str] = field(
-        default_factory=lambda: ["image_in_projector", "image_out_projector", "image_head"]
-    )
+    full_modules: list[str] = field(default_factory=lambda: ["image_in_projector", "image_out_projector", "image_head"])
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -162,8 +160,7 @@ class LoggingConfig:
     def __post_init__(self) -> None:
         if self.log_steps < 1 or self.sample_steps < 0:
             raise ValueError(
-                f"logging.log_steps must be >= 1 and sample_steps >= 0, got {self.log_steps}, "
-                f"{self.sample_steps}"
+                f"logging.log_steps must be >= 1 and sample_steps >= 0, got {self.log_steps}, {self.sample_steps}"
             )
 
 
@@ -317,14 +314,8 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
         for i, part in enumerate(parts):
             path = ".".join(parts[: i + 1])
             if not (dataclasses.is_dataclass(cls) and part in {f.name for f in dataclasses.fields(cls)}):
-                known = (
-                    ", ".join(f.name for f in dataclasses.fields(cls))
-                    if dataclasses.is_dataclass(cls)
-                    else ""
-                )
-                raise ValueError(
-                    f"unknown config key {path!r}" + (f" (known here: {known})" if known else "")
-                )
+                known = ", ".join(f.name for f in dataclasses.fields(cls)) if dataclasses.is_dataclass(cls) else ""
+                raise ValueError(f"unknown config key {path!r}" + (f" (known here: {known})" if known else ""))
             tp = typing.get_type_hints(cls)[part]
             if i == len(parts) - 1:
                 value = _check_type(path, _parse_value(text), tp)

@@ -32,9 +32,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         latest = ckpt.latest_checkpoint(root)
         if latest is not None:
             return latest
-    raise FileNotFoundError(
-        f"no training checkpoint at {path} (expected step-XXXXXXXX/ with {ckpt.META_NAME})"
-    )
+    raise FileNotFoundError(f"no training checkpoint at {path} (expected step-XXXXXXXX/ with {ckpt.META_NAME})")
 
 
 def export(path: str | Path, out: str | Path, *, dtype: str = "float32") -> Path:

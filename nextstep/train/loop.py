@@ -30,7 +30,7 @@ from nextstep.model.tokenizer import BOI, EOI, IMAGE_PLACEHOLDER, PAD, TextToken
 from nextstep.model.vae import AutoEncoder, load_vae
 from nextstep.train import checkpoint as ckpt
 from nextstep.train.config import TrainConfig, dumps, resolve, to_dict
-from nextstep.train.lora import apply_lora
+from nextstep.train.lora import apply_lora, merge_lora
 from nextstep.train.metrics import MetricsWriter, peak_flops, train_flops
 from nextstep.train.parallel import DTYPE, init_single_process_group, parallelize, uses_fsdp
 from nextstep.train.tokenize import SequenceBuilder, TrainBatch, collate, special_ids
@@ -88,7 +88,8 @@ def load_lm_backbone(model: NextStep, path: str | Path) -> None:
             if name not in state:
                 raise ValueError(f"LM checkpoint {path} is missing parameter {name!r}")
             src, dst = state[name], own[name]
-            if name in ("embed_tokens.weight", "lm_head.weight") and src.shape[0] <= dst.shape[0]:
+            vocab_rows = name in ("embed_tokens.weight", "lm_head.weight") and src.shape[1:] == dst.shape[1:]
+            if vocab_rows and src.shape[0] <= dst.shape[0]:
                 dst[: src.shape[0]].copy_(src)
             elif src.shape != dst.shape:
                 raise ValueError(
@@ -212,7 +213,7 @@ class BatchStream:
     Sample lists; `state_dict` is the loader position after the last batch taken."""
 
     def __init__(self, cfg: TrainConfig, builder: SequenceBuilder, rank: int, world: int, data=None):
-        self.builder, self.rank = builder, rank
+        self.builder = builder
         self.loader = None
         if data is None:
             from nextstep.data.wds import build_dataloader
@@ -236,8 +237,6 @@ class BatchStream:
             raise RuntimeError("the data source yielded no batches")
         if items and isinstance(items[0], Sample):
             items = [self.builder(s) for s in items]
-        for i, item in enumerate(items):
-            item.index = self.rank * len(items) + i
         return items
 
     def state_dict(self) -> dict | None:
@@ -348,17 +347,20 @@ def train(cfg: TrainConfig, *, data: Iterable | None = None) -> list[dict[str, f
     while step < t_cfg.max_steps:
         sums = [0.0, 0.0, 0.0]
         for micro in range(t_cfg.grad_accum_steps):
+            # Samples are numbered across micro-batches and ranks, so the flow noise of a global batch
+            # is the same however it is split.
+            items = stream.next()
+            for i, item in enumerate(items):
+                item.index = (micro * world + rank) * len(items) + i
             batch = collate(
-                stream.next(),
+                items,
                 ids=ids,
                 max_len=t_cfg.max_seq_len,
                 pack=t_cfg.pack,
                 pad_to_multiple=t_cfg.pad_to_multiple,
             ).to(device)
             targets = image_targets(batch, vae, patch).to(device)
-            noise, t = flow_noise(
-                batch, arch.token_dim, arch.fm_head_batch_mul, key=(t_cfg.seed, step, micro), device=device
-            )
+            noise, t = flow_noise(batch, arch.token_dim, arch.fm_head_batch_mul, key=(t_cfg.seed, step), device=device)
             last_micro = micro == t_cfg.grad_accum_steps - 1
             if uses_fsdp(cfg.parallel):
                 model.set_requires_gradient_sync(last_micro)
@@ -412,7 +414,7 @@ def train(cfg: TrainConfig, *, data: Iterable | None = None) -> list[dict[str, f
             bar.set_postfix(loss=f"{loss:.4f}", lm=f"{lm_loss:.3f}", im=f"{im_loss:.4f}")
             window_start, window_tokens, window_flops = time.perf_counter(), 0, 0.0
         if cfg.logging.sample_steps and step % cfg.logging.sample_steps == 0:
-            write_samples(cfg, model, vae, tokenizer, writer, step, world)
+            write_samples(cfg, model, vae, tokenizer, writer, step, device)
         if (t_cfg.save_steps and step % t_cfg.save_steps == 0) or step == t_cfg.max_steps:
             trainer_state = {
                 "scheduler": scheduler.state_dict(),
@@ -437,24 +439,46 @@ def train(cfg: TrainConfig, *, data: Iterable | None = None) -> list[dict[str, f
     return history
 
 
-def write_samples(cfg: TrainConfig, model, vae, tokenizer, writer: MetricsWriter, step: int, world: int) -> None:
-    """Sample images with the inference pipeline (one process only: FSDP shards are not gathered here)."""
-    if uses_fsdp(cfg.parallel) or vae is None:
-        log.warning("sample images skipped: they need an unsharded fp32 model and a VAE")
+def sampling_copy(model: nn.Module, cfg: TrainConfig, dtype: torch.dtype, device: torch.device) -> NextStep | None:
+    """A plain, unsharded, adapter-merged copy of the model for the inference pipeline. Collective under
+    FSDP (every rank gathers); rank 0 gets the copy (it costs one more model in `dtype`), others None."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    with torch.device("meta"):
+        copy = NextStep(cfg.model.arch)
+    if cfg.lora.enabled:
+        apply_lora(copy, cfg.lora)
+    copy.to_empty(device=device)
+    copy.load_state_dict(state, strict=True)
+    if cfg.lora.enabled:
+        merge_lora(copy)
+    return copy.to(dtype).eval()
+
+
+def write_samples(cfg: TrainConfig, model, vae, tokenizer, writer: MetricsWriter, step: int, device) -> None:
+    """Sample images of `logging.sample_prompts` with the inference pipeline; rank 0 saves them."""
+    if vae is None:
+        log.warning("sample images skipped: model.precomputed_latents=true loads no VAE to decode them")
         return
     from nextstep.sampling.pipeline import Pipeline
 
     lg = cfg.logging
-    model.eval()
-    images = Pipeline(model, vae, tokenizer).generate(
-        lg.sample_prompts,
-        size=(lg.sample_size, lg.sample_size),
-        steps=lg.sample_head_steps,
-        cfg=lg.sample_cfg,
-        seed=0,
-    )
-    model.train()
-    writer.log_images(step, images, lg.sample_prompts)
+    copy = sampling_copy(model, cfg, next(vae.parameters()).dtype, device)
+    if copy is not None:
+        images = Pipeline(copy, vae, tokenizer).generate(
+            lg.sample_prompts,
+            size=(lg.sample_size, lg.sample_size),
+            steps=lg.sample_head_steps,
+            cfg=lg.sample_cfg,
+            seed=0,
+        )
+        writer.log_images(step, images, lg.sample_prompts)
+        del copy
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def main(argv: list[str] | None = None, *, base: TrainConfig | None = None) -> int:

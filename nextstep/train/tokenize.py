@@ -162,9 +162,7 @@ def collate(
     # Text targets: labelled next tokens that are not image tokens (what lm_head is trained on).
     nxt = input_ids[:, 1:]
     text_targets = int(((labels[:, 1:] != IGNORE) & (nxt != ids.placeholder)).sum())
-    return TrainBatch(
-        input_ids, labels, position_ids, mask, images, image_sample, image_tokens, text_targets, seq_lens
-    )
+    return TrainBatch(input_ids, labels, position_ids, mask, images, image_sample, image_tokens, text_targets, seq_lens)
 
 
 def _image_token_counts(item: Tokenized, placeholder: int) -> list[int]:

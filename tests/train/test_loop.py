@@ -58,9 +58,7 @@ def latent_batches(n_batches: int, batch: int, *, rank: int = 0, world: int = 1,
     g = torch.Generator().manual_seed(seed)
     out = []
     for b in range(n_batches):
-        samples = [
-            Sample(f"s{b}x{i}", CAPTIONS[i % 4], [torch.randn(16, 8, 8, generator=g)]) for i in range(batch)
-        ]
+        samples = [Sample(f"s{b}x{i}", CAPTIONS[i % 4], [torch.randn(16, 8, 8, generator=g)]) for i in range(batch)]
         per = batch // world
         out.append(samples[rank * per : (rank + 1) * per])
     return out
@@ -174,9 +172,7 @@ def test_lora_trains_adapters_and_exports_merged(tmp_path):
     loop.train(base, data=latent_batches(1, 2))
     first = export(tmp_path / "base", tmp_path / "base_export")
     cfg = tiny_cfg(tmp_path / "lora", max_steps=3, save_steps=0)
-    cfg = apply_overrides(
-        cfg, ["model.init=pretrained", f"model.path={first}", "lora.enabled=true", "lora.rank=4"]
-    )
+    cfg = apply_overrides(cfg, ["model.init=pretrained", f"model.path={first}", "lora.enabled=true", "lora.rank=4"])
     cfg.model.vae_dir = ""
     loop.train(cfg, data=latent_batches(3, 2))
     merged = from_pretrained(export(tmp_path / "lora", tmp_path / "lora_export"))
@@ -185,3 +181,28 @@ def test_lora_trains_adapters_and_exports_merged(tmp_path):
     assert names == set(before.state_dict())  # plain official names, no lora_ / base_layer
     q = "layers.0.self_attn.q_proj.weight"
     assert not torch.equal(merged.state_dict()[q], before.state_dict()[q])  # adapters were merged in
+
+
+def test_bf16_single_process_fsdp_with_samples_and_tensorboard(shard_run, tmp_path):
+    pytest.importorskip("tensorboard")
+    cfg = apply_overrides(
+        shard_run,
+        [
+            "parallel.param_dtype=bfloat16",  # one-rank FSDP2 mixed precision
+            "training.max_steps=2",
+            "logging.sample_steps=2",
+            "logging.sample_size=32",
+            "logging.sample_head_steps=2",
+            "logging.tensorboard=true",
+            '["a red cat"]'.join(["logging.sample_prompts=", ""]),
+        ],
+    )
+    try:
+        history = loop.train(cfg)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    assert all(np.isfinite(h["loss"]) for h in history)
+    images = list((tmp_path / "run/samples").glob("step00000002_*.png"))
+    assert len(images) == 1 and Image.open(images[0]).size == (32, 32)
+    assert list((tmp_path / "run/tb").glob("events.*"))
