@@ -9,10 +9,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import torch
 import torch.nn.functional as F
@@ -276,28 +276,24 @@ class AutoEncoder(nn.Module):
         return self.decode_raw(self.denormalize_latents(latents))
 
 
+def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write to a temp file beside `path`, then os.replace: readers never see a partial file.
+
+    The temp file is made with open(), not mkstemp, so the result gets the umask's permissions, not 0600.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temp file in the same folder, then os.replace: readers never see a partial file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """torch.save that replaces `path` atomically."""
+    _atomic_write(Path(path), lambda f: torch.save(obj, f))
 
 
 def save_vae(model: AutoEncoder, directory: str | os.PathLike) -> None:
@@ -306,7 +302,8 @@ def save_vae(model: AutoEncoder, directory: str | os.PathLike) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     atomic_torch_save(state, directory / WEIGHTS_NAME)
-    _atomic_write_text(json.dumps(model.config.to_dict(), indent=2) + "\n", directory / CONFIG_NAME)
+    text = json.dumps(model.config.to_dict(), indent=2) + "\n"
+    _atomic_write(directory / CONFIG_NAME, lambda f: f.write(text.encode()))
 
 
 def load_vae(

@@ -181,6 +181,8 @@ def test_save_load_roundtrip_bit_exact(tmp_path: Path) -> None:
     vae = AutoEncoder(tiny_config(scaling_factor=0.7, shift_factor=-0.2)).eval()
     save_vae(vae, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "config.json"]
+    (tmp_path / "plain").touch()  # atomic writes keep the permissions a plain open() gives (not mkstemp's 0600)
+    assert (tmp_path / "checkpoint.pt").stat().st_mode == (tmp_path / "plain").stat().st_mode
     loaded = load_vae(tmp_path)
     assert loaded.config == vae.config
     for (k, a), (k2, b) in zip(vae.state_dict().items(), loaded.state_dict().items(), strict=True):
