@@ -206,3 +206,28 @@ def test_bf16_single_process_fsdp_with_samples_and_tensorboard(shard_run, tmp_pa
     images = list((tmp_path / "run/samples").glob("step00000002_*.png"))
     assert len(images) == 1 and Image.open(images[0]).size == (32, 32)
     assert list((tmp_path / "run/tb").glob("events.*"))
+
+
+def test_torchrun_cli_runs_a_preset_and_rejects_bad_overrides(shard_run, tmp_path):
+    import subprocess
+    import sys
+
+    data = json.dumps([{"shards": shard_run.data.datasets[0].shards}])
+    overrides = [
+        f"data.datasets={data}",
+        "data.image_size=32",
+        "training.max_steps=2",
+        "training.save_steps=1",
+        f"training.output_dir={tmp_path / 'cli'}",
+        "logging.progress=false",
+    ]
+    root = Path(__file__).parents[2]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "configs.debug"]
+    done = subprocess.run(cmd + overrides, cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resolved config" in done.stderr
+    assert sorted(p.name for p in (tmp_path / "cli/checkpoints").iterdir()) == ["step-00000001", "step-00000002"]
+    saved = json.loads((tmp_path / "cli/checkpoints/step-00000002/config.json").read_text())
+    assert saved["training"]["max_steps"] == 2 and saved["data"]["image_size"] == 32
+    assert loop.main(["-m", "configs.debug", "training.max_stepz=2"]) == 2
