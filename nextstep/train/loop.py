@@ -254,6 +254,14 @@ class BatchStream:
 # ---- the loop ------------------------------------------------------------------------------------
 
 
+def _all_mean_rows(t: torch.Tensor) -> list[list[float]]:
+    """Mean over ranks of a (steps, k) tensor, as Python lists."""
+    if dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.tolist()
+
+
 def _all_mean(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized():
@@ -343,9 +351,10 @@ def train(cfg: TrainConfig, *, data: Iterable | None = None) -> list[dict[str, f
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     window_start, window_tokens, window_flops = time.perf_counter(), 0, 0.0
+    pending: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, [loss, lm, im, grad norm]) not yet read
     model.train()
     while step < t_cfg.max_steps:
-        sums = [0.0, 0.0, 0.0]
+        values = torch.zeros(4, device=device)
         for micro in range(t_cfg.grad_accum_steps):
             # Samples are numbered across micro-batches and ranks, so the flow noise of a global batch
             # is the same however it is split.
@@ -374,8 +383,8 @@ def train(cfg: TrainConfig, *, data: Iterable | None = None) -> list[dict[str, f
                 fm_t=t,
             )
             (out.loss / t_cfg.grad_accum_steps).backward()
-            for i, v in enumerate((out.loss, out.lm_loss, out.im_loss)):
-                sums[i] += v.detach().float().item() / t_cfg.grad_accum_steps
+            parts = torch.stack([out.loss.detach(), out.lm_loss.detach(), out.im_loss.detach()]).float()
+            values[:3] += parts / t_cfg.grad_accum_steps
             window_tokens += sum(batch.seq_lens)
             window_flops += train_flops(
                 arch,
@@ -384,22 +393,34 @@ def train(cfg: TrainConfig, *, data: Iterable | None = None) -> list[dict[str, f
                 text_targets=batch.num_text_targets,
                 image_tokens=sum(batch.image_tokens),
             )
-        grad_norm = 0.0
         if cfg.optim.max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            values[3] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        lr = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_mult"]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         bar.update(1)
-        loss, lm_loss, im_loss = _all_mean(sums, device)
-        metrics = {"loss": loss, "lm_loss": lm_loss, "im_loss": im_loss, "grad_norm": grad_norm}
-        metrics["lr"] = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_mult"]
-        history.append({"step": step, **metrics})
+        pending.append((step, lr, values))
         if step % cfg.logging.log_steps == 0 or step == t_cfg.max_steps:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            # One host sync per logging window, not per step.
+            window = _all_mean_rows(torch.stack([v for _, _, v in pending]))
+            for (s, lr_s, _), (loss, lm_loss, im_loss, grad_norm) in zip(pending, window, strict=True):
+                history.append(
+                    {
+                        "step": s,
+                        "loss": loss,
+                        "lm_loss": lm_loss,
+                        "im_loss": im_loss,
+                        "grad_norm": grad_norm,
+                        "lr": lr_s,
+                    }
+                )
+            pending = []
+            n = len(window)
+            metrics = {k: sum(h[k] for h in history[-n:]) / n for k in ("loss", "lm_loss", "im_loss", "grad_norm")}
+            metrics["lr"] = lr
             elapsed = time.perf_counter() - window_start
             tokens, flops = _all_mean([window_tokens, window_flops], device)
             metrics["tokens_per_s"] = tokens * world / elapsed
@@ -411,7 +432,9 @@ def train(cfg: TrainConfig, *, data: Iterable | None = None) -> list[dict[str, f
                 if isinstance(v, int):
                     metrics[f"data/{k}"] = v
             writer.log(step, metrics)
-            bar.set_postfix(loss=f"{loss:.4f}", lm=f"{lm_loss:.3f}", im=f"{im_loss:.4f}")
+            bar.set_postfix(
+                loss=f"{metrics['loss']:.4f}", lm=f"{metrics['lm_loss']:.3f}", im=f"{metrics['im_loss']:.4f}"
+            )
             window_start, window_tokens, window_flops = time.perf_counter(), 0, 0.0
         if cfg.logging.sample_steps and step % cfg.logging.sample_steps == 0:
             write_samples(cfg, model, vae, tokenizer, writer, step, device)
