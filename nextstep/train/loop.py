@@ -30,8 +30,8 @@ from nextstep.model.tokenizer import BOI, EOI, IMAGE_PLACEHOLDER, PAD, TextToken
 from nextstep.model.vae import AutoEncoder, load_vae
 from nextstep.train import checkpoint as ckpt
 from nextstep.train.config import TrainConfig, dumps, resolve, to_dict
-from nextstep.train.lora import apply_lora, merge_lora
-from nextstep.train.metrics import MetricsWriter, peak_flops, train_flops
+from nextstep.train.lora import apply_lora
+from nextstep.train.metrics import MetricsWriter, peak_flops, train_flops, write_samples
 from nextstep.train.parallel import DTYPE, init_single_process_group, parallelize, uses_fsdp
 from nextstep.train.tokenize import SequenceBuilder, TrainBatch, collate, special_ids
 
@@ -460,48 +460,6 @@ def train(cfg: TrainConfig, *, data: Iterable | None = None) -> list[dict[str, f
 
         export(ckpt.latest_checkpoint(ckpt_root), out_dir / "final")
     return history
-
-
-def sampling_copy(model: nn.Module, cfg: TrainConfig, dtype: torch.dtype, device: torch.device) -> NextStep | None:
-    """A plain, unsharded, adapter-merged copy of the model for the inference pipeline. Collective under
-    FSDP (every rank gathers); rank 0 gets the copy (it costs one more model in `dtype`), others None."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return None
-    with torch.device("meta"):
-        copy = NextStep(cfg.model.arch)
-    if cfg.lora.enabled:
-        apply_lora(copy, cfg.lora)
-    copy.to_empty(device=device)
-    copy.load_state_dict(state, strict=True)
-    if cfg.lora.enabled:
-        merge_lora(copy)
-    return copy.to(dtype).eval()
-
-
-def write_samples(cfg: TrainConfig, model, vae, tokenizer, writer: MetricsWriter, step: int, device) -> None:
-    """Sample images of `logging.sample_prompts` with the inference pipeline; rank 0 saves them."""
-    if vae is None:
-        log.warning("sample images skipped: model.precomputed_latents=true loads no VAE to decode them")
-        return
-    from nextstep.sampling.pipeline import Pipeline
-
-    lg = cfg.logging
-    copy = sampling_copy(model, cfg, next(vae.parameters()).dtype, device)
-    if copy is not None:
-        images = Pipeline(copy, vae, tokenizer).generate(
-            lg.sample_prompts,
-            size=(lg.sample_size, lg.sample_size),
-            steps=lg.sample_head_steps,
-            cfg=lg.sample_cfg,
-            seed=0,
-        )
-        writer.log_images(step, images, lg.sample_prompts)
-        del copy
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def main(argv: list[str] | None = None, *, base: TrainConfig | None = None) -> int:

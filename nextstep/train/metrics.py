@@ -1,5 +1,5 @@
-"""Training metrics: FLOP accounting for MFU, device peaks, and the rank-0 sinks (metrics.jsonl, tqdm,
-optional wandb and TensorBoard, imported only when enabled)."""
+"""Training metrics: FLOP accounting for MFU, device peaks, the rank-0 sinks (metrics.jsonl, optional wandb
+and TensorBoard, imported only when enabled), and sample images from the inference pipeline."""
 
 from __future__ import annotations
 
@@ -10,8 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch import nn
 
 from nextstep.model.config import NextStepConfig
+from nextstep.model.nextstep import NextStep
+from nextstep.train.config import TrainConfig
+from nextstep.train.lora import apply_lora, merge_lora
 
 log = logging.getLogger(__name__)
 
@@ -142,3 +147,45 @@ class MetricsWriter:
             self._wandb.finish()
         if self._tb is not None:
             self._tb.close()
+
+
+def sampling_copy(model: nn.Module, cfg: TrainConfig, dtype: torch.dtype, device: torch.device) -> NextStep | None:
+    """A plain, unsharded, adapter-merged copy of the model for the inference pipeline. Collective under
+    FSDP (every rank gathers); rank 0 gets the copy (it costs one more model in `dtype`), others None."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    with torch.device("meta"):
+        copy = NextStep(cfg.model.arch)
+    if cfg.lora.enabled:
+        apply_lora(copy, cfg.lora)
+    copy.to_empty(device=device)
+    copy.load_state_dict(state, strict=True)
+    if cfg.lora.enabled:
+        merge_lora(copy)
+    return copy.to(dtype).eval()
+
+
+def write_samples(cfg: TrainConfig, model, vae, tokenizer, writer: MetricsWriter, step: int, device) -> None:
+    """Sample images of `logging.sample_prompts` with the inference pipeline; rank 0 saves them."""
+    if vae is None:
+        log.warning("sample images skipped: model.precomputed_latents=true loads no VAE to decode them")
+        return
+    from nextstep.sampling.pipeline import Pipeline
+
+    lg = cfg.logging
+    copy = sampling_copy(model, cfg, next(vae.parameters()).dtype, device)
+    if copy is not None:
+        images = Pipeline(copy, vae, tokenizer).generate(
+            lg.sample_prompts,
+            size=(lg.sample_size, lg.sample_size),
+            steps=lg.sample_head_steps,
+            cfg=lg.sample_cfg,
+            seed=0,
+        )
+        writer.log_images(step, images, lg.sample_prompts)
+        del copy
+    if dist.is_initialized():
+        dist.barrier()
