@@ -1,0 +1,448 @@
+"""OpenAI-compatible image API over a Pipeline: text-to-image and editing, with concurrent requests batched.
+
+nextstep serve --model path/to/checkpoint --host 127.0.0.1 --port 8000
+curl -s 127.0.0.1:8000/v1/images/generations -H 'content-type: application/json' \
+    -d '{"prompt": "a red fox in the snow", "size": "512x512", "seed": 0}'
+curl -s 127.0.0.1:8000/v1/images/edits -F image=@in.png -F prompt='make the sky blue'
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import logging
+import math
+import re
+import secrets
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from nextstep.sampling.pipeline import MAX_BATCH, MAX_PROMPT_TOKENS, GenerateOptions, Pipeline
+from nextstep.serve.batching import Batcher, BatchKey, Job, QueueFull, run_batch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeConfig:
+    model_name: str = "nextstep"  # the id of /v1/models; requests naming another model get 404
+    max_batch: int = 16  # most images in one pipeline call (1 = no batching)
+    max_wait_ms: float = 20.0  # how long the oldest waiting request waits for others to share its batch
+    max_queue: int = 256  # waiting requests beyond this are answered 429
+    timeout_s: float = 300.0  # per request, queueing included; beyond it 504
+    max_n: int = 8  # images per request
+    max_side: int = 1024  # largest image side in px, in and out
+    max_steps: int = 100  # largest `steps`
+    max_prompt_chars: int = 4000  # longest prompt or negative prompt, in characters
+    max_body_bytes: int = 20 * 2**20  # largest request body (413 beyond)
+    max_upload_pixels: int = 4096 * 4096  # largest uploaded image, checked before decoding
+    default_size: tuple[int, int] | None = None  # (height, width) when a request names none; None: the checkpoint's
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_queue", "max_n", "max_side", "max_steps", "max_prompt_chars", "max_body_bytes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.max_batch > MAX_BATCH or self.max_n > MAX_BATCH:
+            raise ValueError(f"max_batch ({self.max_batch}) and max_n ({self.max_n}) must be <= {MAX_BATCH}")
+        if self.max_wait_ms < 0 or self.timeout_s <= 0:
+            raise ValueError(f"need max_wait_ms >= 0 and timeout_s > 0, got {self.max_wait_ms}, {self.timeout_s}")
+
+
+class ApiError(Exception):
+    """A request the server refuses, answered as OpenAI does: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, message: str, param: str | None = None, *, status: int = 400, kind: str | None = None):
+        super().__init__(message)
+        self.message, self.status, self.param = message, status, param
+        self.kind = kind or ("invalid_request_error" if status < 500 else "server_error")
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+        return JSONResponse(body, status_code=self.status)
+
+
+class GenerationRequest(BaseModel):
+    """POST /v1/images/generations, the OpenAI fields and ours (seed, cfg, steps, shift, negative_prompt)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    model: str | None = None
+    n: int = 1
+    size: str | None = None  # "WIDTHxHEIGHT" or "auto"
+    response_format: str = "b64_json"
+    output_format: str = "png"
+    quality: str | None = None  # accepted from OpenAI clients, no effect
+    style: str | None = None  # accepted from OpenAI clients, no effect
+    user: str | None = None  # accepted from OpenAI clients, no effect
+    seed: int | None = None  # None: a random seed, returned in the response
+    cfg: float | None = None
+    steps: int | None = None
+    shift: float | None = None
+    negative_prompt: str | None = None
+
+
+class EditRequest(GenerationRequest):
+    """The form fields of POST /v1/images/edits besides the image file."""
+
+    cfg_img: float | None = None
+
+
+def validation_message(e: ValidationError) -> tuple[str, str | None]:
+    """Pydantic's first error as 'field: problem', and the field name."""
+    err = e.errors()[0]
+    param = ".".join(str(p) for p in err["loc"]) or None
+    if err["type"] == "extra_forbidden":
+        return f"unknown field {param!r}", param
+    if err["type"] == "missing":
+        return f"{param} is required", param
+    return f"{param}: {err['msg']} (got {err.get('input')!r})", param
+
+
+def parse_size(text: str | None, *, default: tuple[int, int], down: int, max_side: int) -> tuple[int, int]:
+    """'WIDTHxHEIGHT' (OpenAI order) -> (height, width); None or 'auto' -> default."""
+    if text is None or text == "auto":
+        return default
+    match = re.fullmatch(r"(\d+)x(\d+)", text.strip().lower())
+    if match is None:
+        raise ApiError(f"size must look like WIDTHxHEIGHT, e.g. 512x512, got {text!r}", param="size")
+    w, h = int(match[1]), int(match[2])
+    if w % down or h % down or not (down <= w <= max_side and down <= h <= max_side):
+        raise ApiError(
+            f"size {text!r} is not supported: width and height must be multiples of {down} px, at most {max_side}",
+            param="size",
+        )
+    return h, w
+
+
+def fit_size(width: int, height: int, *, down: int, max_side: int) -> tuple[int, int]:
+    """An edit's default output (height, width): the source's, shrunk to max_side and snapped down to `down`."""
+    scale = min(1.0, max_side / max(width, height))
+    return max(down, math.floor(height * scale / down) * down), max(down, math.floor(width * scale / down) * down)
+
+
+def read_image(data: bytes, *, max_pixels: int, down: int) -> Image.Image:
+    """Uploaded bytes -> RGB image; refuses non-images and oversize images before decoding them."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.width * image.height > max_pixels:
+            raise ApiError(
+                f"image is {image.width}x{image.height}, more than the limit of {max_pixels} pixels", param="image"
+            )
+        image.load()
+    except UnidentifiedImageError:
+        raise ApiError("image: the upload is not an image format we read (PNG, JPEG, WEBP, ...)", "image") from None
+    except (OSError, Image.DecompressionBombError, ValueError) as e:
+        raise ApiError(f"image: cannot decode the upload ({e})", param="image") from None
+    if min(image.size) < down:
+        raise ApiError(f"image is {image.width}x{image.height}, smaller than {down} px", param="image")
+    return image.convert("RGB")
+
+
+class Server:
+    """The state behind the routes: the pipeline, its batcher, the limits and the counters."""
+
+    def __init__(self, pipe: Pipeline, config: ServeConfig):
+        self.pipe, self.config = pipe, config
+        self.defaults = GenerateOptions(**pipe.defaults)
+        self.default_size = config.default_size or self.defaults.size
+        down = pipe.down_factor
+        if any(s % down or s > config.max_side for s in self.default_size):
+            raise ValueError(f"default size {self.default_size} must be multiples of {down} within {config.max_side}")
+        self.batcher = Batcher(
+            lambda jobs: run_batch(pipe, jobs),
+            max_batch=config.max_batch,
+            max_wait_s=config.max_wait_ms / 1000,
+            max_queue=config.max_queue,
+        )
+        self.responses: Counter = Counter()  # (path, status) -> responses
+        self.started = time.time()
+
+    def check_text(self, text: str, param: str, *, required: bool) -> None:
+        if required and not text.strip():
+            raise ApiError(f"{param} must be a non-empty string", param=param)
+        if len(text) > self.config.max_prompt_chars:
+            raise ApiError(f"{param} has {len(text)} characters; the limit is {self.config.max_prompt_chars}", param)
+        tokens = len(self.pipe.tokenizer.encode(text))
+        if tokens > MAX_PROMPT_TOKENS:
+            raise ApiError(f"{param} has {tokens} tokens; the limit is {MAX_PROMPT_TOKENS}", param=param)
+
+    def job(self, req: GenerationRequest, *, size: tuple[int, int] | None = None, image=None) -> Job:
+        """Validate a parsed request against the limits and make its batch job."""
+        cfg = self.config
+        if req.model is not None and req.model != cfg.model_name:
+            raise ApiError(f"model {req.model!r} is not served here; this server serves {cfg.model_name!r}", "model")
+        if req.response_format != "b64_json":
+            raise ApiError(
+                f"response_format {req.response_format!r} is not supported: images come back inline, use 'b64_json'",
+                param="response_format",
+            )
+        if req.output_format != "png":
+            raise ApiError(f"output_format {req.output_format!r} is not supported: use 'png'", "output_format")
+        if not 1 <= req.n <= cfg.max_n:
+            raise ApiError(f"n must be from 1 to {cfg.max_n}, got {req.n}", param="n")
+        self.check_text(req.prompt, "prompt", required=True)
+        if req.negative_prompt is not None:
+            self.check_text(req.negative_prompt, "negative_prompt", required=False)
+        if req.steps is not None and not 1 <= req.steps <= cfg.max_steps:
+            raise ApiError(f"steps must be from 1 to {cfg.max_steps}, got {req.steps}", param="steps")
+        for name in ("cfg", "cfg_img", "shift"):
+            value = getattr(req, name, None)
+            if value is not None and not (math.isfinite(value) and 0 < value <= 100):
+                raise ApiError(f"{name} must be > 0 and <= 100, got {value}", param=name)
+        if req.seed is not None and not 0 <= req.seed < 2**63:
+            raise ApiError(f"seed must be from 0 to 2**63 - 1, got {req.seed}", param="seed")
+        size = size or parse_size(
+            req.size, default=self.default_size, down=self.pipe.down_factor, max_side=cfg.max_side
+        )
+        extras = ("cfg", "cfg_img", "steps", "shift", "negative_prompt")
+        options = {name: getattr(req, name) for name in extras if getattr(req, name, None) is not None}
+        key = BatchKey(
+            kind="edit" if image is not None else "generate", options=tuple(sorted({**options, "size": size}.items()))
+        )
+        seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
+        return Job(key=key, prompt=req.prompt, seed=seed, n=req.n, image=image)
+
+    async def serve(self, job: Job) -> JSONResponse:
+        """Queue a job, wait for its images, answer them as OpenAI does (plus the seed used)."""
+        try:
+            future = self.batcher.submit(job)
+        except QueueFull as e:
+            raise ApiError(f"server busy: {e}", status=429, kind="rate_limit_exceeded") from None
+        try:
+            images = await asyncio.wait_for(future, self.config.timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(f"request timed out after {self.config.timeout_s:g} s", status=504, kind="timeout") from None
+        except ValueError as e:  # the pipeline's own validation
+            raise ApiError(str(e)) from None
+        except Exception as e:
+            log.error("generation failed", exc_info=e)
+            raise ApiError(f"image generation failed: {type(e).__name__}", status=500) from None
+        data = await asyncio.to_thread(lambda: [{"b64_json": png_base64(img)} for img in images])
+        return JSONResponse({"created": int(time.time()), "data": data, "seed": job.seed})
+
+    def metrics(self) -> dict:
+        stats = self.batcher.stats
+        return {
+            "uptime_s": round(time.time() - self.started, 3),
+            "queued": self.batcher.queued,
+            "responses": [{"path": p, "status": s, "count": c} for (p, s), c in sorted(self.responses.items())],
+            "requests": stats.requests,
+            "images": stats.images,
+            "failed": stats.failed,
+            "rejected": stats.rejected,
+            "batches": stats.batches,
+            "batch_images": {str(k): v for k, v in sorted(stats.batch_images.items())},
+            "batch_requests": {str(k): v for k, v in sorted(stats.batch_requests.items())},
+            "config": {**asdict(self.config), "default_size": list(self.default_size)},
+        }
+
+
+def png_base64(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+class BodyLimit:
+    """ASGI middleware answering 413 to bodies over `max_bytes`, by Content-Length or as they stream in."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_big = ApiError(f"request body exceeds the limit of {self.max_bytes} bytes", status=413)
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if not length.isdigit():
+            return await ApiError("bad Content-Length header").response()(scope, receive, send)
+        if int(length) > self.max_bytes:
+            return await too_big.response()(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await too_big.response()(scope, receive, send)
+            more = message.get("more_body", False)
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+def build_app(pipe: Pipeline, config: ServeConfig | None = None) -> FastAPI:
+    """The FastAPI app; its lifespan starts and stops the batcher."""
+    server = Server(pipe, config or ServeConfig())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        server.batcher.start()
+        yield
+        await server.batcher.stop()
+
+    app = FastAPI(title="nextstep", lifespan=lifespan)
+    app.state.server = server
+    app.add_middleware(BodyLimit, max_bytes=server.config.max_body_bytes)
+
+    @app.middleware("http")
+    async def count_responses(request: Request, call_next):
+        response = await call_next(request)
+        path = request.url.path if request.url.path in routes else "other"  # bounded keys whatever clients send
+        server.responses[(path, response.status_code)] += 1
+        return response
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError) -> JSONResponse:
+        return e.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        return ApiError(f"{request.method} {request.url.path}: {e.detail}", status=e.status_code).response()
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": server.config.model_name, "queued": server.batcher.queued}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        card = {
+            "id": server.config.model_name,
+            "object": "model",
+            "created": int(server.started),
+            "owned_by": "nextstep",
+        }
+        return {"object": "list", "data": [card]}
+
+    @app.get("/metrics")
+    async def metrics() -> dict:
+        return server.metrics()
+
+    @app.post("/v1/images/generations")
+    async def generations(request: Request) -> JSONResponse:
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(f"request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise ApiError(f"request body must be a JSON object, got {type(body).__name__}")
+        try:
+            req = GenerationRequest.model_validate(body)
+        except ValidationError as e:
+            message, param = validation_message(e)
+            raise ApiError(message, param=param) from None
+        return await server.serve(server.job(req))
+
+    @app.post("/v1/images/edits")
+    async def edits(request: Request) -> JSONResponse:
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise ApiError("edits take multipart/form-data: an `image` file and a `prompt` field, like OpenAI's")
+        try:
+            form = await request.form(max_files=2, max_fields=32)
+        except Exception as e:  # starlette raises several kinds on a malformed body
+            raise ApiError(f"cannot parse the multipart form: {e}") from None
+        uploads = form.getlist("image") + form.getlist("image[]")
+        if len(uploads) != 1 or isinstance(uploads[0], str):
+            raise ApiError(f"send exactly one image file as `image`, got {len(uploads)}", param="image")
+        if "mask" in form:
+            raise ApiError("mask is not supported: the instruction edits the whole image", param="mask")
+        fields = {k: v for k, v in form.multi_items() if k not in ("image", "image[]")}
+        try:
+            req = EditRequest.model_validate(fields)
+        except ValidationError as e:
+            message, param = validation_message(e)
+            raise ApiError(message, param=param) from None
+        down, max_side = pipe.down_factor, server.config.max_side
+        data = await uploads[0].read()
+        image = await asyncio.to_thread(read_image, data, max_pixels=server.config.max_upload_pixels, down=down)
+        size = parse_size(
+            req.size, default=fit_size(*image.size, down=down, max_side=max_side), down=down, max_side=max_side
+        )
+        return await server.serve(server.job(req, size=size, image=image))
+
+    routes = {route.path for route in app.routes}
+    return app
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 512x512, got {text!r}") from None
+    return h, w
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = ServeConfig()
+    p = argparse.ArgumentParser(prog="nextstep serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="checkpoint directory (default: the built-in model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--model-name", default=None, help="model id for /v1/models (default: the checkpoint folder name)")
+    p.add_argument("--max-batch", type=int, default=d.max_batch, help="most images per pipeline call (1 = off)")
+    p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms, help="how long a request waits for company")
+    p.add_argument("--max-queue", type=int, default=d.max_queue, help="waiting requests before answering 429")
+    p.add_argument("--timeout", type=float, default=d.timeout_s, help="seconds per request before answering 504")
+    p.add_argument("--max-n", type=int, default=d.max_n, help="most images per request")
+    p.add_argument("--max-side", type=int, default=d.max_side, help="largest image side in px")
+    p.add_argument("--max-steps", type=int, default=d.max_steps, help="largest steps a request may ask for")
+    p.add_argument("--default-size", type=_size, default=None, help="WIDTHxHEIGHT when a request names none")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    return p
+
+
+def main_serve(argv: list[str] | None = None) -> int:
+    import uvicorn
+
+    from nextstep.cli import resolve_model_dir
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        path = resolve_model_dir(args.model)
+        config = ServeConfig(
+            model_name=args.model_name or path.resolve().name,
+            max_batch=args.max_batch,
+            max_wait_ms=args.max_wait_ms,
+            max_queue=args.max_queue,
+            timeout_s=args.timeout,
+            max_n=args.max_n,
+            max_side=args.max_side,
+            max_steps=args.max_steps,
+            default_size=args.default_size,
+        )
+        app = build_app(Pipeline.from_pretrained(path, device=args.device), config)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"nextstep serve: error: {e}", file=sys.stderr)
+        return 2
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_serve())

@@ -1,0 +1,217 @@
+"""Request batching for the image server: queued requests that share generation options run as one pipeline call.
+
+Reproducibility: each request draws its noise from its own generator seeded with its seed, so its images do not
+depend on which requests share its batch (up to float rounding of the batch shape), and a request served alone
+gives exactly `pipe.generate(prompt, n=n, seed=seed, ...)`, the images of `nextstep generate --seed`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from nextstep.sampling.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """What requests must share to run in one pipeline call."""
+
+    kind: str  # "generate" or "edit"
+    options: tuple[tuple[str, object], ...]  # pipeline options as sorted (name, value) pairs; seed and n excluded
+
+
+@dataclass(eq=False)
+class Job:
+    """One request waiting for its images."""
+
+    key: BatchKey
+    prompt: str  # the caption, or the instruction of an edit
+    seed: int  # the request's own noise generator
+    n: int  # images to make
+    image: Image.Image | None = None  # the source image of an edit
+    arrived: float = field(default_factory=time.monotonic)  # seconds, time.monotonic clock
+    future: asyncio.Future | None = None  # set by Batcher.submit; resolves to list[Image]
+
+
+class QueueFull(Exception):
+    """The batcher holds its limit of waiting requests."""
+
+
+@dataclass
+class BatchStats:
+    """Counters of the batcher, for /metrics."""
+
+    batches: int = 0  # pipeline calls
+    requests: int = 0  # requests served, failed included
+    images: int = 0  # images asked for by served requests
+    failed: int = 0  # requests whose pipeline call raised
+    rejected: int = 0  # requests refused because the queue was full
+    batch_images: Counter = field(default_factory=Counter)  # images per pipeline call -> calls
+    batch_requests: Counter = field(default_factory=Counter)  # requests per pipeline call -> calls
+
+
+def _draws(seeds: list[int], counts: list[int], device: torch.device) -> Callable[[tuple[int, ...]], torch.Tensor]:
+    """A draw function giving rows of request i from generator seeds[i]: a (B, D) draw is counts[i] rows each.
+
+    Matches the pipeline's own draw, torch.randn(shape, generator=Generator().manual_seed(seed)), for one request.
+    """
+    gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+    def draw(shape: tuple[int, ...]) -> torch.Tensor:
+        parts = [
+            torch.randn((k, *shape[1:]), generator=g, device=device, dtype=torch.float32)
+            for g, k in zip(gens, counts, strict=True)
+        ]
+        return torch.cat(parts)  # (B, D)
+
+    return draw
+
+
+@contextmanager
+def _drawing(pipe: Pipeline, draw: Callable) -> Iterator[None]:
+    """Route one call's draws through `draw` (Pipeline.generate takes one seed per call, not one per prompt)."""
+    pipe.generate_tokens = functools.partial(type(pipe).generate_tokens, pipe, draw=draw)
+    try:
+        yield
+    finally:
+        del pipe.generate_tokens
+
+
+def run_batch(pipe: Pipeline, jobs: list[Job]) -> list[list[Image.Image]]:
+    """One pipeline call for jobs of one key; returns each job's images. Blocking: run it off the event loop."""
+    key = jobs[0].key
+    prompts = [job.prompt for job in jobs for _ in range(job.n)]
+    device = pipe.model.embed_tokens.weight.device
+    with _drawing(pipe, _draws([job.seed for job in jobs], [job.n for job in jobs], device)):
+        if key.kind == "edit":
+            sources = [job.image for job in jobs for _ in range(job.n)]
+            images = pipe.edit(sources, prompts, n=1, **dict(key.options))
+        else:
+            images = pipe.generate(prompts, n=1, **dict(key.options))
+    out, start = [], 0
+    for job in jobs:
+        out.append(images[start : start + job.n])
+        start += job.n
+    return out
+
+
+class Batcher:
+    """Collects submitted jobs of one key for up to `max_wait_s` (from the oldest one's arrival) or until
+    `max_batch` images, then runs them as one `run` call in a worker thread, one call at a time.
+
+    A failed call is retried job by job, so one bad request fails alone.
+    """
+
+    def __init__(
+        self,
+        run: Callable[[list[Job]], list[list[Image.Image]]],
+        *,
+        max_batch: int,
+        max_wait_s: float,
+        max_queue: int,
+    ):
+        self.run, self.max_batch, self.max_wait_s, self.max_queue = run, max_batch, max_wait_s, max_queue
+        self.stats = BatchStats()
+        self._pending: deque[Job] = deque()
+        self._arrived = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="nextstep-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for job in self._pending:
+            if not job.future.done():
+                job.future.set_exception(RuntimeError("the server is shutting down"))
+        self._pending.clear()
+
+    def submit(self, job: Job) -> asyncio.Future:
+        """Queue a job; await the returned future for its images. Raises QueueFull at the queue limit."""
+        if len(self._pending) >= self.max_queue:
+            self.stats.rejected += 1
+            raise QueueFull(f"{len(self._pending)} requests are waiting (limit {self.max_queue}); retry later")
+        job.future = asyncio.get_running_loop().create_future()
+        self._pending.append(job)
+        self._arrived.set()
+        return job.future
+
+    def _fit(self, key: BatchKey) -> list[Job]:
+        """Waiting jobs of `key` in arrival order, as many as fit in max_batch images (the first one always)."""
+        batch, room = [], self.max_batch
+        for job in self._pending:
+            if job.key == key and (job.n <= room or not batch):
+                batch.append(job)
+                room -= job.n
+        return batch
+
+    async def _next_batch(self) -> list[Job]:
+        while True:
+            self._pending = deque(job for job in self._pending if not job.future.done())  # timed-out requests
+            timeout = None
+            if self._pending:
+                first = self._pending[0]
+                batch = self._fit(first.key)
+                timeout = first.arrived + self.max_wait_s - time.monotonic()
+                if sum(job.n for job in batch) >= self.max_batch or timeout <= 0:
+                    for job in batch:
+                        self._pending.remove(job)
+                    return batch
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _loop(self) -> None:
+        while True:
+            await self._serve(await self._next_batch())
+
+    async def _serve(self, batch: list[Job]) -> None:
+        stats = self.stats
+        stats.batches += 1
+        stats.batch_images[sum(job.n for job in batch)] += 1
+        stats.batch_requests[len(batch)] += 1
+        start = time.perf_counter()
+        try:
+            results = await asyncio.to_thread(self.run, batch)
+        except Exception as e:
+            if len(batch) > 1:
+                log.warning("batch of %d requests failed (%s); retrying them one by one", len(batch), e)
+                for job in batch:
+                    await self._serve([job])
+                return
+            stats.requests += 1
+            stats.failed += 1
+            if not batch[0].future.done():
+                batch[0].future.set_exception(e)
+            return
+        log.info(
+            "batch: %d requests, %d images in %.3f s",
+            len(batch),
+            sum(job.n for job in batch),
+            time.perf_counter() - start,
+        )
+        for job, images in zip(batch, results, strict=True):
+            stats.requests += 1
+            stats.images += job.n
+            if not job.future.done():
+                job.future.set_result(images)
