@@ -1,0 +1,162 @@
+"""Gradio web demo: a text-to-image tab and an editing tab over one Pipeline, with a progress bar over image tokens.
+
+nextstep demo --model path/to/checkpoint --host 127.0.0.1 --port 7860
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from PIL import Image
+
+from nextstep.sampling.pipeline import EDIT_DEFAULTS, GenerateOptions, Pipeline
+
+log = logging.getLogger(__name__)
+
+# Gradio reads this at import: no usage reports or version checks leave the machine.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]  # the default theme would fetch Google Fonts
+SYSTEM_MONO = ["ui-monospace", "monospace"]
+
+
+def build_demo(
+    pipe: Pipeline,
+    *,
+    size: tuple[int, int] | None = None,
+    steps: int | None = None,
+    max_side: int = 1024,
+    max_n: int = 4,
+):
+    """The gr.Blocks app. `size` (height, width) and `steps` set the controls' starting values."""
+    import gradio as gr
+
+    defaults = GenerateOptions(**pipe.defaults)
+    h, w = size or defaults.size
+    steps = steps or defaults.steps
+    down = pipe.down_factor
+    track = gr.Progress(track_tqdm=True)  # as a default argument it tells Gradio to follow the pipeline's tqdm bar
+
+    def generate(prompt, width, height, seed, cfg, num_steps, n, progress=track):
+        try:
+            return pipe.generate(
+                prompt,
+                size=(int(height), int(width)),
+                seed=int(seed),
+                cfg=float(cfg),
+                steps=int(num_steps),
+                n=int(n),
+                progress=True,
+            )
+        except ValueError as e:
+            raise gr.Error(str(e)) from None
+
+    def edit(image: Image.Image | None, instruction, seed, cfg, cfg_img, num_steps, progress=track):
+        if image is None:
+            raise gr.Error("upload an image to edit")
+        try:
+            return pipe.edit(
+                image,
+                instruction,
+                seed=int(seed),
+                cfg=float(cfg),
+                cfg_img=float(cfg_img),
+                steps=int(num_steps),
+                progress=True,
+            )
+        except ValueError as e:
+            raise gr.Error(str(e)) from None
+
+    with gr.Blocks(title="NextStep", analytics_enabled=False) as demo:
+        gr.Markdown("# NextStep\nAutoregressive image generation with continuous tokens.")
+        with gr.Tab("Text to image"):
+            with gr.Row():
+                with gr.Column():
+                    prompt = gr.Textbox(label="Prompt", lines=2, elem_id="t2i-prompt")
+                    with gr.Row():
+                        width = gr.Slider(down, max_side, value=w, step=down, label="Width")
+                        height = gr.Slider(down, max_side, value=h, step=down, label="Height")
+                    with gr.Row():
+                        seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
+                        n = gr.Slider(1, max_n, value=1, step=1, label="Images")
+                    cfg = gr.Slider(1.0, 15.0, value=defaults.cfg, step=0.5, label="Guidance")
+                    num_steps = gr.Slider(1, 100, value=steps, step=1, label="Steps")
+                    run = gr.Button("Generate", variant="primary", elem_id="t2i-run")
+                gallery = gr.Gallery(label="Images", columns=2, format="png", elem_id="t2i-gallery")
+            run.click(
+                generate,
+                [prompt, width, height, seed, cfg, num_steps, n],
+                gallery,
+                concurrency_id="pipeline",
+                concurrency_limit=1,
+            )
+        with gr.Tab("Edit"):
+            with gr.Row():
+                with gr.Column():
+                    source = gr.Image(type="pil", label="Image", sources=["upload", "clipboard"], elem_id="edit-source")
+                    instruction = gr.Textbox(label="Instruction", lines=2, elem_id="edit-instruction")
+                    edit_seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
+                    edit_cfg = gr.Slider(1.0, 15.0, value=EDIT_DEFAULTS["cfg"], step=0.5, label="Guidance (text)")
+                    edit_cfg_img = gr.Slider(
+                        1.0, 5.0, value=EDIT_DEFAULTS["cfg_img"], step=0.1, label="Guidance (image)"
+                    )
+                    edit_steps = gr.Slider(1, 100, value=steps, step=1, label="Steps")
+                    edit_run = gr.Button("Edit", variant="primary", elem_id="edit-run")
+                edited = gr.Gallery(label="Edited", columns=1, format="png", elem_id="edit-gallery")
+            edit_run.click(
+                edit,
+                [source, instruction, edit_seed, edit_cfg, edit_cfg_img, edit_steps],
+                edited,
+                concurrency_id="pipeline",  # one pipeline: its KV caches serve one call at a time
+                concurrency_limit=1,
+            )
+    return demo
+
+
+def theme():
+    import gradio as gr
+
+    return gr.themes.Default(font=SYSTEM_FONTS, font_mono=SYSTEM_MONO)
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 512x512, got {text!r}") from None
+    return h, w
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nextstep demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="checkpoint directory (default: the built-in model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--size", type=_size, default=None, help="starting WIDTHxHEIGHT (default: the checkpoint's)")
+    p.add_argument("--steps", type=int, default=None, help="starting steps (default: the checkpoint's)")
+    p.add_argument("--max-side", type=int, default=1024, help="largest width/height the sliders allow")
+    p.add_argument("--max-n", type=int, default=4, help="most images per generation")
+    return p
+
+
+def main_demo(argv: list[str] | None = None) -> int:
+    from nextstep.cli import resolve_model_dir
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        pipe = Pipeline.from_pretrained(resolve_model_dir(args.model), device=args.device)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"nextstep demo: error: {e}", file=sys.stderr)
+        return 2
+    demo = build_demo(pipe, size=args.size, steps=args.steps, max_side=args.max_side, max_n=args.max_n)
+    demo.queue().launch(server_name=args.host, server_port=args.port, theme=theme(), ssr_mode=False, share=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_demo())

@@ -1,0 +1,129 @@
+"""The Gradio demo in headless Chromium: the page loads, generation and editing show images, all on 127.0.0.1."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+gr = pytest.importorskip("gradio")
+pytest.importorskip("fastapi")
+
+from nextstep.sampling.pipeline import Pipeline  # noqa: E402
+from nextstep.serve.demo import build_demo, main_demo, theme  # noqa: E402
+from tests.serve.test_api import model_dir  # noqa: E402, F401  (the shared model fixture)
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"  # screenshots for CI; gitignored
+
+
+def _loopback(address) -> bool:
+    if not isinstance(address, tuple):  # a unix socket path
+        return True
+    host = address[0]
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+@pytest.fixture
+def offline(monkeypatch) -> Iterator[list]:
+    """Records (and refuses) every connection this process opens beyond loopback."""
+    outside = []
+    connect = socket.socket.connect
+
+    def guarded(sock, address):
+        if not _loopback(address):
+            outside.append(address)
+            raise OSError(f"test is offline: refused connection to {address}")
+        return connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+    yield outside
+    assert not outside, f"the demo tried to reach {outside}"
+
+
+@pytest.fixture
+def demo_url(model_dir, offline) -> Iterator[str]:  # noqa: F811
+    pipe = Pipeline.from_pretrained(model_dir, device="cpu")
+    demo = build_demo(pipe, size=(32, 32), steps=2)
+    _, url, _ = demo.queue().launch(
+        server_name="127.0.0.1",
+        server_port=_free_port(),
+        prevent_thread_lock=True,
+        quiet=True,
+        share=False,
+        ssr_mode=False,
+        theme=theme(),
+    )
+    try:
+        yield url
+    finally:
+        demo.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium")
+def test_demo_generates_and_edits_in_headless_chromium(demo_url, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    outside = []
+
+    def local_only(route):
+        url = route.request.url
+        if url.startswith(demo_url.rstrip("/")) or url.startswith(("data:", "blob:")):
+            return route.continue_()
+        outside.append(url)
+        return route.abort()
+
+    source = tmp_path / "source.png"
+    Image.new("RGB", (48, 32), "blue").save(source)
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.route("**/*", local_only)
+            page.goto(demo_url, wait_until="networkidle")
+            assert page.title() == "NextStep"
+
+            page.locator("#t2i-prompt textarea").fill("a red circle")
+            page.locator("#t2i-run").click()
+            page.locator("#t2i-gallery img").first.wait_for(timeout=60_000)
+            page.screenshot(path=str(ARTIFACTS / "demo_generate.png"), full_page=True)
+
+            page.get_by_role("tab", name="Edit").click()
+            page.locator("#edit-source input[type=file]").set_input_files(str(source))
+            page.locator("#edit-instruction textarea").fill("make it green")
+            page.locator("#edit-run").click()
+            page.locator("#edit-gallery img").first.wait_for(timeout=60_000)
+            page.screenshot(path=str(ARTIFACTS / "demo_edit.png"), full_page=True)
+        finally:
+            browser.close()
+    assert not outside, f"the page tried to load {outside}"
+    assert Image.open(ARTIFACTS / "demo_generate.png").size[0] > 0
+
+
+def test_main_demo_reports_a_missing_model(capsys):
+    assert main_demo(["--model", "/nonexistent/model"]) == 2
+    assert "nextstep demo: error:" in capsys.readouterr().err
