@@ -24,7 +24,7 @@ pytest.importorskip("multipart")
 from nextstep.assets import builtin_model_dir  # noqa: E402
 from nextstep.sampling.pipeline import Pipeline  # noqa: E402
 from nextstep.serve.api import ServeConfig, build_app, main_serve  # noqa: E402
-from nextstep.serve.batching import Batcher, BatchKey, Job, QueueFull  # noqa: E402
+from nextstep.serve.batching import Batcher, BatchKey, Job, QueueFull, run_batch  # noqa: E402
 
 REFERENCE = Path(__file__).resolve().parents[2].parent / "shared/reference/nextstep11-tiny"
 SMALL = {"size": "32x32", "steps": 2}
@@ -264,6 +264,23 @@ def test_batcher_groups_by_options_and_caps_images():
     results = asyncio.run(scenario())
     assert [len(r) for r in results] == [2, 1, 1, 2, 1, 1, 6]
     assert calls[:4] == [[("a", 2), ("a", 1), ("a", 1)], [("b", 1), ("b", 1)], [("a", 2)], [("c", 6)]]
+
+
+def test_a_pipeline_bypassing_the_draw_hook_keeps_seeds_by_serving_one_by_one(pipe, monkeypatch):
+    """If Pipeline.generate ever stops drawing through generate_tokens (a fast path), a batch of several
+    requests raises (the batcher then serves them alone) and a lone request still gets its own seed."""
+    seeds = []
+
+    def generate(prompts, **options):
+        seeds.append(options["seed"])
+        return [Image.new("RGB", (32, 32))] * len(prompts)
+
+    monkeypatch.setattr(pipe, "generate", generate)
+    jobs = [job("a", 2), job("a")]
+    jobs[0].seed, jobs[1].seed = 5, 7
+    with pytest.raises(RuntimeError, match="per-request generators"):
+        run_batch(pipe, jobs)
+    assert [len(images) for images in run_batch(pipe, jobs[1:])] == [1] and seeds[-1] == 7
 
 
 def test_main_serve_reports_a_missing_model(capsys):
