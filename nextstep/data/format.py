@@ -51,9 +51,7 @@ class RawSample:
 def validate_key(key: str) -> None:
     """Raise ValueError unless `key` is a non-empty name without dots, hyphens, slashes or whitespace."""
     if not isinstance(key, str) or not key or _BAD_KEY_CHARS.search(key):
-        raise ValueError(
-            f"sample {key!r}: key must be non-empty and contain no '.', '-', '/', '\\' or spaces"
-        )
+        raise ValueError(f"sample {key!r}: key must be non-empty and contain no '.', '-', '/', '\\' or spaces")
 
 
 def placeholder_indices(caption: str) -> list[int]:
@@ -117,8 +115,11 @@ def encode_image(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def encode_sample(sample: Sample) -> list[tuple[str, bytes]]:
-    """Validated tar members (name, bytes) of `sample`: `key.json` then `key-0.png`, `key-1.png`, ..."""
+def encode_sample(sample: Sample, *, png_files: list[bytes | None] | None = None) -> list[tuple[str, bytes]]:
+    """Validated tar members (name, bytes) of `sample`: `key.json` then `key-0.png`, `key-1.png`, ...
+
+    `png_files[i]`, when not None, is image i's source PNG file stored as-is (lossless, no re-encode).
+    """
     validate_sample(sample)
     doc = {"caption": sample.caption, **sample.meta}
     try:
@@ -126,7 +127,9 @@ def encode_sample(sample: Sample) -> list[tuple[str, bytes]]:
     except (TypeError, ValueError) as e:
         raise ValueError(f"sample {sample.key!r}: meta is not JSON-serializable: {e}") from e
     members = [(f"{sample.key}.json", payload)]
-    members += [(f"{sample.key}-{i}.png", encode_image(im)) for i, im in enumerate(sample.images)]
+    png_files = png_files or [None] * len(sample.images)
+    for i, (image, data) in enumerate(zip(sample.images, png_files, strict=True)):
+        members.append((f"{sample.key}-{i}.png", encode_image(image) if data is None else data))
     return members
 
 
@@ -181,9 +184,7 @@ def iter_raw_samples(fileobj: IO[bytes], *, offsets: list[int] | None = None) ->
                 if key is not None:
                     yield _finish(key, json_bytes, images)
                 if member_key in seen:
-                    raise ValueError(
-                        f"sample {member_key!r}: members are not contiguous or key is duplicated"
-                    )
+                    raise ValueError(f"sample {member_key!r}: members are not contiguous or key is duplicated")
                 seen.add(member_key)
                 if offsets is not None:
                     offsets.append(member.offset)
