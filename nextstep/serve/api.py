@@ -305,7 +305,8 @@ def build_app(pipe: Pipeline, config: ServeConfig | None = None) -> FastAPI:
         yield
         await server.batcher.stop()
 
-    app = FastAPI(title="nextstep", lifespan=lifespan)
+    # no /docs or /redoc: their pages load scripts from a CDN; /openapi.json stays
+    app = FastAPI(title="nextstep", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = server
     app.add_middleware(BodyLimit, max_bytes=server.config.max_body_bytes)
 
@@ -325,8 +326,10 @@ def build_app(pipe: Pipeline, config: ServeConfig | None = None) -> FastAPI:
         return ApiError(f"{request.method} {request.url.path}: {e.detail}", status=e.status_code).response()
 
     @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", "model": server.config.model_name, "queued": server.batcher.queued}
+    async def health() -> JSONResponse:
+        alive = server.batcher.alive
+        body = {"status": "ok" if alive else "batcher stopped", "model": server.config.model_name}
+        return JSONResponse({**body, "queued": server.batcher.queued}, status_code=200 if alive else 503)
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -382,6 +385,8 @@ def build_app(pipe: Pipeline, config: ServeConfig | None = None) -> FastAPI:
         size = parse_size(
             req.size, default=fit_size(*image.size, down=down, max_side=max_side), down=down, max_side=max_side
         )
+        if image.size != (size[1], size[0]):  # as the pipeline would; here it bounds what a queued job holds
+            image = await asyncio.to_thread(image.resize, (size[1], size[0]), Image.BICUBIC)
         return await server.serve(server.job(req, size=size, image=image))
 
     routes = {route.path for route in app.routes}

@@ -142,10 +142,20 @@ class Batcher:
 
     @property
     def queued(self) -> int:
+        self._prune()
         return len(self._pending)
+
+    def _prune(self) -> None:
+        """Forget jobs whose requests are gone (timed out) while they waited."""
+        self._pending = deque(job for job in self._pending if not job.future.done())
+
+    @property
+    def alive(self) -> bool:
+        return self._task is not None and not self._task.done()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="nextstep-batcher")
+        self._task.add_done_callback(_log_crash)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -158,6 +168,8 @@ class Batcher:
 
     def submit(self, job: Job) -> asyncio.Future:
         """Queue a job; await the returned future for its images. Raises QueueFull at the queue limit."""
+        if len(self._pending) >= self.max_queue:
+            self._prune()
         if len(self._pending) >= self.max_queue:
             self.stats.rejected += 1
             raise QueueFull(f"{len(self._pending)} requests are waiting (limit {self.max_queue}); retry later")
@@ -177,7 +189,7 @@ class Batcher:
 
     async def _next_batch(self) -> list[Job]:
         while True:
-            self._pending = deque(job for job in self._pending if not job.future.done())  # timed-out requests
+            self._prune()
             timeout = None
             if self._pending:
                 first = self._pending[0]
@@ -227,3 +239,8 @@ class Batcher:
             stats.images += job.n
             if not job.future.done():
                 job.future.set_result(images)
+
+
+def _log_crash(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the batcher stopped; requests will time out", exc_info=task.exception())

@@ -116,6 +116,20 @@ def test_edit_keeps_the_source_size_or_takes_size(client):
     assert [decode(item).size for item in r.json()["data"]] == [(32, 32), (32, 32)]
 
 
+def test_the_official_openai_client_works(client):
+    openai = pytest.importorskip("openai")
+    api = openai.OpenAI(base_url=str(client.base_url).rstrip("/") + "/v1", api_key="unused", max_retries=0)
+    r = api.images.generate(prompt="a cat", n=2, size="32x32", response_format="b64_json", extra_body={"steps": 2})
+    assert len(r.data) == 2 and decode(r.data[0].model_dump()).size == (32, 32)
+    source = io.BytesIO(png((48, 32)))
+    source.name = "in.png"
+    r = api.images.edit(image=source, prompt="make it blue", extra_body={"steps": 2})
+    assert decode(r.data[0].model_dump()).size == (48, 32)
+    with pytest.raises(openai.BadRequestError, match="'url' is not supported"):
+        api.images.generate(prompt="a cat", response_format="url")
+    assert [m.id for m in api.models.list()] == ["tiny"]
+
+
 def test_health_models_metrics(client):
     assert client.get("/health").json()["status"] == "ok"
     models = client.get("/v1/models").json()
