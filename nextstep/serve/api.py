@@ -185,7 +185,8 @@ class Server:
         """Validate a parsed request against the limits and make its batch job."""
         cfg = self.config
         if req.model is not None and req.model != cfg.model_name:
-            raise ApiError(f"model {req.model!r} is not served here; this server serves {cfg.model_name!r}", "model")
+            message = f"model {req.model!r} is not served here; this server serves {cfg.model_name!r}"
+            raise ApiError(message, "model", status=404)
         if req.response_format != "b64_json":
             raise ApiError(
                 f"response_format {req.response_format!r} is not supported: images come back inline, use 'b64_json'",

@@ -176,7 +176,7 @@ BAD = [
     (GEN, {"json": {"prompt": "cat " * 1100}}, 400, "prompt has 4400 characters"),
     (GEN, {"json": {"prompt": "a cat", "response_format": "url"}}, 400, "response_format 'url' is not supported"),
     (GEN, {"json": {"prompt": "a cat", "sed": 1}}, 400, "unknown field 'sed'"),
-    (GEN, {"json": {"prompt": "a cat", "model": "dall-e-3"}}, 400, "model 'dall-e-3' is not served here"),
+    (GEN, {"json": {"prompt": "a cat", "model": "dall-e-3"}}, 404, "model 'dall-e-3' is not served here"),
     (GEN, {"json": {"prompt": "a cat", "steps": 1000}}, 400, "steps must be from 1 to 8"),
     (GEN, {"json": {"prompt": "a cat", "cfg": -1}}, 400, "cfg must be > 0"),
     (GEN, {"json": {"prompt": "a cat", "seed": -5}}, 400, "seed must be from 0"),
