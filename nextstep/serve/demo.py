@@ -13,6 +13,7 @@ import sys
 from PIL import Image
 
 from nextstep.sampling.pipeline import EDIT_DEFAULTS, GenerateOptions, Pipeline
+from nextstep.serve.api import fit_size
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ def build_demo(
             return pipe.edit(
                 image,
                 instruction,
+                size=fit_size(*image.size, down=down, max_side=max_side),  # large uploads shrink to the slider limit
                 seed=int(seed),
                 cfg=float(cfg),
                 cfg_img=float(cfg_img),
