@@ -1,16 +1,19 @@
-"""Tiny NextStep for the procedural shapes data (~10M parameters in backbone + head), 128x128 images =
-8x8 = 64 image tokens with the 8x VAE and 2x2 patches; vocabulary and special ids from the tokenizer dir.
+"""The built-in model: a tiny NextStep (~8M parameters in backbone + head) for 128x128 synthetic shape
+scenes, 8x8 = 64 image tokens with an 8x VAE and 2x2 patches. Tokenizer and VAE are our own, trained on
+the same data first; scripts/train_builtin.sh runs the whole recipe:
 
-    nextstep data synth-shapes data/shapes --n 200000
-    nextstep train -m configs.shapes training.max_steps=1000 training.save_steps=200 data.num_workers=2
+    nextstep data synth-shapes data/shapes --n 200000 --seed 0 --workers 16
+    nextstep data train-tokenizer data/shapes runs/shapes/tokenizer --vocab-size 1024
+    nextstep vae train --data data/shapes --out runs/shapes/vae --ch 64 --ch-mult 1,1,2,2 --num-res-blocks 1
+    nextstep train -m configs.shapes
 """
 
 import sys
-from pathlib import Path
 
 from nextstep.data.wds import DataConfig, DatasetSpec
 from nextstep.model.config import NextStepConfig
 from nextstep.train.config import (
+    CheckpointConfig,
     LoggingConfig,
     ModelConfig,
     OptimConfig,
@@ -19,19 +22,19 @@ from nextstep.train.config import (
     TrainingConfig,
 )
 
-TINY = Path(__file__).resolve().parents[1].parent / "shared/reference/nextstep11-tiny"
-
 config = TrainConfig(
     model=ModelConfig(
-        tokenizer_dir=str(TINY),  # any NextStep tokenizer dir; vocab_size is read from it
-        vae_dir=str(TINY / "vae"),  # an 8x, 16-channel VAE in the official layout
+        tokenizer_dir="runs/shapes/tokenizer",
+        vae_dir="runs/shapes/vae",
         arch=NextStepConfig(
             hidden_size=256,
-            intermediate_size=1024,
-            num_hidden_layers=8,
-            num_attention_heads=8,
-            num_key_value_heads=4,
-            fm_head_dim=384,
+            intermediate_size=768,
+            num_hidden_layers=6,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_theta=10000.0,
+            max_position_embeddings=512,
+            fm_head_dim=320,
             fm_head_layers=4,
         ),
     ),
@@ -39,13 +42,16 @@ config = TrainConfig(
         datasets=[DatasetSpec(shards="data/shapes", name="shapes")],
         image_size=128,
         aspect_ratios=(1.0,),
-        batch_size=64,
-        num_workers=4,
+        batch_size=128,
+        caption_drop_prob=0.1,
+        shuffle_buffer=2000,
+        num_workers=8,
     ),
-    training=TrainingConfig(output_dir="runs/shapes", max_steps=20_000, save_steps=1000, max_seq_len=256),
-    optim=OptimConfig(lr=5e-4, warmup_steps=500),
+    training=TrainingConfig(output_dir="runs/shapes/model", max_steps=3000, save_steps=500, max_seq_len=256),
+    optim=OptimConfig(lr=1e-3, warmup_steps=200, weight_decay=0.05),
     parallel=ParallelConfig(param_dtype="bfloat16"),
-    logging=LoggingConfig(log_steps=20, sample_steps=1000, sample_size=128, sample_head_steps=20),
+    logging=LoggingConfig(log_steps=100, sample_size=128, sample_head_steps=20),
+    checkpoint=CheckpointConfig(keep_last=2),
 )
 
 if __name__ == "__main__":

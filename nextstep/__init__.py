@@ -12,9 +12,13 @@ from pathlib import Path
 __version__ = "0.1.0"
 
 
-def load(path: str | Path | None = None, *, device=None, dtype=None):
-    """A text-to-image / editing pipeline from a checkpoint directory (default: the built-in model)."""
+def load(path: str | Path | None = None, *, device=None, dtype=None, quantize: str = "none"):
+    """A text-to-image / editing pipeline from a checkpoint directory (default: the built-in model).
+
+    device/dtype default to cuda + bfloat16 when available, else cpu + float32; quantize: none | int8 | fp8.
+    """
     from nextstep.cli import resolve_model_dir
     from nextstep.sampling.pipeline import Pipeline
 
-    return Pipeline.from_pretrained(resolve_model_dir(None if path is None else str(path)), device=device, dtype=dtype)
+    model_dir = resolve_model_dir(None if path is None else str(path))
+    return Pipeline.from_pretrained(model_dir, device=device, dtype=dtype, quantize=quantize)

@@ -28,6 +28,8 @@ FORWARDED = {
     ("data", "train-tokenizer"): "nextstep.train.tokenizer:main",
     ("vae", "train"): "nextstep.train.vae:main",
     ("eval", "shapes"): "nextstep.eval.generate:main_shapes",
+    ("serve",): "nextstep.serve.api:main_serve",
+    ("demo",): "nextstep.serve.demo:main_demo",
 }
 
 
@@ -60,6 +62,15 @@ def _add_sampling_args(p: argparse.ArgumentParser, *, edit: bool) -> None:
     )
     p.add_argument("--cfg-schedule", choices=("constant", "linear"), default=None)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument(
+        "--engine",
+        choices=("auto", "fast", "eager"),
+        default="auto",
+        help="auto: CUDA-graph engine on GPU, eager on CPU",
+    )
+    p.add_argument(
+        "--quantize", choices=("none", "int8", "fp8"), default="none", help="weight-only quantisation (decoder, head)"
+    )
     if edit:
         p.add_argument("--image", required=True, help="input image to edit")
         p.add_argument("--cfg-img", type=float, default=None, help="image guidance scale")
@@ -109,7 +120,7 @@ def _options(args: argparse.Namespace) -> dict:
         "positive_prompt": "positive_prompt",
     }
     opts = {key: getattr(args, attr) for attr, key in names.items() if getattr(args, attr, None) is not None}
-    return {**opts, "seed": args.seed, "n": args.n, "progress": True}
+    return {**opts, "seed": args.seed, "n": args.n, "progress": True, "engine": args.engine}
 
 
 def save_png(image, path: Path) -> None:
@@ -136,7 +147,7 @@ def output_paths(output: str, n: int) -> list[Path]:
 def run_sampling(args: argparse.Namespace) -> int:
     from PIL import Image, UnidentifiedImageError
 
-    from nextstep.sampling.pipeline import load
+    import nextstep
 
     paths = output_paths(args.output, args.n)
     source = None
@@ -146,7 +157,7 @@ def run_sampling(args: argparse.Namespace) -> int:
             source.load()
         except (OSError, UnidentifiedImageError) as e:
             raise ValueError(f"cannot read input image {args.image!r}: {e}") from None
-    pipe = load(resolve_model_dir(args.model), device=args.device)
+    pipe = nextstep.load(args.model, device=args.device, quantize=args.quantize)
     opts = _options(args)
     if args.command == "edit":
         images = pipe.edit(source, args.prompt, **opts)
@@ -160,13 +171,13 @@ def run_sampling(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    for path, target in FORWARDED.items():
-        if tuple(argv[: len(path)]) == path:
-            module, func = target.split(":")
-            return getattr(importlib.import_module(module), func)(argv[len(path) :]) or 0
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
+        for path, target in FORWARDED.items():
+            if tuple(argv[: len(path)]) == path:
+                module, func = target.split(":")
+                return getattr(importlib.import_module(module), func)(argv[len(path) :]) or 0
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
         return run_sampling(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"nextstep: error: {e}", file=sys.stderr)

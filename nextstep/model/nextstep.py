@@ -112,7 +112,7 @@ class NextStep(nn.Module):
         embeds = self.embed_tokens(input_ids.masked_fill(is_image, 0))
         if image_tokens is not None and image_tokens.shape[0]:
             projected = self.image_in_projector(image_tokens.to(embeds.dtype))
-            embeds = embeds.masked_scatter(is_image[..., None], projected)
+            embeds = embeds.masked_scatter(is_image[..., None], projected.to(embeds.dtype))
         return embeds
 
     def forward_hidden(

@@ -124,6 +124,7 @@ def sample_token(
     cfg: float = 1.0,
     cfg_img: float = 1.0,
     normalize: bool = False,
+    rows: int | None = None,
     token_dim: int,
     draw: DrawFn,
     noise: torch.Tensor | None = None,
@@ -134,8 +135,10 @@ def sample_token(
     cond: (rows * B, cond_dim) head conditions, branches stacked [cond; uncond...];
     velocity(x (rows*B, D), t (rows*B,), cond) -> (rows*B, D); returns (B, D).
     The initial noise is `noise` or draw((B, D)); stochastic rules draw (B, D) per step.
+    rows: branches stacked in `cond`; default from (cfg, cfg_img). Pass it when a guidance schedule
+    can bring a scale to 1 mid-image, so the row count stays that of the batch.
     """
-    rows = guidance_rows(cfg, cfg_img)
+    rows = rows or guidance_rows(cfg, cfg_img)
     b = cond.shape[0] // rows
     ts = (timesteps(settings) if grid is None else grid).to(cond.device)
     x = draw((b, token_dim)) if noise is None else noise  # (B, D)

@@ -46,6 +46,7 @@ class GenerateOptions:
     positive_prompt: str = ""  # appended to each prompt (after a space)
     negative_prompt: str = ""  # the text of the unconditional branch
     progress: bool = False  # tqdm bar over image tokens
+    engine: str = "auto"  # auto: CUDA-graph engine on GPU, eager on CPU | fast | eager
 
 
 DEFAULTS_FILE = "sampling_defaults.json"  # optional per-checkpoint overrides of GenerateOptions defaults
@@ -86,6 +87,8 @@ def check_options(opts: GenerateOptions, down: int) -> None:
         raise ValueError(f"n (images per prompt) must be > 0, got {opts.n}")
     if opts.cfg <= 0 or opts.cfg_img <= 0:
         raise ValueError(f"guidance scales must be > 0, got cfg={opts.cfg} cfg_img={opts.cfg_img}")
+    if opts.engine not in ("auto", "fast", "eager"):
+        raise ValueError(f"engine must be auto, fast or eager, got {opts.engine!r}")
     if opts.cfg_schedule not in ("constant", "linear"):
         raise ValueError(f"cfg schedule must be constant or linear, got {opts.cfg_schedule!r}")
 
@@ -97,11 +100,12 @@ def read_defaults(path: Path) -> dict:
         return {}
     raw = json.loads(file.read_text())
     known = {f.name for f in dataclasses.fields(GenerateOptions)}
-    for key in raw:
-        if key not in known:
-            raise ValueError(f"unknown option {key!r} in {file}")
-    if "size" in raw:
-        raw["size"] = tuple(raw["size"])
+    for options in (raw, raw.get("edit", {})):
+        for key in options:
+            if key not in known | {"edit"}:
+                raise ValueError(f"unknown option {key!r} in {file}")
+        if "size" in options:
+            options["size"] = tuple(options["size"])
     return raw
 
 
@@ -109,16 +113,28 @@ class Pipeline:
     def __init__(self, model: NextStep, vae: AutoEncoder, tokenizer: TextTokenizer, *, defaults: dict | None = None):
         self.model, self.vae, self.tokenizer = model, vae, tokenizer
         tokenizer.token_id(IMAGE_AREA)  # fail at load time if the tokenizer lacks the image-area marker
-        self.defaults = defaults or {}
+        defaults = dict(defaults or {})
+        self.edit_defaults = {**EDIT_DEFAULTS, **defaults.pop("edit", {})}  # editing: official, then checkpoint
+        self.defaults = defaults
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+        cls,
+        path: str | Path,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        quantize: str = "none",
     ) -> Pipeline:
+        """Load model, VAE and tokenizer; quantize: none | int8 | fp8 weight-only for the decoder and head."""
         path = check_model_dir(path)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         model = from_pretrained(path, dtype=dtype, device=device)
+        if quantize != "none":
+            from nextstep.sampling.engine import apply_quantization
+
+            apply_quantization(model, quantize)
         vae = load_vae(path / "vae", dtype=dtype, device=device)
         return cls(model, vae, TextTokenizer(path), defaults=read_defaults(path))
 
@@ -132,12 +148,17 @@ class Pipeline:
         return self.vae.config.down_factor * self.model.config.latent_patch_size
 
     # ---- public API ----------------------------------------------------------------------------
-    def generate(self, prompts: str | list[str], *, trace: Trace | None = None, **options) -> list[Image.Image]:
-        """Text-to-image. Returns len(prompts) * n images, prompt-major."""
+    def generate(
+        self, prompts: str | list[str], *, trace: Trace | None = None, draw=None, **options
+    ) -> list[Image.Image]:
+        """Text-to-image. Returns len(prompts) * n images, prompt-major.
+
+        draw(shape) -> tensor replaces the seeded generator for every random draw (replay, per-request seeds).
+        """
         opts = replace(GenerateOptions(**self.defaults), **options)
         prompts = _as_list(prompts, "prompt")
         captions = [p + (" " + opts.positive_prompt if opts.positive_prompt else "") for p in prompts]
-        return self._run(captions, [[] for _ in captions], opts, trace)
+        return self._run(captions, [[] for _ in captions], opts, trace, draw)
 
     def edit(
         self,
@@ -145,6 +166,7 @@ class Pipeline:
         instructions: str | list[str],
         *,
         trace: Trace | None = None,
+        draw=None,
         **options,
     ) -> list[Image.Image]:
         """Instruction editing: the source image is encoded into the prompt; output defaults to its size."""
@@ -152,7 +174,7 @@ class Pipeline:
         instructions = _as_list(instructions, "instruction")
         if len(images) != len(instructions):
             raise ValueError(f"got {len(images)} images for {len(instructions)} instructions")
-        opts = GenerateOptions(**{**self.defaults, **EDIT_DEFAULTS, "size": self._snap(images[0].size)})
+        opts = GenerateOptions(**{**self.defaults, **self.edit_defaults, "size": self._snap(images[0].size)})
         opts = replace(opts, **options)
         check_options(opts, self.down_factor)
         sources = []
@@ -161,7 +183,7 @@ class Pipeline:
                 img = img.convert("RGB").resize((opts.size[1], opts.size[0]), Image.BICUBIC)
             sources.append([img.convert("RGB")])
         captions = [self._image_string(opts.size) + text for text in instructions]
-        return self._run(captions, sources, opts, trace)
+        return self._run(captions, sources, opts, trace, draw)
 
     # ---- prompt building -----------------------------------------------------------------------
     def _snap(self, wh: tuple[int, int]) -> tuple[int, int]:
@@ -209,7 +231,7 @@ class Pipeline:
 
     # ---- generation ----------------------------------------------------------------------------
     @torch.inference_mode()
-    def _run(self, captions, sources, opts: GenerateOptions, trace: Trace | None) -> list[Image.Image]:
+    def _run(self, captions, sources, opts: GenerateOptions, trace: Trace | None, draw=None) -> list[Image.Image]:
         check_options(opts, self.down_factor)
         if len(captions) * opts.n > MAX_BATCH:
             raise ValueError(f"{len(captions)} prompts x n={opts.n} exceeds the batch limit of {MAX_BATCH}")
@@ -225,10 +247,21 @@ class Pipeline:
         pixels = [pil_to_pixels(img) for row in images for img in row]
         latents = self.encode_images(pixels)
         seed = opts.seed if opts.seed is not None else int(torch.randint(0, 2**31 - 1, (1,)).item())
-        tokens = self.generate_tokens(input_ids, attn, latents, settings, opts, seed=seed, trace=trace)
+        if self.use_engine(opts) and trace is None:
+            from nextstep.sampling.engine import generate_tokens_fast
+
+            tokens = generate_tokens_fast(self, input_ids, attn, latents, settings, opts, seed=seed, draw=draw)
+        else:
+            tokens = self.generate_tokens(input_ids, attn, latents, settings, opts, seed=seed, trace=trace, draw=draw)
         h, w = opts.size[0] // self.down_factor, opts.size[1] // self.down_factor
         decoded = self.decode_tokens(tokens, h, w, trace)
         return [pixels_to_pil(x) for x in decoded]
+
+    def use_engine(self, opts: GenerateOptions) -> bool:
+        """The fast engine (static cache, CUDA graphs) runs on GPU unless eager is asked for."""
+        if opts.engine == "auto":
+            return self.model.embed_tokens.weight.is_cuda
+        return opts.engine == "fast"
 
     def encode_images(self, pixels: list[torch.Tensor]) -> torch.Tensor:
         """Source images (each (1, 3, H, W) in [-1, 1]) -> their image tokens in order (N, D)."""
@@ -304,6 +337,7 @@ class Pipeline:
                     cfg=scale,
                     cfg_img=scale_img,
                     normalize=opts.cfg_normalize,
+                    rows=rows,
                     token_dim=cfg.token_dim,
                     draw=draw,
                 )  # (B, D)
@@ -333,15 +367,3 @@ def _as_list(value: str | list[str], what: str) -> list[str]:
         if not isinstance(item, str) or not item.strip():
             raise ValueError(f"{what} must be a non-empty string, got {item!r}")
     return items
-
-
-def load(
-    path: str | Path | None = None,
-    *,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
-) -> Pipeline:
-    """Load a pipeline from a checkpoint directory."""
-    if path is None:
-        raise ValueError("no model given: pass a checkpoint directory (CLI: --model DIR)")
-    return Pipeline.from_pretrained(path, device=device, dtype=dtype)

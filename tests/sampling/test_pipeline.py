@@ -163,3 +163,13 @@ def test_bad_options(pipes, bad, match):
         pipe.generate("a dog", **{"size": (32, 32), "steps": 2, **bad})
     with pytest.raises(ValueError, match="non-empty"):
         pipe.generate("  ")
+
+
+def test_linear_schedule_through_scale_one(pipes):
+    """A linear schedule can bring a guidance scale to exactly 1 mid-image; the branch count must not change."""
+    pipe = _pipe(pipes, dirs_with("nextstep11")[0])
+    source = Image.new("RGB", (32, 32), "blue")
+    out = pipe.edit(source, "make it red", steps=2, cfg=3.0, cfg_img=2.0, cfg_schedule="linear", seed=0)
+    assert out[0].size == (32, 32)
+    out = pipe.generate("a dog", size=(32, 32), steps=2, cfg=1.5, cfg_schedule="linear", seed=0)
+    assert out[0].size == (32, 32)
