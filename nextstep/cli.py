@@ -9,9 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 # Subcommands implemented in their own modules, each a `main(argv) -> int`.
@@ -28,6 +26,7 @@ FORWARDED = {
     ("data", "train-tokenizer"): "nextstep.train.tokenizer:main",
     ("vae", "train"): "nextstep.train.vae:main",
     ("eval", "shapes"): "nextstep.eval.generate:main_shapes",
+    ("eval", "gen-images"): "nextstep.eval.gen_images:main",
     ("serve",): "nextstep.serve.api:main_serve",
     ("demo",): "nextstep.serve.demo:main_demo",
 }
@@ -123,18 +122,6 @@ def _options(args: argparse.Namespace) -> dict:
     return {**opts, "seed": args.seed, "n": args.n, "progress": True, "engine": args.engine}
 
 
-def save_png(image, path: Path) -> None:
-    """Write a PNG atomically (temp file in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def output_paths(output: str, n: int) -> list[Path]:
     out = Path(output)
     if out.suffix.lower() != ".png":
@@ -148,6 +135,7 @@ def run_sampling(args: argparse.Namespace) -> int:
     from PIL import Image, UnidentifiedImageError
 
     import nextstep
+    from nextstep.io import save_png
 
     paths = output_paths(args.output, args.n)
     source = None

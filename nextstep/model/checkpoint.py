@@ -5,15 +5,14 @@ vae/. Reads both official families unchanged and writes the same layout back, at
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from nextstep.io import atomic_write, write_json
 from nextstep.model.config import NextStepConfig, config_to_dict, load_config
 from nextstep.model.nextstep import NextStep
 
@@ -98,21 +97,6 @@ def from_pretrained(
     return model.eval()
 
 
-def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_json(target: Path, obj) -> None:
-    _atomic_write(target, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
-
-
 def save_pretrained(
     model: NextStep,
     path: str | Path,
@@ -140,12 +124,12 @@ def save_pretrained(
     for stale in list(path.glob("model*.safetensors")) + [path / INDEX_NAME]:
         stale.unlink(missing_ok=True)
     if len(shards) == 1:
-        _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(shards[0], tmp, metadata={"format": "pt"}))
+        atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(shards[0], tmp, metadata={"format": "pt"}))
     else:
         weight_map = {}
         for i, shard in enumerate(shards):
             name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            _atomic_write(path / name, lambda tmp, s=shard: save_file(s, tmp, metadata={"format": "pt"}))
+            atomic_write(path / name, lambda tmp, s=shard: save_file(s, tmp, metadata={"format": "pt"}))
             weight_map.update(dict.fromkeys(shard, name))
         total = sum(t.numel() * t.element_size() for t in state.values())
         write_json(path / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
@@ -154,12 +138,12 @@ def save_pretrained(
         for name in TOKENIZER_FILES:
             src = Path(tokenizer_dir) / name
             if src.is_file() and src.resolve() != (path / name).resolve():
-                _atomic_write(path / name, lambda tmp, s=src: shutil.copyfile(s, tmp))
+                atomic_write(path / name, lambda tmp, s=src: shutil.copyfile(s, tmp))
     if vae_dir is not None and Path(vae_dir).resolve() != (path / "vae").resolve():
         (path / "vae").mkdir(exist_ok=True)
         for src in Path(vae_dir).iterdir():
             if src.is_file():
-                _atomic_write(path / "vae" / src.name, lambda tmp, s=src: shutil.copyfile(s, tmp))
+                atomic_write(path / "vae" / src.name, lambda tmp, s=src: shutil.copyfile(s, tmp))
     return path
 
 

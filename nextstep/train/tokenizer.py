@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from nextstep.model.checkpoint import write_json
+from nextstep.io import write_json
 from nextstep.model.tokenizer import BOI, EOI, EOS, IMAGE_AREA, IMAGE_PLACEHOLDER, PAD
 
 SPECIAL_TOKENS = [
