@@ -36,9 +36,7 @@ def make_manifest(root: Path, n: int, size: int) -> Path:
             base = (np.sin(xx / (8 + i % 13)) + np.cos(yy / (5 + i % 7))) * 60 + 128
             pixels = base[..., None] + rng.normal(0, 8, (size, size, 3))
             Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(root / "img" / f"{i}.png")
-            f.write(
-                json.dumps({"key": f"s{i}", "caption": f"sample {i} <image_0>", "images": [f"img/{i}.png"]})
-            )
+            f.write(json.dumps({"key": f"s{i}", "caption": f"sample {i} <image_0>", "images": [f"img/{i}.png"]}))
             f.write("\n")
     return root / "m.jsonl"
 
@@ -52,8 +50,7 @@ def baseline_tar(manifest: Path, out: Path, shard_size: int) -> None:
             for doc in docs[s : s + shard_size]:
                 members = [(f"{doc['key']}.json", json.dumps({"caption": doc["caption"]}).encode())]
                 members += [
-                    (f"{doc['key']}-{i}.png", (manifest.parent / p).read_bytes())
-                    for i, p in enumerate(doc["images"])
+                    (f"{doc['key']}-{i}.png", (manifest.parent / p).read_bytes()) for i, p in enumerate(doc["images"])
                 ]
                 for name, data in members:
                     info = tarfile.TarInfo(name)
@@ -79,11 +76,7 @@ def main() -> None:
 
     def emit(what: str, config: dict, number: float, unit: str = "samples/s") -> None:
         cfg = {"n": args.n, "size": args.size, "shard_size": args.shard_size, **config}
-        print(
-            json.dumps(
-                {"what": what, "config": cfg, "device": device, "number": round(number, 1), "unit": unit}
-            )
-        )
+        print(json.dumps({"what": what, "config": cfg, "device": device, "number": round(number, 1), "unit": unit}))
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

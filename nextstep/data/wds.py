@@ -79,9 +79,7 @@ class DataConfig:
         for i, spec in enumerate(self.datasets):
             spec.name = spec.name or f"dataset{i}"
         if self.image_size % self.bucket_multiple:
-            raise ValueError(
-                f"image_size must be a multiple of {self.bucket_multiple}, got {self.image_size}"
-            )
+            raise ValueError(f"image_size must be a multiple of {self.bucket_multiple}, got {self.image_size}")
         if not 0 <= self.caption_drop_prob <= 1:
             raise ValueError(f"caption_drop_prob must be in [0, 1], got {self.caption_drop_prob}")
         if self.batch_size < 1 or self.num_workers < 0 or self.shuffle_buffer < 0:
@@ -93,20 +91,14 @@ class DataConfig:
             self.buckets = [tuple(b) for b in self.buckets]
             bad = [b for b in self.buckets if b[0] % self.bucket_multiple or b[1] % self.bucket_multiple]
             if bad or not self.buckets:
-                raise ValueError(
-                    f"buckets must be non-empty (H, W) multiples of {self.bucket_multiple}: {bad}"
-                )
+                raise ValueError(f"buckets must be non-empty (H, W) multiples of {self.bucket_multiple}: {bad}")
 
     def resolved_buckets(self) -> list[tuple[int, int]]:
         """The (H, W) buckets in use."""
-        return self.buckets or make_buckets(
-            self.image_size, self.aspect_ratios, multiple=self.bucket_multiple
-        )
+        return self.buckets or make_buckets(self.image_size, self.aspect_ratios, multiple=self.bucket_multiple)
 
 
-def make_buckets(
-    image_size: int, aspect_ratios: tuple[float, ...], *, multiple: int = 16
-) -> list[tuple[int, int]]:
+def make_buckets(image_size: int, aspect_ratios: tuple[float, ...], *, multiple: int = 16) -> list[tuple[int, int]]:
     """(H, W) buckets of about image_size**2 pixels, one per aspect ratio W/H, sides rounded to `multiple`."""
     buckets = []
     for ar in aspect_ratios:
@@ -249,9 +241,7 @@ class _Cursor:
 class _DatasetStream:
     """Raw samples of one dataset for one worker slot, epoch after epoch, positioned by (epoch, taken)."""
 
-    def __init__(
-        self, index: int, urls: list[str], cfg: DataConfig, slot: int, num_slots: int, stats: dict
-    ) -> None:
+    def __init__(self, index: int, urls: list[str], cfg: DataConfig, slot: int, num_slots: int, stats: dict) -> None:
         self.index, self.urls, self.cfg, self.stats = index, urls, cfg, stats
         self.slot, self.num_slots = slot, num_slots
         self.epoch, self.taken, self.done = 0, 0, False
@@ -281,9 +271,7 @@ class _DatasetStream:
             c.buffer = [(url, _read_at(url, index[url]["offsets"][o])) for url, o in c.buffer]
             self._it = self._epoch_items(epoch, start=c, offsets={u: e["offsets"] for u, e in index.items()})
             self.taken = taken
-            log.debug(
-                "fast seek of %s to epoch %d sample %d", self.cfg.datasets[self.index].name, epoch, taken
-            )
+            log.debug("fast seek of %s to epoch %d sample %d", self.cfg.datasets[self.index].name, epoch, taken)
             return
         for _ in range(taken):
             if next(self._it, None) is None:
@@ -308,14 +296,10 @@ class _DatasetStream:
             self.seek(self.epoch + 1)
             if empty:
                 break
-        raise RuntimeError(
-            f"dataset {self.cfg.datasets[self.index].name!r}: no readable samples in any shard"
-        )
+        raise RuntimeError(f"dataset {self.cfg.datasets[self.index].name!r}: no readable samples in any shard")
 
     def _shards(self, epoch: int) -> tuple[list[str], bool]:
-        order = random.Random(_seed("shards", self.cfg.seed, self.index, epoch)).sample(
-            self.urls, len(self.urls)
-        )
+        order = random.Random(_seed("shards", self.cfg.seed, self.index, epoch)).sample(self.urls, len(self.urls))
         # Enough shards: each slot reads its own; too few: every slot reads all and keeps every n-th sample.
         by_shard = len(order) >= self.num_slots
         return (order[self.slot :: self.num_slots] if by_shard else order), by_shard
@@ -341,9 +325,7 @@ class _DatasetStream:
     ) -> Iterator[tuple[str, Any]]:
         """(url, raw sample) of this slot's epoch, shuffled; `read(url, skip)` replaces shard reading."""
         urls, by_shard = self._shards(epoch)
-        buffer = _ShuffleBuffer(
-            self.cfg.shuffle_buffer, _seed("buffer", self.cfg.seed, self.index, epoch, self.slot)
-        )
+        buffer = _ShuffleBuffer(self.cfg.shuffle_buffer, _seed("buffer", self.cfg.seed, self.index, epoch, self.slot))
         c = start or _Cursor()
         if start is not None:
             buffer.items, self._cursor = list(start.buffer), _Cursor(start.shard, start.ordinal, start.seen)
@@ -476,9 +458,7 @@ class _WorkerRun:
             raw = fetched.get((ref.url, ref.key))
             sample = self._process(raw, ref) if raw is not None else None
             if sample is None:
-                log.warning(
-                    "sample %s of %s waiting in a bucket could not be re-read; dropped", ref.key, ref.url
-                )
+                log.warning("sample %s of %s waiting in a bucket could not be re-read; dropped", ref.key, ref.url)
                 continue
             self.pending.setdefault(_bucket_of(sample), []).append((sample, ref))
         self.stats.update(state["stats"])  # after the replay above, which re-counted old errors
@@ -617,9 +597,7 @@ class WdsLoader:
         }
         for stats in self._stats.values():
             for k, v in stats.items():
-                total[k] = (
-                    [a + b for a, b in zip(total[k], v, strict=True)] if isinstance(v, list) else total[k] + v
-                )
+                total[k] = [a + b for a, b in zip(total[k], v, strict=True)] if isinstance(v, list) else total[k] + v
         return total
 
     def state_dict(self) -> dict:

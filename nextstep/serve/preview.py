@@ -125,9 +125,7 @@ def render(default_path: str = "") -> None:
     limit = st.sidebar.number_input("Samples to read", min_value=1, max_value=10000, value=48)
     columns = st.sidebar.slider("Grid columns", 1, 6, 3)
     if not path:
-        st.info(
-            "Enter a shard folder (e.g. shards/), a pattern (data-{000000..000009}.tar) or a config JSON."
-        )
+        st.info("Enter a shard folder (e.g. shards/), a pattern (data-{000000..000009}.tar) or a config JSON.")
         return
     try:
         if path.endswith(".json"):

@@ -67,11 +67,7 @@ def test_jsonl_round_trip_build_meta_warmup_reader(tmp_path):
     meta = gen_meta(out)
     assert meta["num_samples"] == 12 and not meta["errors"] and meta["rescanned"] == 3
     entry = meta["shards"]["data-000000.tar"]
-    assert (
-        entry["count"] == 5
-        and entry["size"] == os.path.getsize(report.paths[0])
-        and len(entry["sha256"]) == 64
-    )
+    assert entry["count"] == 5 and entry["size"] == os.path.getsize(report.paths[0]) and len(entry["sha256"]) == 64
     assert entry["width"]["min"] == 16
     index = warmup_index(out, n_jobs=2)
     assert [e["count"] for e in index["shards"].values()] == [5, 5, 2]
@@ -144,9 +140,7 @@ def test_folder_and_csv_sources(tmp_path):
 def test_bad_samples_named(tmp_path, doc, match, capsys):
     (tmp_path / "img").mkdir()
     _png(tmp_path / "img" / "0.png", 0)
-    (tmp_path / "m.jsonl").write_text(
-        json.dumps(doc) + "\n" + json.dumps({"key": "ok", "caption": "t"}) + "\n"
-    )
+    (tmp_path / "m.jsonl").write_text(json.dumps(doc) + "\n" + json.dumps({"key": "ok", "caption": "t"}) + "\n")
     with pytest.raises(ValueError, match=match):
         build_wds(tmp_path / "m.jsonl", tmp_path / "out")
     assert main_build_wds([str(tmp_path / "m.jsonl"), str(tmp_path / "out"), "--workers", "1"]) == 1

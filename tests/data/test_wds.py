@@ -145,9 +145,7 @@ def test_multi_worker_and_multi_rank_cover_each_sample_once(shards):
     a, _ = shards  # 8 shards over 2 ranks x 2 workers
     keys = []
     for rank in range(2):
-        loader = build_dataloader(
-            _cfg([DatasetSpec(shards=a)], loop=False, num_workers=2), rank=rank, world_size=2
-        )
+        loader = build_dataloader(_cfg([DatasetSpec(shards=a)], loop=False, num_workers=2), rank=rank, world_size=2)
         keys += [k for b in loader for k in _keys(b)]
     assert sorted(keys) == sorted(f"alpha{i}" for i in range(40))
 
