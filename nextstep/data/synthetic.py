@@ -215,12 +215,17 @@ def make_sample(index: int, *, seed: int, size: int = 128) -> Sample:
         scenes, caption = [src, dst], f"<image_0>{edit_text(edit, rng.randrange(3))}<image_1>"
     else:
         scene, text = sample_t2i(rng)
-        editable = len(scene.objects) < 4 or len({(o.color, o.shape) for o in scene.objects}) > 1
-        if rng.random() < 0.5 or not editable:
+        edited = None
+        if rng.random() >= 0.5:
+            try:
+                edited = sample_edit(rng, source=scene)
+            except RuntimeError:  # e.g. four objects in two repeated pairs: nothing uniquely nameable
+                edited = None
+        if edited is None:
             other, text2 = sample_t2i(rng)
             scenes, caption = [scene, other], f"{text}<image_0>{rng.choice(SCENE_LINKS)}{text2}<image_1>"
         else:
-            _, edit, dst = sample_edit(rng, source=scene)
+            _, edit, dst = edited
             link = rng.choice(EDIT_LINKS)
             scenes, caption = (
                 [scene, dst],
