@@ -104,14 +104,17 @@ def test_headless_chromium_screenshot(tmp_path):
         url = f"http://127.0.0.1:{port}"
         # First visit runs the script once (imports); its real-time cost is not covered by virtual time.
         subprocess.run(browse + ["--virtual-time-budget=30000", "--dump-dom", url], timeout=120, capture_output=True)
-        time.sleep(10)
-        subprocess.run(
-            browse + ["--virtual-time-budget=60000", f"--screenshot={shot}", url],
-            check=True,
-            timeout=120,
-            capture_output=True,
-        )
-        image = np.asarray(Image.open(shot).convert("L"))
+        for _ in range(3):  # a busy machine can still be running the script at the first capture
+            time.sleep(10)
+            subprocess.run(
+                browse + ["--virtual-time-budget=60000", f"--screenshot={shot}", url],
+                check=True,
+                timeout=120,
+                capture_output=True,
+            )
+            image = np.asarray(Image.open(shot).convert("L"))
+            if image.std() > 5:
+                break
         assert image.shape == (1600, 1280) and image.std() > 5  # rendered something, not a blank page
     finally:
         server.terminate()
