@@ -7,7 +7,7 @@ official checkpoints' (no `model.` prefix).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -50,8 +50,9 @@ def sincos_2d(dim: int, grid: int) -> torch.Tensor:
     return emb.float()[None]
 
 
-@dataclass
-class LossOutput:
+class LossOutput(NamedTuple):
+    """A NamedTuple, so FSDP2 finds the tensors in forward_train's output and hooks their backward."""
+
     loss: torch.Tensor  # lm_loss_weight * lm_loss + im_loss_weight * im_loss
     lm_loss: torch.Tensor  # mean text cross-entropy
     im_loss: torch.Tensor  # masked flow-matching MSE

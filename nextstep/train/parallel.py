@@ -52,7 +52,8 @@ def apply_fsdp(
     for i, layer in enumerate(model.layers):
         fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward and i < n - 1)
     fully_shard(model.image_head.net, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    # The root (embeddings, lm_head, projectors) is what backward needs first: keep it gathered.
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
     # Training enters through forward_train, not __call__: give it the root's gather/reshard hooks.
     register_fsdp_forward_method(model, "forward_train")
 
