@@ -11,7 +11,7 @@ nextstep data synth-shapes data/shapes --n "$N" --seed 0 --workers "$(nproc)"
 nextstep data train-tokenizer data/shapes runs/shapes/tokenizer --vocab-size 1024 --max-samples 50000
 nextstep vae train --data data/shapes --out runs/shapes/vae --ch 64 --ch-mult 1,1,2,2 --num-res-blocks 1 \
   --steps "${VAE_STEPS:-2000}" --batch 64 --workers 8
-timeout --signal=INT "$TRAIN_SECONDS" nextstep train -m configs.shapes ${TRAIN_ARGS:-} || echo "training stopped at the time limit"
+timeout --signal=INT "$TRAIN_SECONDS" nextstep train -m configs.shapes ${TRAIN_ARGS:-} || echo "training ended early (time limit or error; see above)"
 nextstep export runs/shapes/model "$OUT" --dtype float16
 python3 - "$OUT" <<'PY'
 import json, sys
