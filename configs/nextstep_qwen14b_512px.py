@@ -5,8 +5,8 @@ smartrun -m configs.nextstep_qwen14b_512px training.max_steps=1000 training.save
 
 import sys
 
+from configs.nextstep_qwen14b_256px import ARCH_14B
 from nextstep.data.wds import DataConfig, DatasetSpec
-from nextstep.model.config import NextStepConfig
 from nextstep.train.config import (
     LoggingConfig,
     ModelConfig,
@@ -14,25 +14,6 @@ from nextstep.train.config import (
     ParallelConfig,
     TrainConfig,
     TrainingConfig,
-)
-
-ARCH_14B = NextStepConfig(
-    vocab_size=152064,
-    hidden_size=5120,
-    intermediate_size=13824,
-    num_hidden_layers=48,
-    num_attention_heads=40,
-    num_key_value_heads=8,
-    head_dim=128,
-    rms_norm_eps=1e-5,
-    rope_theta=1e6,
-    max_position_embeddings=32768,
-    fm_head_dim=1536,
-    fm_head_layers=12,
-    boi=151667,
-    eoi=151668,
-    image_placeholder_id=151669,
-    pad_token_id_added=151665,
 )
 
 # Stage 2: from the released 256px-pretrained NextStep checkpoint, short 512px training.

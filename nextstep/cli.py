@@ -32,7 +32,7 @@ FORWARDED = {
 }
 
 
-def _size(text: str) -> tuple[int, int]:
+def size_arg(text: str) -> tuple[int, int]:
     """'512x768' (width x height, like most image tools) -> (height, width)."""
     try:
         w, h = (int(v) for v in text.lower().split("x"))
@@ -45,7 +45,7 @@ def _add_sampling_args(p: argparse.ArgumentParser, *, edit: bool) -> None:
     p.add_argument("prompt", help="instruction" if edit else "text prompt")
     p.add_argument("-o", "--output", default="out.png", help="output PNG; with --n > 1, name_0.png, name_1.png, ...")
     p.add_argument("--model", default=None, help="checkpoint directory (default: the built-in model)")
-    p.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT in pixels, multiples of 16")
+    p.add_argument("--size", type=size_arg, default=None, help="WIDTHxHEIGHT in pixels, multiples of 16")
     p.add_argument("--steps", type=int, default=None, help="flow-matching head steps per token")
     p.add_argument("--cfg", type=float, default=None, help="text guidance scale (1 = off)")
     p.add_argument("--shift", type=float, default=None, help="timestep shift")

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from nextstep.cli import size_arg
 from nextstep.sampling.pipeline import MAX_BATCH, MAX_PROMPT_TOKENS, GenerateOptions, Pipeline
 from nextstep.serve.batching import Batcher, BatchKey, Job, QueueFull, run_batch
 
@@ -394,14 +395,6 @@ def build_app(pipe: Pipeline, config: ServeConfig | None = None) -> FastAPI:
     return app
 
 
-def _size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like 512x512, got {text!r}") from None
-    return h, w
-
-
 def build_parser() -> argparse.ArgumentParser:
     d = ServeConfig()
     p = argparse.ArgumentParser(prog="nextstep serve", description=__doc__.split("\n\n")[0])
@@ -417,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-n", type=int, default=d.max_n, help="most images per request")
     p.add_argument("--max-side", type=int, default=d.max_side, help="largest image side in px")
     p.add_argument("--max-steps", type=int, default=d.max_steps, help="largest steps a request may ask for")
-    p.add_argument("--default-size", type=_size, default=None, help="WIDTHxHEIGHT when a request names none")
+    p.add_argument("--default-size", type=size_arg, default=None, help="WIDTHxHEIGHT when a request names none")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
 

@@ -12,6 +12,7 @@ import sys
 
 from PIL import Image
 
+from nextstep.cli import size_arg
 from nextstep.sampling.pipeline import EDIT_DEFAULTS, GenerateOptions, Pipeline
 from nextstep.serve.api import fit_size
 
@@ -124,21 +125,13 @@ def theme():
     return gr.themes.Default(font=SYSTEM_FONTS, font_mono=SYSTEM_MONO)
 
 
-def _size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like 512x512, got {text!r}") from None
-    return h, w
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nextstep demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="checkpoint directory (default: the built-in model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--size", type=_size, default=None, help="starting WIDTHxHEIGHT (default: the checkpoint's)")
+    p.add_argument("--size", type=size_arg, default=None, help="starting WIDTHxHEIGHT (default: the checkpoint's)")
     p.add_argument("--steps", type=int, default=None, help="starting steps (default: the checkpoint's)")
     p.add_argument("--max-side", type=int, default=1024, help="largest width/height the sliders allow")
     p.add_argument("--max-n", type=int, default=4, help="most images per generation")
