@@ -18,6 +18,7 @@ from nextstep.model.nextstep import NextStep
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+VAE_FILES = ("config.json", "checkpoint.pt")
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -141,9 +142,11 @@ def save_pretrained(
                 atomic_write(path / name, lambda tmp, s=src: shutil.copyfile(s, tmp))
     if vae_dir is not None and Path(vae_dir).resolve() != (path / "vae").resolve():
         (path / "vae").mkdir(exist_ok=True)
-        for src in Path(vae_dir).iterdir():
-            if src.is_file():
-                atomic_write(path / "vae" / src.name, lambda tmp, s=src: shutil.copyfile(s, tmp))
+        for name in VAE_FILES:  # the official layout only: no training state
+            src = Path(vae_dir) / name
+            if not src.is_file():
+                raise FileNotFoundError(f"VAE folder {vae_dir} has no {name}")
+            atomic_write(path / "vae" / name, lambda tmp, s=src: shutil.copyfile(s, tmp))
     return path
 
 

@@ -18,7 +18,11 @@ from tests.refs import reference_dirs
 @pytest.mark.parametrize("shard_bytes", [5 * 1024**3, 200_000], ids=["single", "sharded"])
 def test_round_trip_is_bit_exact(tmp_path, ref, shard_bytes):
     model = from_pretrained(ref)
-    out = save_pretrained(model, tmp_path / "ckpt", tokenizer_dir=ref, vae_dir=ref / "vae", max_shard_bytes=shard_bytes)
+    vae_dir = tmp_path / "vae_with_state"
+    shutil.copytree(ref / "vae", vae_dir)
+    (vae_dir / "train_state.pt").write_bytes(b"optimizer state, not part of a checkpoint")
+    out = save_pretrained(model, tmp_path / "ckpt", tokenizer_dir=ref, vae_dir=vae_dir, max_shard_bytes=shard_bytes)
+    assert sorted(p.name for p in (out / "vae").iterdir()) == ["checkpoint.pt", "config.json"]
     assert (out / "model.safetensors.index.json").is_file() == (shard_bytes < 1e6)
     again = from_pretrained(out)
     a, b = model.state_dict(), again.state_dict()
