@@ -45,7 +45,7 @@ config = TrainConfig(
         batch_size=128,
         caption_drop_prob=0.1,
         shuffle_buffer=2000,
-        num_workers=8,
+        num_workers=14,  # decoding + resizing PNGs bounds the step rate of this tiny model
     ),
     training=TrainingConfig(output_dir="runs/shapes/model", max_steps=3000, save_steps=500, max_seq_len=256),
     optim=OptimConfig(lr=1e-3, warmup_steps=200, weight_decay=0.05),
