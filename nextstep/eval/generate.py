@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image
 
+from nextstep.eval.shapes import GenerateFn
 from nextstep.sampling.pipeline import Pipeline
-
-GenerateFn = Callable[[list[tuple[str, Image.Image | None]]], list[Image.Image]]
 
 
 def pipeline_generate_fn(model_dir: Path, *, seed: int = 0, **options) -> GenerateFn:

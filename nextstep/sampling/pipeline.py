@@ -24,7 +24,7 @@ from nextstep.model.tokenizer import BOI, EOI, IMAGE_AREA, IMAGE_PLACEHOLDER, Te
 from nextstep.model.vae import AutoEncoder, load_vae, pil_to_pixels, pixels_to_pil
 from nextstep.sampling.flow import FlowSettings, guidance_rows, guidance_scale, sample_token
 
-MAX_PROMPT_TOKENS = 1024  # longest prompt accepted, in tokens
+MAX_PROMPT_TOKENS = 1024  # longest prompt text accepted, in tokens (source-image placeholders not counted)
 MAX_BATCH = 64  # most images one call may make
 MAX_SIDE = 2048  # largest image side in pixels
 
@@ -218,9 +218,11 @@ class Pipeline:
     def _tokenize(self, texts: list[str], size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded ids and mask (R, L), every row ending with `<|image_area|>h*w` + boi."""
         ids = [self.tokenizer.encode(t) for t in texts]
+        placeholder = self.model.config.image_placeholder_id
         for t, row in zip(texts, ids, strict=True):
-            if len(row) > MAX_PROMPT_TOKENS:
-                raise ValueError(f"prompt of {len(row)} tokens exceeds {MAX_PROMPT_TOKENS}: {t[:60]!r}...")
+            n_text = len(row) - row.count(placeholder)
+            if n_text > MAX_PROMPT_TOKENS:
+                raise ValueError(f"prompt of {n_text} tokens exceeds {MAX_PROMPT_TOKENS}: {t[:60]!r}...")
         h, w = size[0] // self.down_factor, size[1] // self.down_factor
         suffix = self.tokenizer.encode(f"{IMAGE_AREA}{h}*{w}") + [self.model.config.boi]
         width = max(len(r) for r in ids)

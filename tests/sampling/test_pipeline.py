@@ -173,3 +173,15 @@ def test_linear_schedule_through_scale_one(pipes):
     assert out[0].size == (32, 32)
     out = pipe.generate("a dog", size=(32, 32), steps=2, cfg=1.5, cfg_schedule="linear", seed=0)
     assert out[0].size == (32, 32)
+
+
+def test_prompt_limit_counts_text_not_source_placeholders(pipes, monkeypatch):
+    """A large source image adds h*w placeholders to the prompt; only the text counts against the limit."""
+    import nextstep.sampling.pipeline as pipeline_module
+
+    pipe = _pipe(pipes, dirs_with("nextstep11")[0])
+    monkeypatch.setattr(pipeline_module, "MAX_PROMPT_TOKENS", 8)
+    source = Image.new("RGB", (64, 64), "blue")  # 4x4 = 16 placeholders > 8
+    assert pipe.edit(source, "red", steps=1, cfg=1.0, cfg_img=1.0, seed=0)[0].size == (64, 64)
+    with pytest.raises(ValueError, match="exceeds 8"):
+        pipe.generate("a much longer prompt about a small red car on a road", size=(32, 32), steps=1)
