@@ -6,9 +6,10 @@ on a Qwen2.5 tokenizer at 256px.
 """
 
 import sys
+from dataclasses import replace
 
+from configs.nextstep_qwen14b_256px import ARCH_14B
 from nextstep.data.wds import DataConfig, DatasetSpec
-from nextstep.model.config import NextStepConfig
 from nextstep.train.config import (
     LoggingConfig,
     ModelConfig,
@@ -18,23 +19,16 @@ from nextstep.train.config import (
     TrainingConfig,
 )
 
-ARCH_1B = NextStepConfig(
-    vocab_size=152064,
+# The Qwen2.5 vocabulary and special-token ids of the 14B shape, with a ~1B backbone.
+ARCH_1B = replace(
+    ARCH_14B,
     hidden_size=2048,
     intermediate_size=5632,
     num_hidden_layers=20,
     num_attention_heads=16,
     num_key_value_heads=4,
-    head_dim=128,
     rms_norm_eps=1e-6,
-    rope_theta=1e6,
     max_position_embeddings=4096,
-    fm_head_dim=1536,
-    fm_head_layers=12,
-    boi=151667,
-    eoi=151668,
-    image_placeholder_id=151669,
-    pad_token_id_added=151665,
 )
 
 config = TrainConfig(
