@@ -9,16 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from nextstep.data.buckets import make_buckets, nearest_bucket, resize_center_crop
 from nextstep.data.format import Sample, write_shards
-from nextstep.data.wds import (
-    DataConfig,
-    DatasetSpec,
-    build_dataloader,
-    drop_caption_text,
-    make_buckets,
-    nearest_bucket,
-    resize_center_crop,
-)
+from nextstep.data.wds import DataConfig, DatasetSpec, build_dataloader, drop_caption_text
 
 SIZES = [(32, 32), (48, 24), (24, 48)]  # (W, H): square, landscape, portrait
 
