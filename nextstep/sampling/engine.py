@@ -83,9 +83,10 @@ def head_modulations(net: AdaLNMLP, t_embed: torch.Tensor, cond: torch.Tensor) -
     mods = []
     for block in net.res_blocks:
         shift, scale, gate = block.adaLN_modulation(y).chunk(3, dim=-1)
-        mods.append((shift, 1 + scale, gate))
+        # chunk() gives strided views; contiguous copies (once per token) let the S steps' addcmuls vectorise.
+        mods.append((shift.contiguous(), 1 + scale, gate.contiguous()))
     shift, scale = net.final_layer.adaLN_modulation(y).chunk(2, dim=-1)
-    mods.append((shift, 1 + scale))
+    mods.append((shift.contiguous(), 1 + scale))
     return mods
 
 
