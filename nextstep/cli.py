@@ -60,6 +60,9 @@ def _add_sampling_args(p: argparse.ArgumentParser, *, edit: bool) -> None:
         help="layer-normalise sampled tokens before feeding them back",
     )
     p.add_argument("--cfg-schedule", choices=("constant", "linear"), default=None)
+    p.add_argument("--cfg-normalize", action="store_true", default=None, help="norm-rescaled guidance (1.1)")
+    p.add_argument("--noise-level", type=float, default=None, help="SDE/CPS noise scale (1.1)")
+    p.add_argument("--last-step-size", type=float, default=None, help="final deterministic step (NextStep-1)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument(
         "--engine",
@@ -106,19 +109,22 @@ def resolve_model_dir(model: str | None) -> Path:
 
 
 def _options(args: argparse.Namespace) -> dict:
-    names = {
-        "size": "size",
-        "steps": "steps",
-        "cfg": "cfg",
-        "shift": "shift",
-        "sampler": "sampler",
-        "negative_prompt": "negative_prompt",
-        "use_norm": "use_norm",
-        "cfg_schedule": "cfg_schedule",
-        "cfg_img": "cfg_img",
-        "positive_prompt": "positive_prompt",
-    }
-    opts = {key: getattr(args, attr) for attr, key in names.items() if getattr(args, attr, None) is not None}
+    names = (
+        "size",
+        "steps",
+        "cfg",
+        "cfg_img",
+        "shift",
+        "sampler",
+        "negative_prompt",
+        "positive_prompt",
+        "use_norm",
+        "cfg_schedule",
+        "cfg_normalize",
+        "noise_level",
+        "last_step_size",
+    )
+    opts = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
     return {**opts, "seed": args.seed, "n": args.n, "progress": True, "engine": args.engine}
 
 

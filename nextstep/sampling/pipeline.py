@@ -40,6 +40,7 @@ class GenerateOptions:
     shift: float = 1.0  # timestep shift
     sampler: str = "sde"  # update rule: sde | ode | cps (1.1 only)
     noise_level: float = 0.8  # NextStep-1.1 SDE/CPS noise scale
+    last_step_size: float = 0.04  # NextStep-1: the grid stops at 1 - this, then one deterministic step
     use_norm: bool = False  # layer-normalise each sampled token before feeding it back
     seed: int | None = 0  # one generator for every draw; None draws a random seed
     n: int = 1  # images per prompt
@@ -243,6 +244,7 @@ class Pipeline:
             shift=opts.shift,
             rule=opts.sampler,
             noise_level=opts.noise_level,
+            last_step_size=opts.last_step_size,
         )
         texts, images = self._rows(captions, sources, opts)
         input_ids, attn = self._tokenize(texts, opts.size)
