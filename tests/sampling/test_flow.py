@@ -144,3 +144,10 @@ def test_bad_settings_are_clear_errors():
         FlowSettings(family="nextstep1", rule="cps")
     with pytest.raises(ValueError, match="shift"):
         FlowSettings(shift=-1)
+
+
+def test_last_step_size_and_grid_ends():
+    ts = timesteps(FlowSettings(family="nextstep1", num_steps=5, last_step_size=0.1))
+    assert ts[0] == 0 and abs(ts[-1].item() - 0.9) < 1e-6 and len(ts) == 5
+    ts = timesteps(FlowSettings(family="nextstep11", num_steps=5, shift=3.0))
+    assert ts[0] == 0 and ts[-1] == 1.0 and len(ts) == 6
