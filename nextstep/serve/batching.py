@@ -11,8 +11,7 @@ import asyncio
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -78,40 +77,21 @@ def _draws(seeds: list[int], counts: list[int], device: torch.device) -> Callabl
     return draw
 
 
-@contextmanager
-def _drawing(pipe: Pipeline, draw: Callable) -> Iterator[list[bool]]:
-    """Route one call's draws through `draw`: Pipeline.generate takes one seed per call, not a draw function.
-    Yields a list that is non-empty once the pipeline has drawn through it (a faster path may bypass it)."""
-    used: list[bool] = []
-
-    def generate_tokens(*args, **kwargs):
-        used.append(True)
-        return type(pipe).generate_tokens(pipe, *args, **{**kwargs, "draw": draw})
-
-    pipe.generate_tokens = generate_tokens
-    try:
-        yield used
-    finally:
-        del pipe.generate_tokens
-
-
 def run_batch(pipe: Pipeline, jobs: list[Job]) -> list[list[Image.Image]]:
     """One pipeline call for jobs of one key; returns each job's images. Blocking: run it off the event loop.
 
-    Raises RuntimeError when several jobs could not get their own generators (the pipeline bypassed the draw
-    override); the batcher then serves them one by one, each with its seed, so batching degrades, never seeds.
+    Each job's rows draw from its own generator (through the pipeline's `draw` hook, which the eager loop
+    and the fast engine both honour), so a request's images do not depend on its batch-mates.
     """
     key = jobs[0].key
     prompts = [job.prompt for job in jobs for _ in range(job.n)]
     device = pipe.model.embed_tokens.weight.device
-    options = {**dict(key.options), "n": 1, "seed": jobs[0].seed}  # the seed is right whenever the job is alone
-    with _drawing(pipe, _draws([job.seed for job in jobs], [job.n for job in jobs], device)) as used:
-        if key.kind == "edit":
-            images = pipe.edit([job.image for job in jobs for _ in range(job.n)], prompts, **options)
-        else:
-            images = pipe.generate(prompts, **options)
-    if not used and len(jobs) > 1:
-        raise RuntimeError("the pipeline drew without per-request generators; serving this batch request by request")
+    draw = _draws([job.seed for job in jobs], [job.n for job in jobs], device)
+    options = {**dict(key.options), "n": 1, "seed": jobs[0].seed, "draw": draw}
+    if key.kind == "edit":
+        images = pipe.edit([job.image for job in jobs for _ in range(job.n)], prompts, **options)
+    else:
+        images = pipe.generate(prompts, **options)
     out, start = [], 0
     for job in jobs:
         out.append(images[start : start + job.n])

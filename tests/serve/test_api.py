@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 httpx = pytest.importorskip("httpx")
@@ -280,21 +281,31 @@ def test_batcher_groups_by_options_and_caps_images():
     assert calls[:4] == [[("a", 2), ("a", 1), ("a", 1)], [("b", 1), ("b", 1)], [("a", 2)], [("c", 6)]]
 
 
-def test_a_pipeline_bypassing_the_draw_hook_keeps_seeds_by_serving_one_by_one(pipe, monkeypatch):
-    """If Pipeline.generate ever stops drawing through generate_tokens (a fast path), a batch of several
-    requests raises (the batcher then serves them alone) and a lone request still gets its own seed."""
-    seeds = []
+def test_run_batch_gives_each_request_its_own_draws(pipe, monkeypatch):
+    seen = {}
 
     def generate(prompts, **options):
-        seeds.append(options["seed"])
+        seen.update(options)
         return [Image.new("RGB", (32, 32))] * len(prompts)
 
     monkeypatch.setattr(pipe, "generate", generate)
     jobs = [job("a", 2), job("a")]
     jobs[0].seed, jobs[1].seed = 5, 7
-    with pytest.raises(RuntimeError, match="per-request generators"):
-        run_batch(pipe, jobs)
-    assert [len(images) for images in run_batch(pipe, jobs[1:])] == [1] and seeds[-1] == 7
+    assert [len(images) for images in run_batch(pipe, jobs)] == [2, 1]
+    rows = seen["draw"]((3, 4))
+    assert torch.equal(rows[:2], torch.randn((2, 4), generator=torch.Generator().manual_seed(5)))
+    assert torch.equal(rows[2:], torch.randn((1, 4), generator=torch.Generator().manual_seed(7)))
+
+
+def test_batched_draws_reproduce_lone_requests_on_the_fast_engine(pipe):
+    """The fast engine (the GPU default) honours the draw hook too, so batching keeps per-request seeds."""
+    from nextstep.serve.batching import _draws
+
+    opts = dict(size=(32, 32), steps=2, cfg=3.0, engine="fast")
+    batched = pipe.generate(["a dog", "a red car"], draw=_draws([5, 7], [1, 1], torch.device("cpu")), **opts)
+    alone = pipe.generate("a red car", seed=7, **opts)[0]
+    diff = np.abs(np.asarray(batched[1], dtype=int) - np.asarray(alone, dtype=int)).max()
+    assert diff <= 1
 
 
 def test_main_serve_reports_a_missing_model(capsys):
