@@ -124,7 +124,7 @@ def load(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    trainer = torch.load(path / f"trainer_rank{_rank()}.pt", weights_only=False)
+    trainer = torch.load(path / f"trainer_rank{_rank()}.pt", weights_only=True)
     return meta["step"], trainer
 
 
