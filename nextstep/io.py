@@ -28,8 +28,19 @@ def write_text(target: str | Path, text: str) -> None:
     atomic_write(target, lambda tmp: Path(tmp).write_text(text))
 
 
-def write_json(target: str | Path, obj) -> None:
-    write_text(target, json.dumps(obj, indent=2) + "\n")
+def write_bytes(target: str | Path, data: bytes) -> None:
+    atomic_write(target, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def write_json(target: str | Path, obj, *, indent: int = 2) -> None:
+    write_text(target, json.dumps(obj, indent=indent) + "\n")
+
+
+def torch_save(obj, target: str | Path) -> None:
+    """torch.save that replaces `target` atomically."""
+    import torch
+
+    atomic_write(target, lambda tmp: torch.save(obj, tmp))
 
 
 def save_png(image, target: str | Path) -> None:

@@ -26,6 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from nextstep.data.format import PLACEHOLDER_RE, Sample, ShardWriter, encode_sample, iter_raw_samples
+from nextstep.io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -225,12 +226,6 @@ def _shards(root: Path) -> list[Path]:
     return sorted(root.rglob("*.tar"))
 
 
-def _write_json(path: Path, doc: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, path)
-
-
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -268,7 +263,7 @@ def gen_meta(root: str | os.PathLike, *, workers: int = 1, progress: bool = Fals
         "rescanned": len(todo),
         "shards": shards,
     }
-    _write_json(root / META_NAME, doc)
+    write_json(root / META_NAME, doc, indent=1)
     return doc
 
 
@@ -294,7 +289,7 @@ def warmup_index(root: str | os.PathLike, *, n_jobs: int = 1, progress: bool = F
             continue
         shards[name] = {k: entry[k] for k in ("size", "sha256", "count", "keys", "offsets")}
     doc = {"version": 1, "shards": dict(sorted(shards.items()))}
-    _write_json(root / INDEX_NAME, doc)
+    write_json(root / INDEX_NAME, doc, indent=1)
     return doc
 
 

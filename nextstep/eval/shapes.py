@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -45,6 +44,7 @@ from nextstep.eval.scenes import (
     relation_holds,
     render,
 )
+from nextstep.io import write_bytes
 
 CATEGORIES = (
     "single_object",
@@ -395,12 +395,6 @@ def reference_fn(prompts: list[Prompt], *, seed: int = 0) -> GenerateFn:
     return generate
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _grid(images: list[Image.Image], passed: list[bool], *, cols: int = 8, tile: int = 128) -> Image.Image:
     border = 4
     step = tile + 2 * border
@@ -453,7 +447,7 @@ def evaluate(
         "categories": categories,
         "samples": [{"category": p.category, "text": p.text, **r} for p, r in zip(prompts, scores, strict=True)],
     }
-    _write_atomic(out_dir / "results.json", json.dumps(results, indent=1).encode())
+    write_bytes(out_dir / "results.json", json.dumps(results, indent=1).encode())
     by_category: dict[str, list[int]] = {}
     for k, p in enumerate(prompts):
         by_category.setdefault(p.category, []).append(k)
@@ -461,7 +455,7 @@ def evaluate(
     grid = _grid([images[k] for k in order], [scores[k]["correct"] for k in order])
     buf = io.BytesIO()
     grid.save(buf, format="PNG")
-    _write_atomic(out_dir / "grid.png", buf.getvalue())
+    write_bytes(out_dir / "grid.png", buf.getvalue())
     return results
 
 

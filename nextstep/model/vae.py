@@ -9,14 +9,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from nextstep.io import torch_save, write_json
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -276,34 +277,13 @@ class AutoEncoder(nn.Module):
         return self.decode_raw(self.denormalize_latents(latents))
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write to a temp file beside `path`, then os.replace: readers never see a partial file.
-
-    The temp file is made with open(), not mkstemp, so the result gets the umask's permissions, not 0600.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save that replaces `path` atomically."""
-    _atomic_write(Path(path), lambda f: torch.save(obj, f))
-
-
 def save_vae(model: AutoEncoder, directory: str | os.PathLike) -> None:
     """Write `<directory>/config.json` and `<directory>/checkpoint.pt` (CPU tensors), the official layout."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    atomic_torch_save(state, directory / WEIGHTS_NAME)
-    text = json.dumps(model.config.to_dict(), indent=2) + "\n"
-    _atomic_write(directory / CONFIG_NAME, lambda f: f.write(text.encode()))
+    torch_save(state, directory / WEIGHTS_NAME)
+    write_json(directory / CONFIG_NAME, model.config.to_dict())
 
 
 def load_vae(

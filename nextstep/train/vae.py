@@ -26,7 +26,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from nextstep.model.vae import AutoEncoder, VAEConfig, atomic_torch_save, pil_to_pixels, save_vae
+from nextstep.io import torch_save
+from nextstep.model.vae import AutoEncoder, VAEConfig, pil_to_pixels, save_vae
 
 log = logging.getLogger(__name__)
 STATE_NAME = "train_state.pt"
@@ -348,7 +349,7 @@ def _save(
         "noise_gen": noise_gen.get_state(),
         "train_config": cfg.to_dict(),
     }
-    atomic_torch_save(state, out_dir / STATE_NAME)
+    torch_save(state, out_dir / STATE_NAME)
     log.info(
         "step %d: saved %s, eval psnr %.2f dB, shift %.4f, scale %.4f",
         step,
