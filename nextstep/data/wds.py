@@ -12,6 +12,7 @@ import hashlib
 import logging
 import math
 import random
+import signal
 from bisect import bisect_right
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -535,6 +536,7 @@ class WdsLoader:
             num_workers=cfg.num_workers,
             prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None,
             persistent_workers=False,
+            worker_init_fn=_ignore_stop_signals,
         )
         for batch, info in loader:
             self._states[info["worker"]] = info["state"]
@@ -582,6 +584,12 @@ class WdsLoader:
         ds.epoch = state["epoch"]
         self._next_worker = state["next_worker"]
         self._states = {int(k): v for k, v in state["workers"].items()}
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave Ctrl-C and SIGTERM to the main process, which finishes its step, saves and stops."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def build_dataloader(

@@ -10,8 +10,12 @@ from nextstep.eval.shapes import GenerateFn
 from nextstep.sampling.pipeline import Pipeline
 
 
-def pipeline_generate_fn(model_dir: Path, *, seed: int = 0, **options) -> GenerateFn:
-    """Text-to-image items go through `generate`, items with a source image through `edit`, in order."""
+def pipeline_generate_fn(
+    model_dir: Path, *, seed: int = 0, edit_options: dict | None = None, **options
+) -> GenerateFn:
+    """Text-to-image items go through `generate`, items with a source image through `edit`, in order.
+    `options` override the checkpoint's sampling defaults for both; `edit_options` for edits only."""
+    edit_options = {**options, **(edit_options or {})}
     pipe = Pipeline.from_pretrained(model_dir)
 
     def generate(items: list[tuple[str, Image.Image | None]]) -> list[Image.Image]:
@@ -22,7 +26,7 @@ def pipeline_generate_fn(model_dir: Path, *, seed: int = 0, **options) -> Genera
             for i, img in zip(t2i, pipe.generate([items[i][0] for i in t2i], seed=seed, **options), strict=True):
                 out[i] = img
         if edits:
-            images = pipe.edit([items[i][1] for i in edits], [items[i][0] for i in edits], seed=seed, **options)
+            images = pipe.edit([items[i][1] for i in edits], [items[i][0] for i in edits], seed=seed, **edit_options)
             for i, img in zip(edits, images, strict=True):
                 out[i] = img
         return out

@@ -459,10 +459,11 @@ def evaluate(
     return results
 
 
-def main(argv: list[str] | None, generate_fn_factory: Callable[[Path], GenerateFn]) -> int:
+def main(argv: list[str] | None, generate_fn_factory: Callable[..., GenerateFn]) -> int:
     """`nextstep eval shapes --model DIR [--split in|heldout] [--n 50] [--seed 0] [--out DIR]`.
 
-    `generate_fn_factory(model_dir)` loads the model and returns a GenerateFn (see `evaluate`).
+    `generate_fn_factory(model_dir, **options)` loads the model and returns a GenerateFn (see `evaluate`);
+    options are the sampling overrides given (cfg, steps, edit_options={"cfg_img": ...}).
     Prints a one-line JSON summary; full results go to `--out` (default DIR/eval/shapes_<split>).
     """
     p = argparse.ArgumentParser(prog="nextstep eval shapes", description=__doc__.splitlines()[0])
@@ -472,12 +473,22 @@ def main(argv: list[str] | None, generate_fn_factory: Callable[[Path], GenerateF
     p.add_argument("--seed", type=int, default=0, help="prompt set seed")
     p.add_argument("--out", type=Path, default=None, help="output directory")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
+    p.add_argument("--cfg", type=float, default=None, help="text guidance scale (default: the model's)")
+    p.add_argument("--steps", type=int, default=None, help="flow-matching head steps (default: the model's)")
+    p.add_argument("--cfg-img", type=float, default=None, help="image guidance scale for edits")
     args = p.parse_args(argv)
     if args.n < 1 or args.batch_size < 1:
         p.error(f"--n and --batch-size must be >= 1, got {args.n} and {args.batch_size}")
+    if (args.cfg is not None and args.cfg < 1) or (args.cfg_img is not None and args.cfg_img < 1):
+        p.error(f"--cfg and --cfg-img must be >= 1, got {args.cfg} and {args.cfg_img}")
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps must be >= 1, got {args.steps}")
+    options = {k: v for k, v in (("cfg", args.cfg), ("steps", args.steps)) if v is not None}
+    if args.cfg_img is not None:
+        options["edit_options"] = {"cfg_img": args.cfg_img}
     out = args.out or args.model / "eval" / f"shapes_{args.split}"
     prompts = build_prompts(args.split, args.n, args.seed)
-    results = evaluate(generate_fn_factory(args.model), prompts, out, batch_size=args.batch_size)
+    results = evaluate(generate_fn_factory(args.model, **options), prompts, out, batch_size=args.batch_size)
     summary = {c: round(v["accuracy"], 4) for c, v in results["categories"].items()}
     print(json.dumps({"split": args.split, "overall": round(results["overall"], 4), **summary, "out": str(out)}))
     return 0

@@ -156,11 +156,13 @@ class LoggingConfig:
     sample_head_steps: int = 20  # flow-matching head steps for samples
     sample_cfg: float = 4.0  # guidance scale for samples
     peak_tflops: float = 0.0  # accelerator bf16 dense peak for MFU; 0 reads it from the device name
+    profile_steps: int = 0  # torch.profiler over this many steps after 5 warm-up steps; table + trace in output_dir
 
     def __post_init__(self) -> None:
-        if self.log_steps < 1 or self.sample_steps < 0:
+        if self.log_steps < 1 or self.sample_steps < 0 or self.profile_steps < 0:
             raise ValueError(
-                f"logging.log_steps must be >= 1 and sample_steps >= 0, got {self.log_steps}, {self.sample_steps}"
+                "logging.log_steps must be >= 1, sample_steps and profile_steps >= 0, got "
+                f"{self.log_steps}, {self.sample_steps}, {self.profile_steps}"
             )
 
 

@@ -11,7 +11,9 @@ import hashlib
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -23,6 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from nextstep.data.format import Sample
+from nextstep.io import write_text
 from nextstep.model.checkpoint import build_model, from_pretrained, load_state_dict, weight_files
 from nextstep.model.config import NextStepConfig
 from nextstep.model.nextstep import NextStep, patchify
@@ -251,6 +254,85 @@ class BatchStream:
         return self.loader.stats() if self.loader is not None else {}
 
 
+# ---- stopping and profiling ---------------------------------------------------------------------
+
+
+class StopRequest:
+    """SIGINT/SIGTERM ask the loop to finish its step, save a checkpoint and stop; a second signal
+    interrupts at once. Ranks agree on the stop step (an all-reduce every `every` steps), since saving
+    is collective."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("signal %d: saving a checkpoint after this step, then stopping (send again to abort)", signum)
+
+    def agreed(self, step: int, *, every: int, device: torch.device) -> bool:
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return self.requested
+        if step % every:
+            return False
+        flag = torch.tensor([float(self.requested)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def close(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+# ---- profiling -----------------------------------------------------------------------------------
+
+
+class StepProfiler:
+    """torch.profiler over training steps [start, start + steps): writes a Chrome trace and the top
+    operators by self time to `out_dir`, and logs the table. `steps=0` does nothing."""
+
+    def __init__(self, out_dir: Path, *, start: int, steps: int, enabled: bool) -> None:
+        self.out_dir, self.start, self.stop = out_dir, start, start + steps
+        self.active = enabled and steps > 0
+        self.prof: torch.profiler.profile | None = None
+
+    def step(self, step: int) -> None:
+        """Call after each finished step with the new step count."""
+        if not self.active:
+            return
+        if step == self.start and self.prof is None:
+            acts = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                acts.append(torch.profiler.ProfilerActivity.CUDA)
+            self.prof = torch.profiler.profile(activities=acts)
+            self.prof.__enter__()
+        elif step == self.stop:
+            self.close()
+
+    def close(self) -> None:
+        if self.prof is None:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.prof.__exit__(None, None, None)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.prof.export_chrome_trace(str(self.out_dir / "trace.json"))
+        averages = self.prof.key_averages()
+        tables = [averages.table(sort_by="self_cpu_time_total", row_limit=25)]
+        if torch.cuda.is_available():
+            tables.append(averages.table(sort_by="self_cuda_time_total", row_limit=25))
+        table = "\n".join(tables)
+        write_text(self.out_dir / "ops.txt", table)
+        log.info("profile of steps %d-%d (%s):\n%s", self.start, self.stop, self.out_dir, table)
+        self.prof, self.active = None, False
+
+
 # ---- the loop ------------------------------------------------------------------------------------
 
 
@@ -350,109 +432,126 @@ def train(cfg: TrainConfig, *, data: Iterable | None = None) -> list[dict[str, f
     history: list[dict[str, float]] = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    window_start, window_tokens, window_flops = time.perf_counter(), 0, 0.0
+    window_start, window_tokens, window_flops, window_wait = time.perf_counter(), 0, 0.0, 0.0
+    profiler = StepProfiler(out_dir / "profile", start=step + 5, steps=cfg.logging.profile_steps, enabled=rank == 0)
     pending: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, [loss, lm, im, grad norm]) not yet read
     model.train()
-    while step < t_cfg.max_steps:
-        values = torch.zeros(4, device=device)
-        for micro in range(t_cfg.grad_accum_steps):
-            # Samples are numbered across micro-batches and ranks, so the flow noise of a global batch
-            # is the same however it is split.
-            items = stream.next()
-            for i, item in enumerate(items):
-                item.index = (micro * world + rank) * len(items) + i
-            batch = collate(
-                items,
-                ids=ids,
-                max_len=t_cfg.max_seq_len,
-                pack=t_cfg.pack,
-                pad_to_multiple=t_cfg.pad_to_multiple,
-            ).to(device)
-            targets = image_targets(batch, vae, patch).to(device)
-            noise, t = flow_noise(batch, arch.token_dim, arch.fm_head_batch_mul, key=(t_cfg.seed, step), device=device)
-            last_micro = micro == t_cfg.grad_accum_steps - 1
-            if uses_fsdp(cfg.parallel):
-                model.set_requires_gradient_sync(last_micro)
-            out = model.forward_train(
-                batch.input_ids,
-                batch.labels,
-                targets,
-                attention_mask=batch.attention_mask,
-                position_ids=batch.position_ids,
-                fm_noise=noise,
-                fm_t=t,
-            )
-            (out.loss / t_cfg.grad_accum_steps).backward()
-            parts = torch.stack([out.loss.detach(), out.lm_loss.detach(), out.im_loss.detach()]).float()
-            values[:3] += parts / t_cfg.grad_accum_steps
-            window_tokens += sum(batch.seq_lens)
-            window_flops += train_flops(
-                arch,
-                head_params,
-                seq_lens=batch.seq_lens,
-                text_targets=batch.num_text_targets,
-                image_tokens=sum(batch.image_tokens),
-            )
-        if cfg.optim.max_grad_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-            values[3] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        lr = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_mult"]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        bar.update(1)
-        pending.append((step, lr, values))
-        if step % cfg.logging.log_steps == 0 or step == t_cfg.max_steps:
-            # One host sync per logging window, not per step.
-            window = _all_mean_rows(torch.stack([v for _, _, v in pending]))
-            for (s, lr_s, _), (loss, lm_loss, im_loss, grad_norm) in zip(pending, window, strict=True):
-                history.append(
-                    {
-                        "step": s,
-                        "loss": loss,
-                        "lm_loss": lm_loss,
-                        "im_loss": im_loss,
-                        "grad_norm": grad_norm,
-                        "lr": lr_s,
-                    }
+    stop = StopRequest()
+    try:
+        while step < t_cfg.max_steps:
+            values = torch.zeros(4, device=device)
+            for micro in range(t_cfg.grad_accum_steps):
+                # Samples are numbered across micro-batches and ranks, so the flow noise of a global batch
+                # is the same however it is split.
+                t_wait = time.perf_counter()
+                items = stream.next()
+                window_wait += time.perf_counter() - t_wait
+                for i, item in enumerate(items):
+                    item.index = (micro * world + rank) * len(items) + i
+                batch = collate(
+                    items,
+                    ids=ids,
+                    max_len=t_cfg.max_seq_len,
+                    pack=t_cfg.pack,
+                    pad_to_multiple=t_cfg.pad_to_multiple,
+                ).to(device)
+                targets = image_targets(batch, vae, patch).to(device)
+                noise, t = flow_noise(
+                    batch, arch.token_dim, arch.fm_head_batch_mul, key=(t_cfg.seed, step), device=device
                 )
-            pending = []
-            n = len(window)
-            metrics = {k: sum(h[k] for h in history[-n:]) / n for k in ("loss", "lm_loss", "im_loss", "grad_norm")}
-            metrics["lr"] = lr
-            elapsed = time.perf_counter() - window_start
-            tokens, flops = _all_mean([window_tokens, window_flops], device)
-            metrics["tokens_per_s"] = tokens * world / elapsed
-            if peak:
-                metrics["mfu"] = flops / elapsed / peak
-            if device.type == "cuda":
-                metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            for k, v in stream.stats().items():
-                if isinstance(v, int):
-                    metrics[f"data/{k}"] = v
-            writer.log(step, metrics)
-            bar.set_postfix(
-                loss=f"{metrics['loss']:.4f}", lm=f"{metrics['lm_loss']:.3f}", im=f"{metrics['im_loss']:.4f}"
-            )
-            window_start, window_tokens, window_flops = time.perf_counter(), 0, 0.0
-        if cfg.logging.sample_steps and step % cfg.logging.sample_steps == 0:
-            write_samples(cfg, model, vae, tokenizer, writer, step, device)
-        if (t_cfg.save_steps and step % t_cfg.save_steps == 0) or step == t_cfg.max_steps:
-            trainer_state = {
-                "scheduler": scheduler.state_dict(),
-                "data": stream.state_dict(),
-                "rng": ckpt.rng_state(),
-            }
-            ckpt.save(
-                ckpt_root,
-                step,
-                model=model,
-                optimizer=optimizer,
-                trainer_state=trainer_state,
-                config_json=config_json,
-                keep_last=cfg.checkpoint.keep_last,
-            )
+                last_micro = micro == t_cfg.grad_accum_steps - 1
+                if uses_fsdp(cfg.parallel):
+                    model.set_requires_gradient_sync(last_micro)
+                out = model.forward_train(
+                    batch.input_ids,
+                    batch.labels,
+                    targets,
+                    attention_mask=batch.attention_mask,
+                    position_ids=batch.position_ids,
+                    fm_noise=noise,
+                    fm_t=t,
+                )
+                (out.loss / t_cfg.grad_accum_steps).backward()
+                parts = torch.stack([out.loss.detach(), out.lm_loss.detach(), out.im_loss.detach()]).float()
+                values[:3] += parts / t_cfg.grad_accum_steps
+                window_tokens += sum(batch.seq_lens)
+                window_flops += train_flops(
+                    arch,
+                    head_params,
+                    seq_lens=batch.seq_lens,
+                    text_targets=batch.num_text_targets,
+                    image_tokens=sum(batch.image_tokens),
+                )
+            if cfg.optim.max_grad_norm > 0:
+                norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+                values[3] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            lr = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_mult"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            profiler.step(step)
+            bar.update(1)
+            pending.append((step, lr, values))
+            if step % cfg.logging.log_steps == 0 or step == t_cfg.max_steps:
+                # One host sync per logging window, not per step.
+                window = _all_mean_rows(torch.stack([v for _, _, v in pending]))
+                for (s, lr_s, _), (loss, lm_loss, im_loss, grad_norm) in zip(pending, window, strict=True):
+                    history.append(
+                        {
+                            "step": s,
+                            "loss": loss,
+                            "lm_loss": lm_loss,
+                            "im_loss": im_loss,
+                            "grad_norm": grad_norm,
+                            "lr": lr_s,
+                        }
+                    )
+                pending = []
+                n = len(window)
+                metrics = {k: sum(h[k] for h in history[-n:]) / n for k in ("loss", "lm_loss", "im_loss", "grad_norm")}
+                metrics["lr"] = lr
+                elapsed = time.perf_counter() - window_start
+                tokens, flops = _all_mean([window_tokens, window_flops], device)
+                metrics["tokens_per_s"] = tokens * world / elapsed
+                metrics["steps_per_s"] = n / elapsed
+                metrics["data_wait_frac"] = window_wait / elapsed  # host time blocked on the loader (rank 0)
+                if peak:
+                    metrics["mfu"] = flops / elapsed / peak
+                if device.type == "cuda":
+                    metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                for k, v in stream.stats().items():
+                    if isinstance(v, int):
+                        metrics[f"data/{k}"] = v
+                writer.log(step, metrics)
+                bar.set_postfix(
+                    loss=f"{metrics['loss']:.4f}", lm=f"{metrics['lm_loss']:.3f}", im=f"{metrics['im_loss']:.4f}"
+                )
+                window_start, window_tokens, window_flops, window_wait = time.perf_counter(), 0, 0.0, 0.0
+            if cfg.logging.sample_steps and step % cfg.logging.sample_steps == 0:
+                write_samples(cfg, model, vae, tokenizer, writer, step, device)
+            stopping = stop.agreed(step, every=cfg.logging.log_steps, device=device)
+            if (t_cfg.save_steps and step % t_cfg.save_steps == 0) or step == t_cfg.max_steps or stopping:
+                trainer_state = {
+                    "scheduler": scheduler.state_dict(),
+                    "data": stream.state_dict(),
+                    "rng": ckpt.rng_state(),
+                }
+                ckpt.save(
+                    ckpt_root,
+                    step,
+                    model=model,
+                    optimizer=optimizer,
+                    trainer_state=trainer_state,
+                    config_json=config_json,
+                    keep_last=cfg.checkpoint.keep_last,
+                )
+            if stopping:
+                log.warning("stopped by signal at step %d; continue with --resume", step)
+                break
+    finally:
+        stop.close()
+    profiler.close()
     bar.close()
     writer.close()
     if cfg.checkpoint.export_final and rank == 0:

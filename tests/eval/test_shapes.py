@@ -169,3 +169,18 @@ def test_main_and_bad_generators(tmp_path, capsys):
     prompts = build_prompts("in", 1)
     with pytest.raises(ValueError, match="returned 0 images"):
         evaluate(lambda items: [], prompts, tmp_path / "x")
+
+
+def test_main_passes_sampling_overrides(tmp_path, capsys):
+    seen = {}
+
+    def factory(model_dir, **options):
+        seen.update(options)
+        return lambda items: [Image.new("RGB", (128, 128), (20, 20, 20)) for _ in items]
+
+    argv = ["--model", str(tmp_path), "--n", "1", "--cfg", "2.5", "--steps", "8", "--cfg-img", "1.5"]
+    assert main(argv, factory) == 0
+    assert seen == {"cfg": 2.5, "steps": 8, "edit_options": {"cfg_img": 1.5}}
+    with pytest.raises(SystemExit):
+        main(["--model", str(tmp_path), "--cfg", "0.5"], factory)
+    assert "--cfg and --cfg-img must be >= 1, got 0.5" in capsys.readouterr().err

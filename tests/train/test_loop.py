@@ -3,6 +3,7 @@ overfitting one batch, export round trip, LoRA merge-and-export."""
 
 import json
 import os
+import signal
 import socket
 from pathlib import Path
 
@@ -164,6 +165,29 @@ def test_kill_and_resume_reproduces_losses(shard_run, tmp_path, monkeypatch):
     load_model_weights(tmp_path / "run/checkpoints/step-00000006", ref)
     for name, value in ref.state_dict().items():
         torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=0)
+
+
+def test_signal_saves_and_stops_then_resume_matches(shard_run, tmp_path, monkeypatch):
+    """Ctrl-C / SIGTERM: the step finishes, a checkpoint is saved off the save_steps grid, training stops;
+    DataLoader workers ignore the signal. Also: logging.profile_steps writes the operator table."""
+    cfg = apply_overrides(shard_run, ["data.num_workers=2", "training.save_steps=0"])
+    full = loop.train(apply_overrides(cfg, [f"training.output_dir={tmp_path / 'full'}", "logging.profile_steps=1"]))
+    assert "aten::" in (tmp_path / "full/profile/ops.txt").read_text()
+    real_log = loop.MetricsWriter.log
+
+    def signal_at_3(self, step, values):
+        real_log(self, step, values)
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(loop.MetricsWriter, "log", signal_at_3)
+    stopped = loop.train(cfg)
+    monkeypatch.setattr(loop.MetricsWriter, "log", real_log)
+    assert [h["step"] for h in stopped] == [1, 2, 3]
+    assert [p.name for p in (tmp_path / "run/checkpoints").iterdir()] == ["step-00000003"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after train()
+    resumed = loop.train(apply_overrides(cfg, ["training.resume=true"]))
+    assert [h["loss"] for h in stopped + resumed] == [h["loss"] for h in full]
 
 
 def test_lora_trains_adapters_and_exports_merged(tmp_path):
