@@ -587,9 +587,9 @@ class WdsLoader:
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """Workers leave Ctrl-C and SIGTERM to the main process, which finishes its step, saves and stops."""
+    """Workers leave Ctrl-C (sent to the whole process group) to the main process, which finishes its step,
+    saves and stops. SIGTERM keeps its default: a worker that ignored it could not be shut down."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def build_dataloader(

@@ -10,9 +10,7 @@ from nextstep.eval.shapes import GenerateFn
 from nextstep.sampling.pipeline import Pipeline
 
 
-def pipeline_generate_fn(
-    model_dir: Path, *, seed: int = 0, edit_options: dict | None = None, **options
-) -> GenerateFn:
+def pipeline_generate_fn(model_dir: Path, *, seed: int = 0, edit_options: dict | None = None, **options) -> GenerateFn:
     """Text-to-image items go through `generate`, items with a source image through `edit`, in order.
     `options` override the checkpoint's sampling defaults for both; `edit_options` for edits only."""
     edit_options = {**options, **(edit_options or {})}

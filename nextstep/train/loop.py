@@ -7,6 +7,7 @@ torchrun --nproc_per_node=8 -m configs.nextstep_qwen14b_512px training.resume=tr
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import logging
 import math
@@ -24,7 +25,6 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from nextstep.data.format import Sample
 from nextstep.io import write_text
 from nextstep.model.checkpoint import build_model, from_pretrained, load_state_dict, weight_files
 from nextstep.model.config import NextStepConfig
@@ -212,35 +212,37 @@ def flow_noise(
 
 
 class BatchStream:
-    """Micro-batches of Tokenized samples for this rank, from wds.py or from a given iterable of
-    Sample lists; `state_dict` is the loader position after the last batch taken."""
+    """Collated TrainBatches for this rank, from wds.py (tokenized and collated in the loader workers) or
+    from a given iterable of Sample lists; `state_dict` is the loader position after the last batch taken."""
 
-    def __init__(self, cfg: TrainConfig, builder: SequenceBuilder, rank: int, world: int, data=None):
-        self.builder = builder
+    def __init__(self, cfg: TrainConfig, builder: SequenceBuilder, collate_fn, rank: int, world: int, data=None):
+        self.builder, self.collate_fn = builder, collate_fn
         self.loader = None
         if data is None:
             from nextstep.data.wds import build_dataloader
 
-            self.loader = build_dataloader(cfg.data, rank=rank, world_size=world, tokenizer_fn=builder, collate=list)
+            self.loader = build_dataloader(
+                cfg.data, rank=rank, world_size=world, tokenizer_fn=builder, collate=collate_fn
+            )
             self.source: Iterable = self.loader
         else:
             self.source = data
         self._it: Iterator | None = None
 
-    def next(self) -> list:
+    def next(self) -> TrainBatch:
         for _ in range(2):
             if self._it is None:
                 self._it = iter(self.source)
             try:
-                items = next(self._it)
+                batch = next(self._it)
                 break
             except StopIteration:  # one-pass loaders start their next epoch
                 self._it = None
         else:
             raise RuntimeError("the data source yielded no batches")
-        if items and isinstance(items[0], Sample):
-            items = [self.builder(s) for s in items]
-        return items
+        if not isinstance(batch, TrainBatch):
+            batch = self.collate_fn([self.builder(s) for s in batch])
+        return batch
 
     def state_dict(self) -> dict | None:
         return self.loader.state_dict() if self.loader is not None else None
@@ -398,7 +400,10 @@ def train(cfg: TrainConfig, *, data: Iterable | None = None) -> list[dict[str, f
 
     ids = special_ids(tokenizer, arch.boi, arch.eoi, arch.image_placeholder_id, arch.pad_token_id_added)
     builder = SequenceBuilder(tokenizer, ids, down_factor=down, max_len=t_cfg.max_seq_len, add_eos=t_cfg.add_eos)
-    stream = BatchStream(cfg, builder, rank, world, data)
+    collate_fn = functools.partial(
+        collate, ids=ids, max_len=t_cfg.max_seq_len, pack=t_cfg.pack, pad_to_multiple=t_cfg.pad_to_multiple
+    )
+    stream = BatchStream(cfg, builder, collate_fn, rank, world, data)
 
     step = 0
     ckpt_root = out_dir / "checkpoints"
@@ -444,17 +449,10 @@ def train(cfg: TrainConfig, *, data: Iterable | None = None) -> list[dict[str, f
                 # Samples are numbered across micro-batches and ranks, so the flow noise of a global batch
                 # is the same however it is split.
                 t_wait = time.perf_counter()
-                items = stream.next()
+                batch = stream.next()
                 window_wait += time.perf_counter() - t_wait
-                for i, item in enumerate(items):
-                    item.index = (micro * world + rank) * len(items) + i
-                batch = collate(
-                    items,
-                    ids=ids,
-                    max_len=t_cfg.max_seq_len,
-                    pack=t_cfg.pack,
-                    pad_to_multiple=t_cfg.pad_to_multiple,
-                ).to(device)
+                batch.offset_samples((micro * world + rank) * batch.num_samples)
+                batch = batch.to(device)
                 targets = image_targets(batch, vae, patch).to(device)
                 noise, t = flow_noise(
                     batch, arch.token_dim, arch.fm_head_batch_mul, key=(t_cfg.seed, step), device=device

@@ -33,7 +33,6 @@ class Tokenized:
     input_ids: list[int]
     labels: list[int]
     images: list[torch.Tensor]  # pixels (3, H, W) in [-1, 1], or latents (C, H/8, W/8)
-    index: int = 0  # position of the sample in the global batch (keys the flow-matching noise)
 
 
 class SequenceBuilder:
@@ -92,10 +91,32 @@ class TrainBatch:
     position_ids: torch.Tensor  # (B, L), restarting at 0 for each packed sample
     attention_mask: torch.Tensor | None  # bool (B, 1, L, L) when packed; None = plain causal
     images: list[torch.Tensor]  # in placeholder order (row-major over the batch)
-    image_sample: list[int]  # global sample index of each image
+    image_sample: list[int]  # index of each image's sample (position in the collated list, plus any offset)
     image_tokens: list[int]  # token count of each image
     num_text_targets: int  # text rows with a label (for throughput accounting)
     seq_lens: list[int]  # length of each packed/padded document (for attention FLOPs)
+    num_samples: int = 0  # samples collated into this batch
+
+    def __getstate__(self) -> dict:
+        """Pickled (DataLoader worker -> main process) with same-shaped images stacked: one shared-memory
+        tensor per shape instead of one per image, which is what bounds the transfer."""
+        state = dict(self.__dict__)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, im in enumerate(self.images):
+            groups.setdefault(tuple(im.shape), []).append(i)
+        state["images"] = [(idx, torch.stack([self.images[i] for i in idx])) for idx in groups.values()]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        images: list[torch.Tensor | None] = [None] * sum(len(idx) for idx, _ in state["images"])
+        for idx, stacked in state["images"]:
+            for i, im in zip(idx, stacked.unbind(0), strict=True):
+                images[i] = im
+        self.__dict__.update(state, images=images)
+
+    def offset_samples(self, offset: int) -> None:
+        """Number this batch's samples from `offset` (their place in the global batch)."""
+        self.image_sample = [offset + s for s in self.image_sample]
 
     def to(self, device: torch.device) -> TrainBatch:
         mask = None if self.attention_mask is None else self.attention_mask.to(device, non_blocking=True)
@@ -109,6 +130,7 @@ class TrainBatch:
             self.image_tokens,
             self.num_text_targets,
             self.seq_lens,
+            self.num_samples,
         )
 
 
@@ -122,13 +144,13 @@ def collate(
     """Rows right-padded with pad ids (labels -100). Padding alone needs no mask: causal attention never
     lets a real token see the pads after it. Packing greedily fills rows of max_len in order and masks
     attention block-diagonally."""
-    rows: list[list[Tokenized]] = []
-    for item in items:
-        if pack and rows and sum(len(t.input_ids) for t in rows[-1]) + len(item.input_ids) <= max_len:
-            rows[-1].append(item)
+    rows: list[list[tuple[int, Tokenized]]] = []  # (sample position, item)
+    for i, item in enumerate(items):
+        if pack and rows and sum(len(t.input_ids) for _, t in rows[-1]) + len(item.input_ids) <= max_len:
+            rows[-1].append((i, item))
         else:
-            rows.append([item])
-    width = max(sum(len(t.input_ids) for t in row) for row in rows)
+            rows.append([(i, item)])
+    width = max(sum(len(t.input_ids) for _, t in row) for row in rows)
     width = min(_round_up(width, pad_to_multiple), max(max_len, width))
     b = len(rows)
     input_ids = torch.full((b, width), ids.pad, dtype=torch.long)
@@ -138,7 +160,7 @@ def collate(
     images, image_sample, image_tokens, seq_lens = [], [], [], []
     for r, row in enumerate(rows):
         pos = 0
-        for d, item in enumerate(row):
+        for d, (sample, item) in enumerate(row):
             n = len(item.input_ids)
             input_ids[r, pos : pos + n] = torch.tensor(item.input_ids)
             labels[r, pos : pos + n] = torch.tensor(item.labels)
@@ -150,7 +172,7 @@ def collate(
             grid_sizes = _image_token_counts(item, ids.placeholder)
             for im, count in zip(item.images, grid_sizes, strict=True):
                 images.append(im)
-                image_sample.append(item.index)
+                image_sample.append(sample)
                 image_tokens.append(count)
         position_ids[r, pos:] = torch.arange(width - pos)
     mask = None
@@ -162,7 +184,9 @@ def collate(
     # Text targets: labelled next tokens that are not image tokens (what lm_head is trained on).
     nxt = input_ids[:, 1:]
     text_targets = int(((labels[:, 1:] != IGNORE) & (nxt != ids.placeholder)).sum())
-    return TrainBatch(input_ids, labels, position_ids, mask, images, image_sample, image_tokens, text_targets, seq_lens)
+    return TrainBatch(
+        input_ids, labels, position_ids, mask, images, image_sample, image_tokens, text_targets, seq_lens, len(items)
+    )
 
 
 def _image_token_counts(item: Tokenized, placeholder: int) -> list[int]:

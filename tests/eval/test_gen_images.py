@@ -21,8 +21,10 @@ def pipe():
 
 def test_geneval_layout_and_resume(tmp_path, pipe):
     prompts_file = tmp_path / "evaluation_metadata.jsonl"
-    lines = [{"tag": "single_object", "include": [{"class": "dog", "count": 1}], "prompt": "a photo of a dog"},
-             {"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}], "prompt": "a red car"}]
+    lines = [
+        {"tag": "single_object", "include": [{"class": "dog", "count": 1}], "prompt": "a photo of a dog"},
+        {"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}], "prompt": "a red car"},
+    ]
     prompts_file.write_text("".join(json.dumps(line) + "\n" for line in lines))
     out = tmp_path / "out"
     prompts = read_prompts(prompts_file, "geneval")

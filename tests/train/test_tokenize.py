@@ -1,5 +1,6 @@
 """Sequence layout (official image blocks, labels) and batching (padding, packing masks/positions)."""
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -51,8 +52,6 @@ def test_padding_and_packing_match_separate_forwards():
         b(Sample("b", "dog", [])),
         b(Sample("c", "<image_0> the end", [latent(1, 2)])),
     ]
-    for i, item in enumerate(items):
-        item.index = i
     alone = []
     for item in items:
         ids = torch.tensor([item.input_ids])
@@ -63,7 +62,13 @@ def test_padding_and_packing_match_separate_forwards():
         batch = collate(items, ids=IDS, max_len=64, pack=pack, pad_to_multiple=8)
         assert batch.input_ids.shape[1] % 8 == 0
         assert (batch.attention_mask is not None) == pack
-        assert batch.image_sample == [0, 2] and batch.image_tokens == [4, 2]
+        assert batch.image_sample == [0, 2] and batch.image_tokens == [4, 2] and batch.num_samples == 3
+        again = pickle.loads(pickle.dumps(batch))  # the DataLoader transfer stacks images by shape
+        assert [im.shape for im in again.images] == [im.shape for im in batch.images]
+        assert all(torch.equal(a, b) for a, b in zip(again.images, batch.images, strict=True))
+        assert torch.equal(again.input_ids, batch.input_ids) and again.seq_lens == batch.seq_lens
+        again.offset_samples(10)
+        assert again.image_sample == [10, 12] and batch.image_sample == [0, 2]
         hidden = model.forward_hidden(
             model.embed(batch.input_ids, tokens), position_ids=batch.position_ids, mask=batch.attention_mask
         )
