@@ -47,7 +47,7 @@ config = TrainConfig(
         shuffle_buffer=2000,
         num_workers=14,  # decoding + resizing PNGs bounds the step rate of this tiny model
     ),
-    training=TrainingConfig(output_dir="runs/shapes/model", max_steps=3000, save_steps=500, max_seq_len=256),
+    training=TrainingConfig(output_dir="runs/shapes/model", max_steps=4000, save_steps=500, max_seq_len=256),
     optim=OptimConfig(lr=1e-3, warmup_steps=200, weight_decay=0.05),
     parallel=ParallelConfig(param_dtype="bfloat16"),
     logging=LoggingConfig(log_steps=100, sample_size=128, sample_head_steps=20),

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduce the built-in model (nextstep/assets/nextstep-shapes) on one GPU, ~10-15 minutes on an H100:
-#   bash scripts/train_builtin.sh [OUT_DIR] [TRAIN_SECONDS]
+#   bash scripts/train_builtin.sh [OUT_DIR] [TRAIN_SECONDS]   (TRAIN_SECONDS=0: data, tokenizer and VAE only)
 # Every stage skips work already done, and training resumes from its newest checkpoint, so the script can
 # be run again (e.g. in a second call on the same machine) to continue. Training stops at max_steps or
 # after TRAIN_SECONDS; the newest checkpoint is then exported in fp16 with sampling defaults for 128 px.
@@ -18,6 +18,7 @@ if [ ! -f runs/shapes/vae/checkpoint.pt ]; then
   nextstep vae train --data data/shapes --out runs/shapes/vae --ch 64 --ch-mult 1,1,2,2 --num-res-blocks 1 \
     --steps "${VAE_STEPS:-2000}" --batch 64 --workers 8
 fi
+if [ "$TRAIN_SECONDS" = 0 ]; then exit 0; fi  # data, tokenizer and VAE only
 resume=""
 if ls runs/shapes/model/checkpoints/step-* >/dev/null 2>&1; then resume="--resume"; fi
 timeout --signal=INT "$TRAIN_SECONDS" nextstep train -m configs.shapes $resume ${TRAIN_ARGS:-} \
