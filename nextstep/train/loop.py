@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import logging
 import math
 import os
@@ -35,6 +34,7 @@ from nextstep.train import checkpoint as ckpt
 from nextstep.train.config import TrainConfig, dumps, resolve, to_dict
 from nextstep.train.lora import apply_lora
 from nextstep.train.metrics import MetricsWriter, peak_flops, train_flops, write_samples
+from nextstep.train.noise import flow_noise
 from nextstep.train.parallel import DTYPE, init_single_process_group, parallelize, uses_fsdp
 from nextstep.train.tokenize import SequenceBuilder, TrainBatch, collate, special_ids
 
@@ -168,12 +168,10 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 # ---- one step ------------------------------------------------------------------------------------
 
 
-def _key_seed(*parts: Any) -> int:
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
-
-
 def image_targets(batch: TrainBatch, vae: AutoEncoder | None, patch: int) -> torch.Tensor:
-    """Patchified model latents of every image, in placeholder order: (N, C*p*p)."""
+    """Patchified model latents of every image, in placeholder order: (N, C*p*p). Each shape group is
+    encoded in one call, on CUDA padded to a multiple of 32 images so that cuDNN sees few distinct shapes
+    (each new shape costs a plan search on the host)."""
     if not batch.images:
         return torch.zeros(0, 1)
     out: list[torch.Tensor | None] = [None] * len(batch.images)
@@ -183,29 +181,15 @@ def image_targets(batch: TrainBatch, vae: AutoEncoder | None, patch: int) -> tor
     for idx in by_shape.values():
         x = torch.stack([batch.images[i] for i in idx])
         if vae is not None:
+            pad = -len(idx) % 32 if x.is_cuda else 0
+            if pad:
+                x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
             with torch.no_grad():
-                x = vae.encode(x.to(next(vae.parameters()).dtype)).float()  # (n, C, h, w)
+                x = vae.encode(x.to(next(vae.parameters()).dtype))[: len(idx)]  # (n, C, h, w)
         tokens = patchify(x.float(), patch)  # (n, h*w, C*p*p)
         for j, i in enumerate(idx):
             out[i] = tokens[j]
     return torch.cat(out)
-
-
-def flow_noise(
-    batch: TrainBatch, token_dim: int, batch_mul: int, *, key: tuple, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noise and t for the flow head, drawn per image from a generator keyed by (key, sample index,
-    image number), so they do not depend on how samples are split over ranks or resumed runs.
-    Returned in the head's tiled order: (batch_mul * N, D) and (batch_mul * N,)."""
-    noises, us, seen = [], [], {}
-    for sample, n in zip(batch.image_sample, batch.image_tokens, strict=True):
-        k = seen[sample] = seen.get(sample, -1) + 1
-        g = torch.Generator(device=device).manual_seed(_key_seed(*key, sample, k))
-        noises.append(torch.randn(batch_mul, n, token_dim, generator=g, device=device))
-        us.append(torch.randn(batch_mul, n, generator=g, device=device))
-    noise = torch.cat(noises, dim=1).reshape(-1, token_dim)
-    t = torch.sigmoid(torch.cat(us, dim=1).reshape(-1))
-    return noise, t
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -455,7 +439,12 @@ def train(cfg: TrainConfig, *, data: Iterable | None = None) -> list[dict[str, f
                 batch = batch.to(device)
                 targets = image_targets(batch, vae, patch).to(device)
                 noise, t = flow_noise(
-                    batch, arch.token_dim, arch.fm_head_batch_mul, key=(t_cfg.seed, step), device=device
+                    batch.image_sample,
+                    batch.image_tokens,
+                    arch.token_dim,
+                    arch.fm_head_batch_mul,
+                    key=(t_cfg.seed, step),
+                    device=device,
                 )
                 last_micro = micro == t_cfg.grad_accum_steps - 1
                 if uses_fsdp(cfg.parallel):

@@ -100,12 +100,7 @@ class TrainBatch:
     def __getstate__(self) -> dict:
         """Pickled (DataLoader worker -> main process) with same-shaped images stacked: one shared-memory
         tensor per shape instead of one per image, which is what bounds the transfer."""
-        state = dict(self.__dict__)
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, im in enumerate(self.images):
-            groups.setdefault(tuple(im.shape), []).append(i)
-        state["images"] = [(idx, torch.stack([self.images[i] for i in idx])) for idx in groups.values()]
-        return state
+        return {**self.__dict__, "images": _stack_by_shape(self.images)}
 
     def __setstate__(self, state: dict) -> None:
         images: list[torch.Tensor | None] = [None] * sum(len(idx) for idx, _ in state["images"])
@@ -119,19 +114,32 @@ class TrainBatch:
         self.image_sample = [offset + s for s in self.image_sample]
 
     def to(self, device: torch.device) -> TrainBatch:
+        """On `device`; same-shaped images move as one stacked copy."""
         mask = None if self.attention_mask is None else self.attention_mask.to(device, non_blocking=True)
+        images: list[torch.Tensor | None] = [None] * len(self.images)
+        for idx, stacked in _stack_by_shape(self.images):
+            for i, im in zip(idx, stacked.to(device, non_blocking=True).unbind(0), strict=True):
+                images[i] = im
         return TrainBatch(
             self.input_ids.to(device, non_blocking=True),
             self.labels.to(device, non_blocking=True),
             self.position_ids.to(device, non_blocking=True),
             mask,
-            [im.to(device, non_blocking=True) for im in self.images],
+            images,
             self.image_sample,
             self.image_tokens,
             self.num_text_targets,
             self.seq_lens,
             self.num_samples,
         )
+
+
+def _stack_by_shape(images: list[torch.Tensor]) -> list[tuple[list[int], torch.Tensor]]:
+    """(indices, stacked images) per distinct image shape, in first-seen order."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, im in enumerate(images):
+        groups.setdefault(tuple(im.shape), []).append(i)
+    return [(idx, torch.stack([images[i] for i in idx])) for idx in groups.values()]
 
 
 def _round_up(n: int, m: int) -> int:
