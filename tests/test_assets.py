@@ -1,0 +1,32 @@
+"""The files shipped in the package: the built-in model's image and text tokenizers."""
+
+import numpy as np
+import torch
+
+from nextstep.assets import BUILTIN_MODEL
+from nextstep.data.synthetic import make_sample
+from nextstep.model.tokenizer import BOI, EOI, IMAGE_PLACEHOLDER, TextTokenizer
+from nextstep.model.vae import load_vae, pil_to_pixels
+
+
+def test_shipped_vae_reconstructs_generated_scenes():
+    vae = load_vae(BUILTIN_MODEL / "vae", dtype=torch.float32)
+    assert vae.config.z_channels == 16 and vae.config.down_factor == 8
+    images = [make_sample(i, seed=123).images[-1] for i in range(4)]  # scenes the VAE never trained on
+    x = torch.cat([pil_to_pixels(im) for im in images])  # (4, 3, 128, 128) in [-1, 1]
+    with torch.no_grad():
+        latents = vae.encode(x)
+        y = vae.decode(latents).clamp(-1, 1)
+    assert latents.shape == (4, 16, 16, 16)
+    mse = ((y - x) / 2).pow(2).mean().item()
+    psnr = 10 * np.log10(1 / mse)
+    assert psnr > 30, f"shipped VAE reconstructs at {psnr:.1f} dB"
+
+
+def test_shipped_text_tokenizer_knows_the_domain_and_special_tokens():
+    tok = TextTokenizer(BUILTIN_MODEL)
+    for special in (BOI, EOI, IMAGE_PLACEHOLDER):
+        assert tok.token_id(special) is not None
+    ids = tok.encode("two red circles above a blue star")
+    assert len(ids) <= 8  # domain words are single tokens
+    assert tok.decode(ids) == "two red circles above a blue star"
