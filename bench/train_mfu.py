@@ -1,6 +1,6 @@
 """Training throughput and MFU (FSDP2 bf16 on one rank) of the ~1B config at a 512px-like sequence
 (76 text + 1024 image tokens) on one GPU, for torch.compile off/on x activation checkpointing off/on;
-eager without AC is the baseline.
+eager without AC is the baseline (+keep: no FSDP reshard after forward).
 
     python bench/train_mfu.py --out bench_train.jsonl          # GPU
     python bench/train_mfu.py --tiny --steps 2                 # CPU smoke test
@@ -49,12 +49,17 @@ def make_batch(arch, batch: int, grid: int, device: torch.device, g: torch.Gener
     return ids, labels, tokens
 
 
-def run_variant(arch, *, compile_: bool, ac: bool, batch: int, grid: int, steps: int, warmup: int, device):
+def run_variant(
+    arch, *, compile_: bool, ac: bool, batch: int, grid: int, steps: int, warmup: int, device, keep: bool = False
+):
     torch.manual_seed(0)
     model = build_model(arch).to(device)
     # The training path: FSDP2 on a one-rank group gives bf16 compute copies of the fp32 masters.
     init_single_process_group(device)
-    parallelize(model, ParallelConfig(compile=compile_, activation_checkpointing=ac), device)
+    # keep: layers stay gathered after forward (reshard_after_forward=False), so backward does not cast them
+    # again; on one GPU nothing is sharded anyway.
+    cfg = ParallelConfig(compile=compile_, activation_checkpointing=ac, reshard_after_forward=not keep)
+    parallelize(model, cfg, device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     g = torch.Generator().manual_seed(0)
     ids, labels, tokens = make_batch(arch, batch, grid, device, g)
@@ -108,7 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=6, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation) per variant")
     parser.add_argument("--tiny", action="store_true", help="tiny model and grid (CPU smoke test)")
-    parser.add_argument("--variants", default="eager,eager+ac,compile,compile+ac")
+    parser.add_argument(
+        "--variants",
+        default="eager,eager+ac,compile,compile+ac,compile+keep",
+        help="comma list of eager|compile [+ac: activation checkpointing] [+keep: no reshard after forward]",
+    )
     parser.add_argument("--out", default="", help="also append the JSON lines to this file")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -134,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak = peak_flops(device)
+    for variant in args.variants.split(","):
+        unknown = set(variant.split("+")) - {"eager", "compile", "ac", "keep"}
+        if unknown or variant.split("+")[0] not in ("eager", "compile"):
+            parser.error(f"bad variant {variant!r}: eager|compile, then any of +ac +keep")
     sink = open(args.out, "a") if args.out else None  # noqa: SIM115
     for variant in args.variants.split(","):
         parts = set(variant.split("+"))
@@ -142,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                 arch,
                 compile_="compile" in parts,
                 ac="ac" in parts,
+                keep="keep" in parts,
                 batch=args.batch,
                 grid=grid,
                 steps=args.steps,
