@@ -5,9 +5,12 @@ import json
 import pytest
 import torch
 
+from nextstep.assets import BUILTIN_MODEL
 from nextstep.model.nextstep import NextStep
+from nextstep.model.tokenizer import TextTokenizer
 from nextstep.train import config as C
 from nextstep.train.config import TrainConfig, apply_overrides, diff, from_dict, load_preset, to_dict
+from nextstep.train.loop import resolve_arch
 
 PRESETS = ["debug", "shapes", "nextstep_1b", "nextstep_qwen14b_256px", "nextstep_qwen14b_512px"]
 
@@ -76,6 +79,12 @@ def _params(cfg: TrainConfig) -> int:
 
 def test_preset_sizes():
     assert _params(load_preset("shapes")) <= 15e6
+    # The built-in model ships in the package: fp16 weights with the shipped tokenizer's vocabulary, plus
+    # the shipped VAE, within 25 MB.
+    shapes = load_preset("shapes")
+    shapes.model.arch = resolve_arch(shapes, TextTokenizer(BUILTIN_MODEL))
+    vae_bytes = (BUILTIN_MODEL / "vae" / "checkpoint.pt").stat().st_size
+    assert 2 * _params(shapes) + vae_bytes <= 25e6
     assert 0.9e9 <= _params(load_preset("nextstep_1b")) - 2 * 152064 * 2048 <= 1.2e9  # non-embedding ~1B
     arch = load_preset("nextstep_qwen14b_512px").model.arch
     shape = (arch.hidden_size, arch.num_hidden_layers, arch.num_attention_heads, arch.num_key_value_heads)

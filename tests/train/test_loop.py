@@ -213,6 +213,7 @@ def test_bf16_single_process_fsdp_with_samples_and_tensorboard(shard_run, tmp_pa
         shard_run,
         [
             "parallel.param_dtype=bfloat16",  # one-rank FSDP2 mixed precision
+            "parallel.reshard_after_forward=false",  # as configs/shapes.py
             "training.max_steps=2",
             "logging.sample_steps=2",
             "logging.sample_size=32",
