@@ -3,7 +3,8 @@
 The noise of an image must not depend on how a global batch is split over ranks and micro-batches, or on
 whether the run was resumed, so it cannot come from one stateful generator. A counter-based generator
 (a 32-bit integer hash of key and counter, then Box-Muller) gives every value from its coordinates in a
-handful of elementwise kernels for the whole batch, and the same bits on CPU and GPU.
+handful of elementwise kernels for the whole batch; the hash bits are the same on CPU and GPU, the normals
+equal up to the last-bit rounding of log/cos on each device.
 """
 
 from __future__ import annotations
