@@ -1,5 +1,6 @@
 """Keyed training noise: standard normal statistics, and independence from how a batch is split."""
 
+import pytest
 import torch
 
 from nextstep.train.noise import flow_noise, keyed_normal
@@ -42,3 +43,12 @@ def test_flow_noise_does_not_depend_on_the_split():
     assert not torch.equal(blocks[0, 4:6], blocks[0, 6:8]) and not torch.equal(blocks[0], blocks[1])
     empty, t_empty = flow_noise([], [], dim, mul, key=(0, 0), device=torch.device("cpu"))
     assert empty.shape == (0, dim) and t_empty.shape == (0,)
+
+
+@pytest.mark.gpu
+def test_flow_noise_on_cuda_matches_cpu():
+    args = ([0, 1, 1, 2], [4, 2, 2, 6], 8, 3)
+    cpu = flow_noise(*args, key=(1, 2), device=torch.device("cpu"))
+    gpu = flow_noise(*args, key=(1, 2), device=torch.device("cuda"))
+    for a, b in zip(cpu, gpu, strict=True):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-5, atol=1e-5)
