@@ -172,14 +172,10 @@ def image_targets(batch: TrainBatch, vae: AutoEncoder | None, patch: int) -> tor
     """Patchified model latents of every image, in placeholder order: (N, C*p*p). Each shape group is
     encoded in one call, on CUDA padded to a multiple of 32 images so that cuDNN sees few distinct shapes
     (each new shape costs a plan search on the host)."""
-    if not batch.images:
+    if not batch.image_groups:
         return torch.zeros(0, 1)
-    out: list[torch.Tensor | None] = [None] * len(batch.images)
-    by_shape: dict[tuple[int, ...], list[int]] = {}
-    for i, im in enumerate(batch.images):
-        by_shape.setdefault(tuple(im.shape), []).append(i)
-    for idx in by_shape.values():
-        x = torch.stack([batch.images[i] for i in idx])
+    out: list[torch.Tensor | None] = [None] * len(batch.image_sample)
+    for idx, x in batch.image_groups:
         if vae is not None:
             pad = -len(idx) % 32 if x.is_cuda else 0
             if pad:
@@ -240,7 +236,7 @@ class BatchStream:
         return self.loader.stats() if self.loader is not None else {}
 
 
-# ---- stopping and profiling ---------------------------------------------------------------------
+# ---- stopping ------------------------------------------------------------------------------------
 
 
 class StopRequest:

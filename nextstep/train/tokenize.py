@@ -90,42 +90,36 @@ class TrainBatch:
     labels: torch.Tensor  # (B, L), -100 where no text loss
     position_ids: torch.Tensor  # (B, L), restarting at 0 for each packed sample
     attention_mask: torch.Tensor | None  # bool (B, 1, L, L) when packed; None = plain causal
-    images: list[torch.Tensor]  # in placeholder order (row-major over the batch)
+    # Images stacked once per distinct shape: (their places in placeholder order, (n, C, H, W)). A few
+    # tensors, not one per image, cross from the loader workers and move to the device.
+    image_groups: list[tuple[list[int], torch.Tensor]]
     image_sample: list[int]  # index of each image's sample (position in the collated list, plus any offset)
     image_tokens: list[int]  # token count of each image
     num_text_targets: int  # text rows with a label (for throughput accounting)
     seq_lens: list[int]  # length of each packed/padded document (for attention FLOPs)
     num_samples: int = 0  # samples collated into this batch
 
-    def __getstate__(self) -> dict:
-        """Pickled (DataLoader worker -> main process) with same-shaped images stacked: one shared-memory
-        tensor per shape instead of one per image, which is what bounds the transfer."""
-        return {**self.__dict__, "images": _stack_by_shape(self.images)}
-
-    def __setstate__(self, state: dict) -> None:
-        images: list[torch.Tensor | None] = [None] * sum(len(idx) for idx, _ in state["images"])
-        for idx, stacked in state["images"]:
+    @property
+    def images(self) -> list[torch.Tensor]:
+        """Every image in placeholder order (row-major over the batch)."""
+        out: list[torch.Tensor | None] = [None] * len(self.image_sample)
+        for idx, stacked in self.image_groups:
             for i, im in zip(idx, stacked.unbind(0), strict=True):
-                images[i] = im
-        self.__dict__.update(state, images=images)
+                out[i] = im
+        return out
 
     def offset_samples(self, offset: int) -> None:
         """Number this batch's samples from `offset` (their place in the global batch)."""
         self.image_sample = [offset + s for s in self.image_sample]
 
     def to(self, device: torch.device) -> TrainBatch:
-        """On `device`; same-shaped images move as one stacked copy."""
         mask = None if self.attention_mask is None else self.attention_mask.to(device, non_blocking=True)
-        images: list[torch.Tensor | None] = [None] * len(self.images)
-        for idx, stacked in _stack_by_shape(self.images):
-            for i, im in zip(idx, stacked.to(device, non_blocking=True).unbind(0), strict=True):
-                images[i] = im
         return TrainBatch(
             self.input_ids.to(device, non_blocking=True),
             self.labels.to(device, non_blocking=True),
             self.position_ids.to(device, non_blocking=True),
             mask,
-            images,
+            [(idx, stacked.to(device, non_blocking=True)) for idx, stacked in self.image_groups],
             self.image_sample,
             self.image_tokens,
             self.num_text_targets,
@@ -192,8 +186,9 @@ def collate(
     # Text targets: labelled next tokens that are not image tokens (what lm_head is trained on).
     nxt = input_ids[:, 1:]
     text_targets = int(((labels[:, 1:] != IGNORE) & (nxt != ids.placeholder)).sum())
+    groups = _stack_by_shape(images)
     return TrainBatch(
-        input_ids, labels, position_ids, mask, images, image_sample, image_tokens, text_targets, seq_lens, len(items)
+        input_ids, labels, position_ids, mask, groups, image_sample, image_tokens, text_targets, seq_lens, len(items)
     )
 
 

@@ -63,7 +63,7 @@ def test_padding_and_packing_match_separate_forwards():
         assert batch.input_ids.shape[1] % 8 == 0
         assert (batch.attention_mask is not None) == pack
         assert batch.image_sample == [0, 2] and batch.image_tokens == [4, 2] and batch.num_samples == 3
-        again = pickle.loads(pickle.dumps(batch))  # the DataLoader transfer stacks images by shape
+        again = pickle.loads(pickle.dumps(batch))  # what crosses from a DataLoader worker
         assert [im.shape for im in again.images] == [im.shape for im in batch.images]
         assert all(torch.equal(a, b) for a, b in zip(again.images, batch.images, strict=True))
         assert torch.equal(again.input_ids, batch.input_ids) and again.seq_lens == batch.seq_lens
