@@ -7,9 +7,12 @@
 set -euo pipefail
 OUT=${1:-runs/shapes/export}
 TRAIN_SECONDS=${2:-100000}
-N=${N:-200000}
+N=${N:-400000}
 if ! ls data/shapes/*.tar >/dev/null 2>&1; then
   nextstep data synth-shapes data/shapes --n "$N" --seed 0 --workers "$(nproc)"
+fi
+if [ ! -f data/shapes/index.json ]; then  # sample offsets: a resumed run seeks instead of re-reading
+  nextstep data meta data/shapes --workers "$(nproc)" && nextstep data warmup data/shapes --n_jobs "$(nproc)"
 fi
 if [ ! -f runs/shapes/tokenizer/tokenizer.json ]; then
   nextstep data train-tokenizer data/shapes runs/shapes/tokenizer --vocab-size 1024 --max-samples 50000

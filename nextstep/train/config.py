@@ -91,7 +91,10 @@ class OptimConfig:
     lr: float = 1e-4  # peak learning rate of AdamW
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of the peak
     warmup_steps: int = 100  # linear warm-up steps from 0
-    schedule: str = "cosine"  # cosine | constant (after warm-up)
+    schedule: str = "cosine"  # cosine | constant | wsd (after warm-up)
+    # wsd (warm-up, stable, decay): constant, then linear down to min_lr_ratio over the last decay_steps.
+    # The stable phase does not depend on max_steps, so a run may be lengthened when resumed.
+    decay_steps: int = 0
     weight_decay: float = 0.1  # decoupled decay; not applied to biases and norms (ndim < 2)
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
@@ -105,8 +108,10 @@ class OptimConfig:
                 f"optim needs lr > 0, warmup_steps >= 0, 0 <= min_lr_ratio <= 1; got "
                 f"{self.lr}, {self.warmup_steps}, {self.min_lr_ratio}"
             )
-        if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"optim.schedule must be cosine or constant, got {self.schedule!r}")
+        if self.schedule not in ("cosine", "constant", "wsd"):
+            raise ValueError(f"optim.schedule must be cosine, constant or wsd, got {self.schedule!r}")
+        if self.decay_steps < 0:
+            raise ValueError(f"optim.decay_steps must be >= 0, got {self.decay_steps}")
 
 
 @dataclass

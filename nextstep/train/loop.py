@@ -155,12 +155,16 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to 1, then cosine down to min_lr_ratio at max_steps (or constant)."""
+    """Linear warm-up to 1, then cosine down to min_lr_ratio at max_steps, constant, or wsd: constant until
+    the last decay_steps, then linear down to min_lr_ratio at max_steps."""
     o, total = cfg.optim, cfg.training.max_steps
     if step < o.warmup_steps:
         return (step + 1) / o.warmup_steps
     if o.schedule == "constant":
         return 1.0
+    if o.schedule == "wsd":
+        left = total - step  # steps still to take, this one included
+        return 1.0 if left >= o.decay_steps else o.min_lr_ratio + (1 - o.min_lr_ratio) * max(0, left) / o.decay_steps
     progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
     return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 

@@ -10,7 +10,7 @@ from nextstep.model.nextstep import NextStep
 from nextstep.model.tokenizer import TextTokenizer
 from nextstep.train import config as C
 from nextstep.train.config import TrainConfig, apply_overrides, diff, from_dict, load_preset, to_dict
-from nextstep.train.loop import resolve_arch
+from nextstep.train.loop import lr_factor, resolve_arch
 
 PRESETS = ["debug", "shapes", "nextstep_1b", "nextstep_qwen14b_256px", "nextstep_qwen14b_512px"]
 
@@ -52,7 +52,8 @@ def test_overrides_set_nested_typed_values():
         ("training.train_modules=image_head", "training.train_modules: expected a JSON list"),
         ("training.max_steps", "not of the form key=value"),
         ("training.max_steps=0", "training.max_steps must be >= 1, got 0"),
-        ("optim.schedule=linear", "optim.schedule must be cosine or constant, got 'linear'"),
+        ("optim.schedule=linear", "optim.schedule must be cosine, constant or wsd, got 'linear'"),
+        ("optim.decay_steps=-1", "optim.decay_steps must be >= 0, got -1"),
         ("parallel.param_dtype=fp8", "parallel.param_dtype must be one of"),
         ("model.init=pretrained", "model.init='pretrained' needs model.path"),
     ],
@@ -109,3 +110,21 @@ def test_show_diff_and_eshow(capsys):
     assert "data.image_size: 256 -> 512" in out and 'model.init: "lm" -> "pretrained"' in out
     assert C.eshow_main(["configs/debug.py"]) == 0
     assert json.loads(capsys.readouterr().out)["model"]["arch"]["hidden_size"] == 64
+
+
+def test_wsd_schedule_warms_up_holds_then_decays_and_can_be_lengthened():
+    def factors(max_steps):
+        cfg = apply_overrides(
+            TrainConfig(),
+            [f"training.max_steps={max_steps}", "optim.schedule=wsd", "optim.warmup_steps=10",
+             "optim.decay_steps=20", "optim.min_lr_ratio=0.1"],
+        )
+        return [lr_factor(s, cfg) for s in range(max_steps)]
+
+    short, long = factors(100), factors(150)
+    assert short[0] == pytest.approx(0.1) and short[9] == pytest.approx(1.0)
+    assert short[10:81] == [1.0] * 71  # stable until the last 20 steps
+    decay = short[80:]
+    assert all(a > b for a, b in zip(decay, decay[1:], strict=False)) and decay[-1] == pytest.approx(0.1 + 0.9 / 20)
+    # A run resumed with a larger max_steps before its decay began follows the longer run's curve exactly.
+    assert long[:80] == short[:80] and long[130:] == short[80:]
