@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Reproduce the built-in model (nextstep/assets/nextstep-shapes) on one GPU, ~20-25 minutes on an H100:
+# Reproduce the built-in model (nextstep/assets/nextstep-shapes) on one GPU: ~25 minutes on an H100
+# (2 minutes of data, 23 of training):
 #   bash scripts/train_builtin.sh [OUT_DIR] [TRAIN_SECONDS]   (TRAIN_SECONDS=0: data, tokenizer and VAE only)
 # Every stage skips work already done, and training resumes from its newest checkpoint, so the script can
 # be run again (e.g. in a second call on the same machine) to continue. Training stops at max_steps or

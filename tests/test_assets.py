@@ -30,3 +30,21 @@ def test_shipped_text_tokenizer_knows_the_domain_and_special_tokens():
     ids = tok.encode("two red circles above a blue star")
     assert len(ids) <= 8  # domain words are single tokens
     assert tok.decode(ids) == "two red circles above a blue star"
+
+
+def test_shipped_model_fits_the_package_budget_and_loads_in_fp16():
+    from safetensors import safe_open
+
+    from nextstep.assets import builtin_model_dir
+
+    assert builtin_model_dir() == BUILTIN_MODEL
+    total = sum(p.stat().st_size for p in BUILTIN_MODEL.rglob("*") if p.is_file())
+    assert total <= 25e6, f"built-in model is {total / 1e6:.1f} MB"
+    shards = sorted(BUILTIN_MODEL.glob("*.safetensors"))
+    dtypes, n_params = set(), 0
+    for shard in shards:
+        with safe_open(str(shard), "pt") as f:
+            dtypes |= {f.get_slice(k).get_dtype() for k in f.keys()}
+            n_params += sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
+    assert dtypes == {"F16"} and n_params <= 15e6
+    assert all(s.stat().st_size <= 8e6 for s in shards)  # files git handles well

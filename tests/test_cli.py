@@ -54,3 +54,14 @@ def test_bad_input_is_a_clear_error(tmp_path, args, message):
     assert message in r.stderr
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "o.png").exists()
+
+
+def test_builtin_model_is_the_default(tmp_path):
+    """No --model: the shipped model makes a 128x128 picture of the scene world (not a blank image)."""
+    out = tmp_path / "s.png"
+    r = nextstep("generate", "two red circles above a blue star", "-o", str(out), "--steps", "6", "--seed", "0")
+    assert r.returncode == 0, r.stderr
+    image = Image.open(out).convert("RGB")
+    assert image.size == (128, 128)
+    colors = image.getcolors(maxcolors=128 * 128)
+    assert len(colors) > 20  # shapes on a background, not a flat fill

@@ -116,8 +116,13 @@ def test_wsd_schedule_warms_up_holds_then_decays_and_can_be_lengthened():
     def factors(max_steps):
         cfg = apply_overrides(
             TrainConfig(),
-            [f"training.max_steps={max_steps}", "optim.schedule=wsd", "optim.warmup_steps=10",
-             "optim.decay_steps=20", "optim.min_lr_ratio=0.1"],
+            [
+                f"training.max_steps={max_steps}",
+                "optim.schedule=wsd",
+                "optim.warmup_steps=10",
+                "optim.decay_steps=20",
+                "optim.min_lr_ratio=0.1",
+            ],
         )
         return [lr_factor(s, cfg) for s in range(max_steps)]
 
