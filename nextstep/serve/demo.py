@@ -13,7 +13,7 @@ import sys
 from PIL import Image
 
 from nextstep.cli import size_arg
-from nextstep.sampling.pipeline import EDIT_DEFAULTS, GenerateOptions, Pipeline
+from nextstep.sampling.pipeline import GenerateOptions, Pipeline
 from nextstep.serve.api import fit_size
 
 log = logging.getLogger(__name__)
@@ -102,9 +102,16 @@ def build_demo(
                     source = gr.Image(type="pil", label="Image", sources=["upload", "clipboard"], elem_id="edit-source")
                     instruction = gr.Textbox(label="Instruction", lines=2, elem_id="edit-instruction")
                     edit_seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
-                    edit_cfg = gr.Slider(1.0, 15.0, value=EDIT_DEFAULTS["cfg"], step=0.5, label="Guidance (text)")
+                    edit_cfg = gr.Slider(
+                        1.0,
+                        15.0,
+                        value=pipe.edit_defaults["cfg"],
+                        step=0.5,
+                        label="Guidance (text)",
+                        elem_id="edit-cfg",
+                    )
                     edit_cfg_img = gr.Slider(
-                        1.0, 5.0, value=EDIT_DEFAULTS["cfg_img"], step=0.1, label="Guidance (image)"
+                        1.0, 5.0, value=pipe.edit_defaults["cfg_img"], step=0.1, label="Guidance (image)"
                     )
                     edit_steps = gr.Slider(1, 100, value=steps, step=1, label="Steps")
                     edit_run = gr.Button("Edit", variant="primary", elem_id="edit-run")

@@ -15,7 +15,9 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 gr = pytest.importorskip("gradio")
 pytest.importorskip("fastapi")
 
-from nextstep.sampling.pipeline import Pipeline  # noqa: E402
+from nextstep.assets import builtin_model_dir  # noqa: E402
+from nextstep.data.synthetic import make_sample  # noqa: E402
+from nextstep.sampling.pipeline import EDIT_DEFAULTS, Pipeline, read_defaults  # noqa: E402
 from nextstep.serve.demo import build_demo, main_demo, theme  # noqa: E402
 from tests.serve.test_api import model_dir  # noqa: E402, F401  (the shared model fixture)
 
@@ -62,7 +64,9 @@ def offline(monkeypatch) -> Iterator[list]:
 @pytest.fixture
 def demo_url(model_dir, offline) -> Iterator[str]:  # noqa: F811
     pipe = Pipeline.from_pretrained(model_dir, device="cpu")
-    demo = build_demo(pipe, size=(32, 32), steps=2)
+    # The built-in model at its own resolution (a real scene in the screenshot); the tiny reference small.
+    builtin = model_dir == builtin_model_dir()
+    demo = build_demo(pipe, size=(128, 128) if builtin else (32, 32), steps=8 if builtin else 2)
     _, url, _ = demo.queue().launch(
         server_name="127.0.0.1",
         server_port=_free_port(),
@@ -85,7 +89,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium")
-def test_demo_generates_and_edits_in_headless_chromium(demo_url, tmp_path):
+def test_demo_generates_and_edits_in_headless_chromium(demo_url, model_dir, tmp_path):  # noqa: F811
     sync_api = pytest.importorskip("playwright.sync_api")
     outside = []
 
@@ -97,7 +101,7 @@ def test_demo_generates_and_edits_in_headless_chromium(demo_url, tmp_path):
         return route.abort()
 
     source = tmp_path / "source.png"
-    Image.new("RGB", (48, 32), "blue").save(source)
+    make_sample(5, seed=0).images[0].save(source)  # a 128x128 scene: "<image_0>remove the white ring"
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
@@ -113,8 +117,11 @@ def test_demo_generates_and_edits_in_headless_chromium(demo_url, tmp_path):
             page.screenshot(path=str(ARTIFACTS / "demo_generate.png"), full_page=True)
 
             page.get_by_role("tab", name="Edit").click()
+            # The checkpoint's own editing defaults (sampling_defaults.json), not the official ones.
+            expected = read_defaults(model_dir).get("edit", {}).get("cfg", EDIT_DEFAULTS["cfg"])
+            assert float(page.locator("#edit-cfg input[type=number]").input_value()) == expected
             page.locator("#edit-source input[type=file]").set_input_files(str(source))
-            page.locator("#edit-instruction textarea").fill("make it green")
+            page.locator("#edit-instruction textarea").fill("remove the white ring")
             page.locator("#edit-run").click()
             page.locator("#edit-gallery img").first.wait_for(timeout=60_000)
             page.screenshot(path=str(ARTIFACTS / "demo_edit.png"), full_page=True)
