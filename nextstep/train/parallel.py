@@ -30,10 +30,12 @@ def apply_ac(model: NextStep) -> None:
 
 def apply_compile(model: NextStep) -> None:
     """Compile each decoder layer (and the head network) in place: one graph is reused by all layers,
-    and FSDP's per-layer hooks stay outside the graphs."""
+    and FSDP's per-layer hooks stay outside the graphs. Sequence width and head rows change from batch to
+    batch, so a size that changes is made dynamic at its first recompile (dynamic=None), instead of one
+    graph per size until the recompile limit sends the rest of the run to eager (dynamic=False)."""
     for layer in model.layers:
-        layer.compile(dynamic=False)
-    model.image_head.net.compile(dynamic=False)
+        layer.compile(dynamic=None)
+    model.image_head.net.compile(dynamic=None)
 
 
 def apply_fsdp(

@@ -14,12 +14,12 @@ from nextstep.train.parallel import init_single_process_group, parallelize
 ARCH = NextStepConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, fm_head_dim=32)
 
 
-def _batch():
+def _batch(text: int = 6, image: int = 4):
     g = torch.Generator().manual_seed(0)
-    img = [ARCH.boi] + [ARCH.image_placeholder_id] * 4 + [ARCH.eoi]
-    ids = torch.cat([torch.randint(0, 400, (2, 6), generator=g), torch.tensor([img, img])], dim=1)
+    img = [ARCH.boi] + [ARCH.image_placeholder_id] * image + [ARCH.eoi]
+    ids = torch.cat([torch.randint(0, 400, (2, text), generator=g), torch.tensor([img, img])], dim=1)
     labels = ids.masked_fill(ids == ARCH.image_placeholder_id, -100)
-    return ids, labels, torch.randn(8, ARCH.token_dim, generator=g)
+    return ids, labels, torch.randn(2 * image, ARCH.token_dim, generator=g)
 
 
 @pytest.fixture
@@ -53,3 +53,24 @@ def test_parallelized_equals_plain(one_rank_group, ac, compile_):
         g = grads[clean]
         g = g.full_tensor() if hasattr(g, "full_tensor") else g
         torch.testing.assert_close(g, p.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_compiled_layers_do_not_recompile_for_every_batch_shape(one_rank_group):
+    """Training batches vary in width and image-token count: after the first recompile the changing sizes
+    are dynamic, so a fourth shape compiles nothing new, and the losses stay the eager ones."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    ref, model = build_model(ARCH, seed=0), build_model(ARCH, seed=0)
+    parallelize(model, ParallelConfig(compile=True, param_dtype="float32"), torch.device("cpu"))
+    graphs = []
+    for text, image in [(6, 4), (9, 4), (5, 9), (7, 16)]:
+        ids, labels, tokens = _batch(text, image)
+        losses = [
+            m.forward_train(ids, labels, tokens, generator=torch.Generator().manual_seed(1)).loss.detach()
+            for m in (ref, model)
+        ]
+        torch.testing.assert_close(losses[0], losses[1])
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[-1] == graphs[-2], f"graphs compiled after each batch shape: {graphs}"
