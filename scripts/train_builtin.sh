@@ -27,7 +27,7 @@ resume=""
 if ls runs/shapes/model/checkpoints/step-* >/dev/null 2>&1; then resume="--resume"; fi
 timeout --signal=INT "$TRAIN_SECONDS" nextstep train -m configs.shapes $resume ${TRAIN_ARGS:-} \
   || echo "training ended early (time limit or error; see above)"
-nextstep export runs/shapes/model "$OUT" --dtype float16
+nextstep export runs/shapes/model "$OUT" --dtype float16 --max-shard-mb 8  # git-friendly files
 python3 - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path

@@ -35,8 +35,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise FileNotFoundError(f"no training checkpoint at {path} (expected step-XXXXXXXX/ with {ckpt.META_NAME})")
 
 
-def export(path: str | Path, out: str | Path, *, dtype: str = "float32") -> Path:
-    """Write the official format of checkpoint `path` to `out`; LoRA adapters are merged first."""
+def export(path: str | Path, out: str | Path, *, dtype: str = "float32", max_shard_mb: float = 5120) -> Path:
+    """Write the official format of checkpoint `path` to `out`; LoRA adapters are merged first. Weights
+    above `max_shard_mb` (MB = 1e6 bytes) are split into shards with an index, as the official release is."""
+    if max_shard_mb <= 0:
+        raise ValueError(f"max_shard_mb must be > 0, got {max_shard_mb}")
     path = resolve_checkpoint(path)
     cfg = load_json(path / ckpt.CONFIG_NAME)
     with torch.device("meta"):
@@ -54,21 +57,23 @@ def export(path: str | Path, out: str | Path, *, dtype: str = "float32") -> Path
         out,
         tokenizer_dir=cfg.model.resolved_tokenizer_dir or None,
         vae_dir=vae_dir if vae_dir and Path(vae_dir).is_dir() else None,
+        max_shard_bytes=int(max_shard_mb * 1e6),
     )
     log.info("exported %s -> %s", path, out)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`nextstep export CKPT OUT [--dtype bfloat16]`."""
+    """`nextstep export CKPT OUT [--dtype bfloat16] [--max-shard-mb 5000]`."""
     parser = argparse.ArgumentParser(prog="nextstep export", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="step-XXXXXXXX directory, or a run directory (newest step)")
     parser.add_argument("out", help="output directory (official format)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPE), help="weight dtype written")
+    parser.add_argument("--max-shard-mb", type=float, default=5120, help="largest weight file (MB); more: shards")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        export(args.checkpoint, args.out, dtype=args.dtype)
+        export(args.checkpoint, args.out, dtype=args.dtype, max_shard_mb=args.max_shard_mb)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

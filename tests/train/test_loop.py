@@ -156,15 +156,18 @@ def test_kill_and_resume_reproduces_losses(shard_run, tmp_path, monkeypatch):
     ckpts = sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir())
     assert ckpts == ["step-00000002", "step-00000004", "step-00000006"]  # keep_last=3
 
-    out = export(tmp_path / "run", tmp_path / "exported")
-    model = from_pretrained(out)
-    assert (out / "vae/checkpoint.pt").is_file() and (out / "tokenizer.json").is_file()
     ref = loop.init_model(shard_run, shard_run.model.arch)
     from nextstep.train.checkpoint import load_model_weights
 
     load_model_weights(tmp_path / "run/checkpoints/step-00000006", ref)
-    for name, value in ref.state_dict().items():
-        torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=0)
+    whole = export(tmp_path / "run", tmp_path / "exported")
+    sharded = export(tmp_path / "run", tmp_path / "sharded", max_shard_mb=0.02)  # 20 kB files
+    assert (whole / "model.safetensors").is_file() and len(list(sharded.glob("model-*-of-*.safetensors"))) > 1
+    for out in (whole, sharded):
+        model = from_pretrained(out)
+        assert (out / "vae/checkpoint.pt").is_file() and (out / "tokenizer.json").is_file()
+        for name, value in ref.state_dict().items():
+            torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=0)
 
 
 def test_signal_saves_and_stops_then_resume_matches(shard_run, tmp_path, monkeypatch):
