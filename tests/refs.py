@@ -37,6 +37,16 @@ def dirs_with(kind: str) -> list[Path]:
     return [p for p in reference_dirs() if layout(p) == kind]
 
 
+def first_with(kind: str) -> Path:
+    """The first reference directory of `kind`; skips the test when there is none."""
+    import pytest
+
+    found = dirs_with(kind)
+    if not found:
+        pytest.skip(f"no {kind} reference checkpoint next to the repo ({ROOT})")
+    return found[0]
+
+
 def tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
     return load_file(str(path / "reference" / name))
 

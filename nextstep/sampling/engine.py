@@ -8,6 +8,7 @@ On CPU the same code runs eagerly (no graphs); that is what CI compares with the
 
 from __future__ import annotations
 
+import gc
 import math
 import weakref
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from torch import nn
 from nextstep.model.backbone import KVCache, apply_rope, build_attention_mask, rope_cos_sin
 from nextstep.model.head import AdaLNMLP
 from nextstep.model.nextstep import NextStep
+from nextstep.sampling import head_kernels as head_kernels_mod
 from nextstep.sampling.flow import FlowSettings, combine_guidance, guidance_rows, guidance_scale, timesteps
 
 QUANTIZE = ("none", "int8", "fp8")
@@ -280,7 +282,12 @@ class _State:
             self.t_embed = model.image_head.net.time_embed(plan.t.to(dev, dtype))  # (S, W), every token
         self.coef_eps = torch.tensor([c for _, _, c in plan.coef[: plan.num_eps]], device=dev)[:, None, None]
         self.fused = engine.fused
-        self.velocity = torch.compile(head_velocity, dynamic=False) if engine.compile else head_velocity
+        self.head_kernels = engine.use_head_kernels(r)
+        if self.head_kernels:
+            head_kernels_mod.tune(model.image_head.net, r, dev)
+            self.velocity = head_kernels_mod.head_velocity_fused
+        else:
+            self.velocity = torch.compile(head_velocity, dynamic=False) if engine.compile else head_velocity
         self.layer_fn = torch.compile(decode_layer, dynamic=False) if engine.compile else decode_layer
         capture, pool = engine.graphs, (torch.cuda.graph_pool_handle() if engine.graphs else None)
         # Captures run now, before any prefill: their warm-up writes only the last cache slot, which no
@@ -299,6 +306,10 @@ class _State:
         eps = self.noise[1:] * self.coef_eps  # (num_eps, B, D): c * eps per noisy step
         x = self.noise[0]
         for i, (a, b, _) in enumerate(plan.coef):
+            if self.head_kernels:
+                e = eps[i] if i < plan.num_eps else None
+                x = head_kernels_mod.head_step(net, x, mods, i, key.rows, self.scales, e, a, b, normalize=key.normalize)
+                continue
             v = self.velocity(net, x, mods, i, key.rows)
             v = combine_guidance(v, self.scales[0], self.scales[1], key.rows, normalize=key.normalize)
             x = torch.add(eps[i], x, alpha=a) if i < plan.num_eps else x * a
@@ -323,14 +334,30 @@ class _State:
 class Engine:
     """Holds one model's captured states; `generate` has Pipeline.generate_tokens' semantics."""
 
-    def __init__(self, model: NextStep, *, graphs: bool | None = None, compile: bool = False, kv_block: int = 256):
+    def __init__(
+        self,
+        model: NextStep,
+        *,
+        graphs: bool | None = None,
+        compile: bool = False,
+        head_kernels: bool | None = None,
+        kv_block: int = 256,
+    ):
         dev = model.embed_tokens.weight.device
         self.model = model
         self.graphs = dev.type == "cuda" if graphs is None else graphs  # capture CUDA graphs
         self.compile = compile  # torch.compile the head loop and decode step before capture
+        if compile:  # one decode graph per cache bucket and batch: more specialisations than the default 8
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        # Fused Triton head blocks (head_kernels.py); None: on wherever Triton can run them.
+        self.head_kernels = head_kernels_mod.available(dev) if head_kernels is None else head_kernels
         self.kv_block = kv_block  # cache length granularity: one decode graph per kv_block slots
         self._state: _State | None = None  # one at a time: a batch-32 cache is ~14 GB at 14B
         self.fused = fuse_projections(model)
+
+    def use_head_kernels(self, rows: int) -> bool:
+        """Fused head kernels for `rows` guidance rows x images (small batches, where launches dominate)."""
+        return self.head_kernels and rows <= head_kernels_mod.MAX_ROWS
 
     def _fused_live(self) -> bool:
         """The fused matrices still back the model's parameters (no .to() or swap since fusing)."""
@@ -343,6 +370,7 @@ class Engine:
         if self._state is None or self._state.key != key:
             self._state = None
             if self.graphs:
+                gc.collect()  # a state and its graphs form a reference cycle: free its cache and pools now
                 torch.cuda.empty_cache()
             self._state = _State(self, key)
         return self._state

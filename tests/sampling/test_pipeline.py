@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from nextstep.sampling.pipeline import Pipeline, Trace
-from tests.refs import dirs_with, max_diff, meta, tensors
+from tests.refs import dirs_with, first_with, max_diff, meta, tensors
 
 
 def _pixels(image: Image.Image) -> torch.Tensor:
@@ -135,7 +135,7 @@ def test_nextstep11_pipeline(pipes, ref, run, replay):
 
 
 def test_same_seed_same_image_and_batches(pipes):
-    ref = dirs_with("nextstep11")[0]
+    ref = first_with("nextstep11")
     pipe = _pipe(pipes, ref)
     opts = dict(size=(32, 32), steps=3, cfg=3.0, seed=5)
     a = pipe.generate("a dog", **opts)[0]
@@ -159,7 +159,7 @@ def test_same_seed_same_image_and_batches(pipes):
     ],
 )
 def test_bad_options(pipes, bad, match):
-    pipe = _pipe(pipes, dirs_with("nextstep11")[0])
+    pipe = _pipe(pipes, first_with("nextstep11"))
     with pytest.raises(ValueError, match=match):
         pipe.generate("a dog", **{"size": (32, 32), "steps": 2, **bad})
     with pytest.raises(ValueError, match="non-empty"):
@@ -168,7 +168,7 @@ def test_bad_options(pipes, bad, match):
 
 def test_linear_schedule_through_scale_one(pipes):
     """A linear schedule can bring a guidance scale to exactly 1 mid-image; the branch count must not change."""
-    pipe = _pipe(pipes, dirs_with("nextstep11")[0])
+    pipe = _pipe(pipes, first_with("nextstep11"))
     source = Image.new("RGB", (32, 32), "blue")
     out = pipe.edit(source, "make it red", steps=2, cfg=3.0, cfg_img=2.0, cfg_schedule="linear", seed=0)
     assert out[0].size == (32, 32)
@@ -180,7 +180,7 @@ def test_prompt_limit_counts_text_not_source_placeholders(pipes, monkeypatch):
     """A large source image adds h*w placeholders to the prompt; only the text counts against the limit."""
     import nextstep.sampling.pipeline as pipeline_module
 
-    pipe = _pipe(pipes, dirs_with("nextstep11")[0])
+    pipe = _pipe(pipes, first_with("nextstep11"))
     monkeypatch.setattr(pipeline_module, "MAX_PROMPT_TOKENS", 8)
     source = Image.new("RGB", (64, 64), "blue")  # 4x4 = 16 placeholders > 8
     assert pipe.edit(source, "red", steps=1, cfg=1.0, cfg_img=1.0, seed=0)[0].size == (64, 64)

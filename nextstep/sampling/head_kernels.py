@@ -1,0 +1,371 @@
+"""Fused Triton kernels for the flow head at decode time: two kernels per adaLN block instead of six.
+
+At batch 1 with guidance the head runs on 2 rows, 50 steps per token, 12 blocks per step: thousands of
+tiny launches per token, each a 1536x1536 GEMV or an elementwise op on 2 rows. Launch gaps, not bytes,
+bound that loop. Each block becomes
+
+    a   = silu((LN(h) * scale1 + shift) @ W1.T + b1)     `modulated_linear` (LayerNorm prologue)
+    h'  = h + gate * (a @ W2.T + b2)                     `gated_linear`     (residual epilogue)
+
+and the final layer is `modulated_linear` without activation. Each program owns BLOCK_N output columns
+for all rows (a few: batch 1-4 with guidance), so every weight is read once per step, at GEMV bandwidth.
+Used by the engine on CUDA when Triton is present (`Engine(head_kernels=...)`); tests also run them in
+Triton's CPU interpreter (TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU install has no Triton; the engine then uses the torch ops
+    triton = None
+
+MAX_ROWS = 8  # guidance rows x images handled by one program; larger batches use cuBLAS (launches amortise)
+
+
+def available(device: torch.device) -> bool:
+    """Triton present and a CUDA device (tests also run the kernels on CPU under TRITON_INTERPRET=1)."""
+    return triton is not None and device.type == "cuda"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rows_dot(a, w):
+        """(BLOCK_R, BLOCK_K) x (BLOCK_N, BLOCK_K) -> (BLOCK_R, BLOCK_N) fp32: a few rows, so a broadcast
+        multiply and a reduction, not tl.dot (which would pad the rows to 16)."""
+        return tl.sum(a[:, None, :] * w[None, :, :].to(tl.float32), axis=2)
+
+    @triton.jit
+    def _modulated_linear(
+        x_ptr,  # (R, K) block input h
+        lnw_ptr,  # (K,) LayerNorm weight (unused without HAS_AFFINE)
+        lnb_ptr,  # (K,) LayerNorm bias
+        scale_ptr,  # (R, K) 1 + adaLN scale
+        shift_ptr,  # (R, K) adaLN shift
+        w_ptr,  # (N, K) linear weight
+        b_ptr,  # (N,) linear bias
+        out_ptr,  # (R, N)
+        R,
+        K,
+        N,
+        eps,
+        HAS_AFFINE: tl.constexpr,
+        SILU: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        K_POW2: tl.constexpr,
+    ):
+        rows = tl.arange(0, BLOCK_R)
+        rmask = rows < R
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = cols < N
+        # LayerNorm statistics of the whole rows in one load (R x K is a few KB).
+        kall = tl.arange(0, K_POW2)
+        xa = tl.load(x_ptr + rows[:, None] * K + kall[None, :], mask=rmask[:, None] & (kall < K)[None, :], other=0.0)
+        xa = xa.to(tl.float32)
+        mean = tl.sum(xa, axis=1) / K
+        d = tl.where((kall < K)[None, :], xa - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / K + eps)
+        acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            kmask = ks < K
+            m = rmask[:, None] & kmask[None, :]
+            offs = rows[:, None] * K + ks[None, :]
+            w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+            a = (tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32) - mean[:, None]) * rstd[:, None]
+            if HAS_AFFINE:
+                lw = tl.load(lnw_ptr + ks, mask=kmask, other=0.0).to(tl.float32)
+                lb = tl.load(lnb_ptr + ks, mask=kmask, other=0.0).to(tl.float32)
+                a = a * lw[None, :] + lb[None, :]
+            sc = tl.load(scale_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            sh = tl.load(shift_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            a = (a * sc + sh).to(w.dtype).to(tl.float32)  # rounded like the eager op's input
+            acc += _rows_dot(a, w)
+        acc += tl.load(b_ptr + cols, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        if SILU:
+            acc = acc * tl.sigmoid(acc)
+        out = out_ptr + rows[:, None] * N + cols[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
+
+    @triton.jit
+    def _gated_linear(
+        a_ptr,  # (R, K) hidden activations
+        w_ptr,  # (N, K) linear weight
+        b_ptr,  # (N,) bias
+        gate_ptr,  # (R, N) adaLN gate
+        res_ptr,  # (R, N) residual h
+        out_ptr,  # (R, N)
+        R,
+        K,
+        N,
+        BLOCK_R: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        rows = tl.arange(0, BLOCK_R)
+        rmask = rows < R
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = cols < N
+        acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            kmask = ks < K
+            w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+            a = tl.load(a_ptr + rows[:, None] * K + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            acc += _rows_dot(a.to(tl.float32), w)
+        acc += tl.load(b_ptr + cols, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        offs = rows[:, None] * N + cols[None, :]
+        m = rmask[:, None] & nmask[None, :]
+        g = tl.load(gate_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        r = tl.load(res_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs, (r + g * acc).to(out_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _input_rows(
+        x_ptr,  # (B, K) tokens, fp32
+        w_ptr,  # (N, K) input_proj weight
+        b_ptr,  # (N,)
+        out_ptr,  # (R, N), row r = input_proj(x[r % B]): the guidance rows share one token
+        B,
+        R,
+        K,
+        N,
+        BLOCK_R: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        K_POW2: tl.constexpr,
+    ):
+        rows = tl.arange(0, BLOCK_R)
+        rmask = rows < R
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = cols < N
+        ks = tl.arange(0, K_POW2)
+        kmask = ks < K
+        w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+        a = tl.load(x_ptr + (rows % B)[:, None] * K + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        acc = _rows_dot(a.to(w.dtype).to(tl.float32), w)
+        acc += tl.load(b_ptr + cols, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(
+            out_ptr + rows[:, None] * N + cols[None, :],
+            acc.to(out_ptr.dtype.element_ty),
+            mask=rmask[:, None] & nmask[None, :],
+        )
+
+    @triton.jit
+    def _guided_update(
+        x_ptr,  # (B, D) fp32 state
+        eps_ptr,  # (B, D) fp32 scaled noise of this step (unused without HAS_EPS)
+        v_ptr,  # (ROWS * B, D) branch velocities [cond; ...]
+        scales_ptr,  # (2,) fp32 this token's (cfg, cfg_img)
+        out_ptr,  # (B, D) fp32
+        a,
+        b,
+        B,
+        D,
+        ROWS: tl.constexpr,
+        HAS_EPS: tl.constexpr,
+        NORMALIZE: tl.constexpr,
+        D_POW2: tl.constexpr,
+    ):
+        """x' = (eps +) a x + b guide(v), one program per image (flow.combine_guidance's arithmetic)."""
+        img = tl.program_id(0)
+        d = tl.arange(0, D_POW2)
+        m = d < D
+        cond = tl.load(v_ptr + img * D + d, mask=m, other=0.0).to(tl.float32)
+        g = cond
+        if ROWS == 2:
+            u = tl.load(v_ptr + (B + img) * D + d, mask=m, other=0.0).to(tl.float32)
+            g = u + tl.load(scales_ptr) * (cond - u)
+        if ROWS == 3:
+            u1 = tl.load(v_ptr + (B + img) * D + d, mask=m, other=0.0).to(tl.float32)
+            u2 = tl.load(v_ptr + (2 * B + img) * D + d, mask=m, other=0.0).to(tl.float32)
+            g = u2 + tl.load(scales_ptr + 1) * (u1 - u2) + tl.load(scales_ptr) * (cond - u1)
+        if NORMALIZE:
+            ratio = tl.sqrt(tl.sum(cond * cond, axis=0)) / (tl.sqrt(tl.sum(g * g, axis=0)) + 1e-6)
+            g = g * tl.minimum(tl.maximum(ratio, 0.0), 1.0)
+        x = tl.load(x_ptr + img * D + d, mask=m, other=0.0)
+        x = x * a
+        if HAS_EPS:
+            x = tl.load(eps_ptr + img * D + d, mask=m, other=0.0) + x
+        tl.store(out_ptr + img * D + d, x + b * g, mask=m)
+
+
+# (BLOCK_N, BLOCK_K, num_warps): small N tiles give one program per SM or more for a 1536-wide layer.
+# `tune` picks one per (rows, width) before the engine captures its graphs.
+_CONFIG = {"block_n": 8, "block_k": 256, "num_warps": 4}
+_TUNED: dict[tuple, dict] = {}
+
+
+def _launch_args(n: int, rows: int) -> tuple[tuple[int], dict]:
+    if rows > MAX_ROWS:
+        raise ValueError(f"fused head kernels take at most {MAX_ROWS} rows, got {rows}")
+    block_r = triton.next_power_of_2(rows)
+    c = _CONFIG
+    grid = (triton.cdiv(n, c["block_n"]),)
+    meta = {"BLOCK_R": block_r, "BLOCK_N": c["block_n"], "BLOCK_K": c["block_k"]}
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        meta["num_warps"] = c["num_warps"]
+    return grid, meta
+
+
+def modulated_linear(
+    x: torch.Tensor,
+    ln: torch.nn.LayerNorm,
+    scale1: torch.Tensor,
+    shift: torch.Tensor,
+    linear: torch.nn.Linear,
+    *,
+    silu: bool,
+) -> torch.Tensor:
+    """(silu)(linear(ln(x) * scale1 + shift)) for x, scale1, shift (R, K) -> (R, N) in x's dtype."""
+    r, k = x.shape
+    n = linear.out_features
+    out = torch.empty(r, n, dtype=x.dtype, device=x.device)
+    affine = ln.weight is not None
+    grid, meta = _launch_args(n, r)
+    _modulated_linear[grid](
+        x,
+        ln.weight if affine else x,
+        ln.bias if affine else x,
+        scale1,
+        shift,
+        linear.weight,
+        linear.bias,
+        out,
+        r,
+        k,
+        n,
+        ln.eps,
+        HAS_AFFINE=affine,
+        SILU=silu,
+        K_POW2=triton.next_power_of_2(k),
+        **meta,
+    )
+    return out
+
+
+def gated_linear(a: torch.Tensor, linear: torch.nn.Linear, gate: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """residual + gate * linear(a) for a (R, K), gate and residual (R, N) -> (R, N)."""
+    r, k = a.shape
+    n = linear.out_features
+    out = torch.empty(r, n, dtype=residual.dtype, device=a.device)
+    grid, meta = _launch_args(n, r)
+    _gated_linear[grid](a, linear.weight, linear.bias, gate, residual, out, r, k, n, **meta)
+    return out
+
+
+def head_velocity_fused(net, x: torch.Tensor, mods: list[tuple], i: int, rows: int) -> torch.Tensor:
+    """engine.head_velocity with fused kernels: (B, D) tokens -> (rows * B, D) in the head's dtype.
+
+    The input projection writes the guidance rows directly; each block is 2 kernels, the final layer 1.
+    """
+    bsz, d = x.shape
+    r = rows * bsz
+    width = net.input_proj.out_features
+    h = torch.empty(r, width, dtype=net.input_proj.weight.dtype, device=x.device)
+    grid, meta = _launch_args(width, r)
+    meta.pop("BLOCK_K")
+    k_pow2 = triton.next_power_of_2(d)
+    _input_rows[grid](x, net.input_proj.weight, net.input_proj.bias, h, bsz, r, d, width, K_POW2=k_pow2, **meta)
+    for block, (shift, scale1, gate) in zip(net.res_blocks, mods, strict=False):
+        act = modulated_linear(h, block.in_ln, scale1[i], shift[i], block.mlp[0], silu=True)
+        h = gated_linear(act, block.mlp[2], gate[i], h)
+    shift, scale1 = mods[-1]
+    final = net.final_layer
+    return modulated_linear(h, final.norm_final, scale1[i], shift[i], final.linear, silu=False)
+
+
+def head_step(
+    net,
+    x: torch.Tensor,
+    mods: list[tuple],
+    i: int,
+    rows: int,
+    scales: torch.Tensor,
+    eps: torch.Tensor | None,
+    a: float,
+    b: float,
+    *,
+    normalize: bool,
+) -> torch.Tensor:
+    """One step of the engine's head loop, x (B, D) fp32 -> (eps +) a x + b guide(net(x, t_i)), with the
+    guidance merge and update as one kernel: 2 kernels per block plus 3 per step."""
+    bsz, d = x.shape
+    v = head_velocity_fused(net, x, mods, i, rows)  # (R, D)
+    out = torch.empty_like(x)
+    _guided_update[(bsz,)](
+        x,
+        x if eps is None else eps,
+        v,
+        scales,
+        out,
+        a,
+        b,
+        bsz,
+        d,
+        ROWS=rows,
+        HAS_EPS=eps is not None,
+        NORMALIZE=normalize,
+        D_POW2=triton.next_power_of_2(d),
+    )
+    return out
+
+
+def _graph_time(run, reps: int = 12) -> float:
+    """GPU ms of `run` as the engine runs it: `reps` calls captured in one CUDA graph, so that Python's
+    launch cost (larger than these kernels) does not decide the pick."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            run()
+    return min(triton.testing.do_bench(graph.replay, warmup=2, rep=10) for _ in range(3)) / reps
+
+
+def current_config() -> dict:
+    """The launch configuration in use (set by the last `tune`)."""
+    return _CONFIG
+
+
+def tune(net, rows: int, device: torch.device) -> dict:
+    """Pick (BLOCK_N, BLOCK_K, num_warps) for this GPU, head width and row count by timing one block's two
+    kernels; a few seconds, once per (rows, width) per process. No-op off CUDA."""
+    global _CONFIG
+    w = net.input_proj.out_features
+    if device.type != "cuda":
+        return _CONFIG
+    if (rows, w) in _TUNED:
+        _CONFIG = _TUNED[rows, w]
+        return _CONFIG
+    block = net.res_blocks[0]
+    h = torch.randn(rows, w, device=device, dtype=net.input_proj.weight.dtype)
+    ones, zeros = torch.ones_like(h), torch.zeros_like(h)
+    best = None
+    for block_n in (2, 4, 8, 16):
+        for block_k in (256, 512, triton.next_power_of_2(w)):
+            for warps in (4, 8):
+                _CONFIG = {"block_n": block_n, "block_k": block_k, "num_warps": warps}
+
+                def run():
+                    a = modulated_linear(h, block.in_ln, ones, zeros, block.mlp[0], silu=True)
+                    return gated_linear(a, block.mlp[2], ones, h)
+
+                try:
+                    ms = _graph_time(run)
+                except Exception:  # noqa: BLE001 - a config the compiler rejects (registers, shared memory)
+                    continue
+                if best is None or ms < best[0]:
+                    best = (ms, dict(_CONFIG))
+    _CONFIG = _TUNED[rows, w] = best[1]
+    return _CONFIG
