@@ -10,6 +10,7 @@ Random bf16 weights built directly on the GPU. One JSON line per result:
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import time
@@ -19,8 +20,10 @@ import torch
 
 from nextstep.model.config import NextStepConfig
 from nextstep.model.nextstep import NextStep
+from nextstep.sampling import head_kernels
 from nextstep.sampling.engine import Engine, apply_quantization, guidance_table
 from nextstep.sampling.flow import FlowSettings, guidance_rows
+from nextstep.sampling.head_kernels import MAX_ROWS
 from nextstep.sampling.pipeline import GenerateOptions, Pipeline
 
 SHAPES = {
@@ -188,6 +191,11 @@ def main() -> None:
     ap.add_argument("--quantize", default="none")
     ap.add_argument("--compile", action="store_true", help="torch.compile the layer and head step")
     ap.add_argument("--profile", action="store_true", help="kernel-time split of one token, no graphs")
+    ap.add_argument(
+        "--heads",
+        default="fused,torch",
+        help="comma list of head implementations per batch: fused (Triton kernels, the default) | torch",
+    )
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -208,10 +216,18 @@ def main() -> None:
     offsets = (0, n_tokens // 2 - w // 2, n_tokens - w)
     per_image = {}
 
-    for batch in [int(b) for b in args.batches.split(",")]:
-        engine = Engine(model, compile=args.compile)
+    heads = args.heads.split(",")
+    if set(heads) - {"fused", "torch"}:
+        ap.error(f"--heads takes fused and/or torch, got {args.heads!r}")
+    for batch, head_impl in [(int(b), h) for b in args.batches.split(",") for h in heads]:
+        if head_impl == "fused" and batch * rows > MAX_ROWS and "torch" in heads:
+            continue  # too many rows for the fused kernels: the engine would run the torch head anyway
+        engine = Engine(model, compile=args.compile, head_kernels=head_impl == "fused")
         t = time_engine(engine, model, batch, rows, settings, opts, n_tokens, w, offsets)
+        head_impl = "fused" if engine._state.head_kernels else "torch"  # more rows than MAX_ROWS: torch
+        tuned = dict(head_kernels.current_config()) if head_impl == "fused" else None
         del engine
+        gc.collect()  # the engine's state and graphs form a cycle; free them before the next batch
         torch.cuda.empty_cache()
         cfg = {
             **base,
@@ -219,6 +235,8 @@ def main() -> None:
             "rows": rows * batch,
             "quantize": args.quantize,
             "compile": args.compile,
+            "head": head_impl,
+            "head_kernel_config": tuned,
             "window": f"3 windows of {w} tokens at {list(offsets)}, mean x {n_tokens} tokens + prefill",
         }
         roof = roofline(model, batch, rows, n_tokens, args.steps, bw)
@@ -239,9 +257,10 @@ def main() -> None:
         note = "adaLN, cond and time weights read once per token"
         emit("roofline_token_latency_engine_algorithm", {**cfg, "note": note}, floor_engine * 1e3, "ms/token")
         emit("ratio_engine_over_roofline", cfg, step / floor, "x")
-        per_image[batch] = t["image"] / batch
-        print(f"# batch {batch}: head {t['head'] * 1e3:.2f} ms backbone {t['backbone'] * 1e3:.2f} ms "
-              f"roofline {floor * 1e3:.2f} ms", flush=True)  # fmt: skip
+        if head_impl == "fused" or batch not in per_image:  # the engine's default where both ran
+            per_image[batch] = t["image"] / batch
+        print(f"# batch {batch} ({head_impl} head): head {t['head'] * 1e3:.2f} ms "
+              f"backbone {t['backbone'] * 1e3:.2f} ms roofline {floor * 1e3:.2f} ms", flush=True)  # fmt: skip
     if 1 in per_image and 32 in per_image:
         emit("ratio_images_per_s_batch32_over_batch1", base, per_image[1] / per_image[32], "x")
     if args.eager_tokens and 1 in per_image:
