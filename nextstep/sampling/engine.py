@@ -457,10 +457,12 @@ def guidance_table(family: str, opts, n_tokens: int) -> torch.Tensor:
 _ENGINES: weakref.WeakKeyDictionary[NextStep, Engine] = weakref.WeakKeyDictionary()
 
 
-def engine_for(model: NextStep, **options) -> Engine:
-    """The model's cached Engine (created with `options` on first use)."""
-    if model not in _ENGINES:
-        _ENGINES[model] = Engine(model, **options)
+def engine_for(model: NextStep, *, compile: bool = False) -> Engine:
+    """The model's cached Engine; asking for the other `compile` setting replaces it (one state at a time)."""
+    if model not in _ENGINES or _ENGINES[model].compile != compile:
+        _ENGINES.pop(model, None)
+        gc.collect()
+        _ENGINES[model] = Engine(model, compile=compile)
     return _ENGINES[model]
 
 
@@ -481,6 +483,6 @@ def generate_tokens_fast(
     per stochastic step); with `draw` given, draw((B, D)) is called num_draws times in that order.
     """
     n_tokens = (opts.size[0] // pipe.down_factor) * (opts.size[1] // pipe.down_factor)
-    return engine_for(pipe.model).generate(
+    return engine_for(pipe.model, compile=opts.engine == "compiled").generate(
         input_ids, attention_mask, image_tokens, settings, opts, n_tokens=n_tokens, seed=seed, draw=draw
     )

@@ -29,6 +29,9 @@ MAX_BATCH = 64  # most images one call may make
 MAX_SIDE = 2048  # largest image side in pixels
 
 
+ENGINES = ("auto", "fast", "compiled", "eager")
+
+
 @dataclass
 class GenerateOptions:
     size: tuple[int, int] = (512, 512)  # output (height, width) in pixels, multiples of 16
@@ -47,7 +50,7 @@ class GenerateOptions:
     positive_prompt: str = ""  # appended to each prompt (after a space)
     negative_prompt: str = ""  # the text of the unconditional branch
     progress: bool = False  # tqdm bar over image tokens
-    engine: str = "auto"  # auto: CUDA-graph engine on GPU, eager on CPU | fast | eager
+    engine: str = "auto"  # auto: CUDA-graph engine on GPU, eager on CPU | fast | compiled (fast + compile) | eager
 
 
 DEFAULTS_FILE = "sampling_defaults.json"  # optional per-checkpoint overrides of GenerateOptions defaults
@@ -88,8 +91,8 @@ def check_options(opts: GenerateOptions, down: int) -> None:
         raise ValueError(f"n (images per prompt) must be > 0, got {opts.n}")
     if opts.cfg <= 0 or opts.cfg_img <= 0:
         raise ValueError(f"guidance scales must be > 0, got cfg={opts.cfg} cfg_img={opts.cfg_img}")
-    if opts.engine not in ("auto", "fast", "eager"):
-        raise ValueError(f"engine must be auto, fast or eager, got {opts.engine!r}")
+    if opts.engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {opts.engine!r}")
     if opts.cfg_schedule not in ("constant", "linear"):
         raise ValueError(f"cfg schedule must be constant or linear, got {opts.cfg_schedule!r}")
 
@@ -265,7 +268,7 @@ class Pipeline:
         """The fast engine (static cache, CUDA graphs) runs on GPU unless eager is asked for."""
         if opts.engine == "auto":
             return self.model.embed_tokens.weight.is_cuda
-        return opts.engine == "fast"
+        return opts.engine in ("fast", "compiled")
 
     def encode_images(self, pixels: list[torch.Tensor]) -> torch.Tensor:
         """Source images (each (1, 3, H, W) in [-1, 1]) -> their image tokens in order (N, D)."""

@@ -164,3 +164,16 @@ def test_engine_graphs_match_eager_gpu(family):
     assert first < 2e-2 and err < 5e-2, (first, err)
     again = generate_tokens_fast(pipe, ids, mask, latents, settings, opts, seed=0, draw=replay(0, "cuda"))
     torch.testing.assert_close(again, fast, rtol=0, atol=0)  # replays are deterministic
+
+
+def test_engine_for_switches_compile_setting():
+    """`--engine compiled` gets a compiling engine; asking again without compile replaces it."""
+    pipe = load("nextstep11")
+    plain = engine_for(pipe.model)
+    assert engine_for(pipe.model) is plain and not plain.compile
+    compiled = engine_for(pipe.model, compile=True)
+    assert compiled is not plain and compiled.compile
+    assert engine_for(pipe.model, compile=True) is compiled
+    assert not engine_for(pipe.model).compile
+    with pytest.raises(ValueError, match="engine must be one of auto, fast, compiled, eager, got 'turbo'"):
+        pipe.generate("a fox", size=(32, 32), steps=2, engine="turbo")
