@@ -103,6 +103,27 @@ def head_velocity(net: AdaLNMLP, x: torch.Tensor, mods: list[tuple], i: int, row
     return final.linear(torch.addcmul(shift[i], final.norm_final(h), scale1[i])).float()
 
 
+def head_step(
+    velocity,
+    net: AdaLNMLP,
+    x: torch.Tensor,
+    mods: list[tuple],
+    i: int,
+    rows: int,
+    scales: torch.Tensor,
+    eps: torch.Tensor | None,
+    a: float,
+    b: float,
+    *,
+    normalize: bool,
+) -> torch.Tensor:
+    """One step of the head loop with torch ops: x (B, D) fp32 -> (eps +) a x + b guide(velocity(x, t_i)).
+    head_kernels.head_step is the same step as fused kernels."""
+    v = combine_guidance(velocity(net, x, mods, i, rows), scales[0], scales[1], rows, normalize=normalize)
+    x = x * a if eps is None else torch.add(eps, x, alpha=a)
+    return x.add_(v, alpha=b)
+
+
 # ---- one backbone step with the static cache ---------------------------------------------------
 def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
     """backbone.RMSNorm's exact arithmetic (fp32 norm, cast, then weight) in 4 kernels instead of 8."""
@@ -285,9 +306,10 @@ class _State:
         self.head_kernels = engine.use_head_kernels(r)
         if self.head_kernels:
             head_kernels_mod.tune(model.image_head.net, r, dev)
-            self.velocity = head_kernels_mod.head_velocity_fused
+            self.step = head_kernels_mod.head_step
         else:
-            self.velocity = torch.compile(head_velocity, dynamic=False) if engine.compile else head_velocity
+            velocity = torch.compile(head_velocity, dynamic=False) if engine.compile else head_velocity
+            self.step = partial(head_step, velocity)
         self.layer_fn = torch.compile(decode_layer, dynamic=False) if engine.compile else decode_layer
         capture, pool = engine.graphs, (torch.cuda.graph_pool_handle() if engine.graphs else None)
         # Captures run now, before any prefill: their warm-up writes only the last cache slot, which no
@@ -306,14 +328,8 @@ class _State:
         eps = self.noise[1:] * self.coef_eps  # (num_eps, B, D): c * eps per noisy step
         x = self.noise[0]
         for i, (a, b, _) in enumerate(plan.coef):
-            if self.head_kernels:
-                e = eps[i] if i < plan.num_eps else None
-                x = head_kernels_mod.head_step(net, x, mods, i, key.rows, self.scales, e, a, b, normalize=key.normalize)
-                continue
-            v = self.velocity(net, x, mods, i, key.rows)
-            v = combine_guidance(v, self.scales[0], self.scales[1], key.rows, normalize=key.normalize)
-            x = torch.add(eps[i], x, alpha=a) if i < plan.num_eps else x * a
-            x = x.add_(v, alpha=b)
+            e = eps[i] if i < plan.num_eps else None
+            x = self.step(net, x, mods, i, key.rows, self.scales, e, a, b, normalize=key.normalize)
         if key.use_norm:
             x = F.layer_norm(x, x.shape[-1:], eps=1e-6)
         self.token.copy_(x)
@@ -346,7 +362,7 @@ class Engine:
         dev = model.embed_tokens.weight.device
         self.model = model
         self.graphs = dev.type == "cuda" if graphs is None else graphs  # capture CUDA graphs
-        self.compile = compile  # torch.compile the head loop and decode step before capture
+        self.compile = compile  # torch.compile the decode step (and the torch head ops) before capture
         if compile:  # one decode graph per cache bucket and batch: more specialisations than the default 8
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         # Fused Triton head blocks (head_kernels.py); None: on wherever Triton can run them.

@@ -60,7 +60,7 @@ for extra, edit in cases:
     eager = pipe.generate_tokens(ids, mask, latents, settings, opts, seed=3)
     engine = Engine(pipe.model, head_kernels=True)
     fast = engine.generate(ids, mask, latents, settings, opts, n_tokens=4, seed=3)
-    assert engine._state.head_kernels and engine._state.velocity is hk.head_velocity_fused
+    assert engine._state.head_kernels and engine._state.step is hk.head_step
     torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-4)
 print("ok")
 """
