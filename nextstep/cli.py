@@ -22,6 +22,7 @@ FORWARDED = {
     ("data", "build-wds"): "nextstep.data.tools:main_build_wds",
     ("data", "meta"): "nextstep.data.tools:main_gen_meta",
     ("data", "warmup"): "nextstep.data.tools:main_warmup",
+    ("data", "encode-latents"): "nextstep.data.latents:main",
     ("data", "preview"): "nextstep.serve.preview:main_preview",
     ("data", "train-tokenizer"): "nextstep.train.tokenizer:main",
     ("vae", "train"): "nextstep.train.vae:main",

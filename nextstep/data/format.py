@@ -2,6 +2,8 @@
 
 A sample is `key.json` (a JSON object whose `caption` holds `<image_0>`, `<image_1>`, ... placeholders
 marking where images go) plus `key-0.png`, `key-1.png`, ... Keys contain no dots or hyphens.
+Latent shards (`nextstep data encode-latents`) store each image as its VAE latents instead:
+`key-0.npy`, a float16 (C, H/8, W/8) array in NumPy's .npy format (no pickles).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO
 
+import numpy as np
+import torch
 from PIL import Image
 
 PLACEHOLDER_RE = re.compile(r"<image_(\d+)>")
@@ -24,6 +28,8 @@ _BAD_KEY_CHARS = re.compile(r"[.\-/\\\s]")
 _MEMBER_RE = re.compile(r"^(?P<key>[^.\-]+)(?:\.json|-(?P<index>\d+)\.(?P<ext>[A-Za-z]+))$")
 # Readers accept these image suffixes; writers always store PNG as the spec says.
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+LATENT_EXT = "npy"  # precomputed VAE latents
+_NPY_MAGIC = b"\x93NUMPY"
 _PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
 # zlib level 1 keeps shards lossless at a fraction of the default level-6 encode time.
 PNG_COMPRESS_LEVEL = 1
@@ -35,7 +41,8 @@ class Sample:
 
     key: str  # unique id; no dots, hyphens, slashes or whitespace
     caption: str  # text with <image_i> placeholders in sequence order
-    images: list[Image.Image] = field(default_factory=list)  # images[i] fills <image_i>
+    # images[i] fills <image_i>: PIL images, or latent tensors (C, h, w) in latent shards
+    images: list[Image.Image | torch.Tensor] = field(default_factory=list)
     meta: dict = field(default_factory=dict)  # extra JSON fields, preserved verbatim
 
 
@@ -77,9 +84,18 @@ def validate_sample(sample: Sample) -> None:
     validate_caption(sample.key, sample.caption, len(sample.images))
     if "caption" in sample.meta:
         raise ValueError(f"sample {sample.key!r}: meta must not contain 'caption' (it is the caption field)")
+    latent = [isinstance(im, torch.Tensor) for im in sample.images]
     for i, image in enumerate(sample.images):
-        if not isinstance(image, Image.Image):
+        if isinstance(image, torch.Tensor):
+            if image.dim() != 3 or not image.is_floating_point():
+                raise ValueError(
+                    f"sample {sample.key!r}: latent {i} must be a float (C, h, w) tensor, got "
+                    f"{image.dtype} {tuple(image.shape)}"
+                )
+        elif not isinstance(image, Image.Image):
             raise ValueError(f"sample {sample.key!r}: image {i} is {type(image).__name__}, not a PIL image")
+    if any(latent) and not all(latent):
+        raise ValueError(f"sample {sample.key!r}: mixes latents and images")
 
 
 def caption_segments(caption: str) -> list[str | int]:
@@ -100,8 +116,9 @@ def parse_member_name(name: str) -> tuple[str, int | None]:
     """Split a tar member name into (key, image index), index None for the JSON: "k-1.png" -> ("k", 1)."""
     base = PurePosixPath(name).name
     m = _MEMBER_RE.match(base)
-    if m is None or (m.group("ext") is not None and m.group("ext").lower() not in IMAGE_EXTS):
-        raise ValueError(f"tar member {name!r} is not 'key.json' or 'key-<i>.<{'|'.join(IMAGE_EXTS)}>'")
+    exts = (*IMAGE_EXTS, LATENT_EXT)
+    if m is None or (m.group("ext") is not None and m.group("ext").lower() not in exts):
+        raise ValueError(f"tar member {name!r} is not 'key.json' or 'key-<i>.<{'|'.join(exts)}>'")
     index = m.group("index")
     return m.group("key"), None if index is None else int(index)
 
@@ -115,8 +132,35 @@ def encode_image(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def is_latent(data: bytes) -> bool:
+    """Whether an image member holds .npy latents (by content, as members are matched by index)."""
+    return data[: len(_NPY_MAGIC)] == _NPY_MAGIC
+
+
+def encode_latent(latent: torch.Tensor) -> bytes:
+    """.npy bytes of a (C, h, w) latent, stored as float16."""
+    buf = io.BytesIO()
+    np.save(buf, latent.detach().to("cpu", torch.float16).numpy(), allow_pickle=False)
+    return buf.getvalue()
+
+
+def decode_latent(data: bytes, key: str, index: int) -> torch.Tensor:
+    """A float16 (C, h, w) tensor from .npy bytes; raises ValueError naming the sample on anything else."""
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as e:  # numpy raises ValueError, OSError, EOFError... on malformed headers
+        raise ValueError(f"sample {key!r}: latent {index} cannot be read: {e}") from e
+    if array.ndim != 3 or array.dtype not in (np.float16, np.float32) or not np.isfinite(array).all():
+        raise ValueError(
+            f"sample {key!r}: latent {index} must be a finite float16/float32 (C, h, w) array, "
+            f"got {array.dtype} {array.shape}"
+        )
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float16))
+
+
 def encode_sample(sample: Sample, *, png_files: list[bytes | None] | None = None) -> list[tuple[str, bytes]]:
     """Validated tar members (name, bytes) of `sample`: `key.json` then `key-0.png`, `key-1.png`, ...
+    (`key-0.npy`, ... for latents).
 
     `png_files[i]`, when not None, is image i's source PNG file stored as-is (lossless, no re-encode).
     """
@@ -129,7 +173,10 @@ def encode_sample(sample: Sample, *, png_files: list[bytes | None] | None = None
     members = [(f"{sample.key}.json", payload)]
     png_files = png_files or [None] * len(sample.images)
     for i, (image, data) in enumerate(zip(sample.images, png_files, strict=True)):
-        members.append((f"{sample.key}-{i}.png", encode_image(image) if data is None else data))
+        if isinstance(image, torch.Tensor):
+            members.append((f"{sample.key}-{i}.{LATENT_EXT}", encode_latent(image)))
+        else:
+            members.append((f"{sample.key}-{i}.png", encode_image(image) if data is None else data))
     return members
 
 
@@ -143,8 +190,11 @@ def decode_sample(raw: RawSample, *, load: bool = True) -> Sample:
         raise ValueError(f"sample {raw.key!r}: JSON must be an object with a 'caption' field")
     caption = doc.pop("caption")
     validate_caption(raw.key, caption, len(raw.images))
-    images = []
+    images: list[Image.Image | torch.Tensor] = []
     for i, data in enumerate(raw.images):
+        if is_latent(data):
+            images.append(decode_latent(data, raw.key, i))
+            continue
         try:
             image = Image.open(io.BytesIO(data))
             if load:
@@ -152,6 +202,8 @@ def decode_sample(raw: RawSample, *, load: bool = True) -> Sample:
         except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError...)
             raise ValueError(f"sample {raw.key!r}: image {i} cannot be decoded: {e}") from e
         images.append(image)
+    if len({isinstance(im, torch.Tensor) for im in images}) > 1:
+        raise ValueError(f"sample {raw.key!r}: mixes latents and images")
     return Sample(key=raw.key, caption=caption, images=images, meta=doc)
 
 

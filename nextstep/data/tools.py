@@ -25,7 +25,15 @@ from typing import IO
 from PIL import Image
 from tqdm import tqdm
 
-from nextstep.data.format import PLACEHOLDER_RE, Sample, ShardWriter, encode_sample, iter_raw_samples
+from nextstep.data.format import (
+    PLACEHOLDER_RE,
+    Sample,
+    ShardWriter,
+    decode_latent,
+    encode_sample,
+    is_latent,
+    iter_raw_samples,
+)
 from nextstep.io import write_json
 
 log = logging.getLogger(__name__)
@@ -206,7 +214,10 @@ def scan_shard(path: str | os.PathLike) -> dict:
             for raw in iter_raw_samples(stream, offsets=offsets):
                 keys.append(raw.key)
                 for data in raw.images:
-                    w, h = Image.open(io.BytesIO(data)).size
+                    if is_latent(data):  # latent shards: sizes in latent cells
+                        h, w = decode_latent(data, raw.key, 0).shape[1:]
+                    else:
+                        w, h = Image.open(io.BytesIO(data)).size
                     widths.append(w)
                     heights.append(h)
         except Exception as e:  # truncated / corrupt: keep what was readable, report the rest

@@ -33,7 +33,7 @@ from nextstep.data.tools import load_index
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
-Bucket = tuple[int, int] | None  # (H, W) in pixels; None groups text-only samples
+Bucket = tuple[int, ...] | None  # (H, W) in pixels, (C, h, w) for latents; None groups text-only samples
 
 
 @dataclass
@@ -443,9 +443,10 @@ class _WorkerRun:
     def _process(self, raw: RawSample, ref: _Ref) -> Sample | None:
         try:
             sample = decode_sample(raw, load=False)
-            bucket = nearest_bucket(*sample.images[0].size, self.ds.buckets) if sample.images else None
-            # Resized PIL images wait in the buckets: a quarter of the memory of float tensors.
-            sample.images = [resize_center_crop(im, bucket) for im in sample.images]
+            if sample.images and not isinstance(sample.images[0], torch.Tensor):  # latents keep their size
+                bucket = nearest_bucket(*sample.images[0].size, self.ds.buckets)
+                # Resized PIL images wait in the buckets: a quarter of the memory of float tensors.
+                sample.images = [resize_center_crop(im, bucket) for im in sample.images]
         except Exception as e:  # undecodable sample: count, log, skip
             self.stats["sample_errors"] += 1
             log.warning("skipping sample %s in %s: %s", ref.key, ref.url, e)
@@ -458,7 +459,7 @@ class _WorkerRun:
         items = self.pending.pop(bucket)
         samples = [s for s, _ in items]
         for s in samples:
-            s.images = [to_tensor(im) for im in s.images]
+            s.images = [im if isinstance(im, torch.Tensor) else to_tensor(im) for im in s.images]
         if self.ds.transform is not None:
             samples = [self.ds.transform(s) for s in samples]
         self.batches_out += 1
@@ -489,7 +490,10 @@ class _WorkerRun:
 
 
 def _bucket_of(sample: Sample) -> Bucket:
-    return (sample.images[0].height, sample.images[0].width) if sample.images else None
+    if not sample.images:
+        return None
+    first = sample.images[0]
+    return tuple(first.shape) if isinstance(first, torch.Tensor) else (first.height, first.width)
 
 
 def _fetch(refs: list[_Ref]) -> dict[tuple[str, str], RawSample]:

@@ -383,7 +383,14 @@ def train(cfg: TrainConfig, *, data: Iterable | None = None) -> list[dict[str, f
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
 
     ids = special_ids(tokenizer, arch.boi, arch.eoi, arch.image_placeholder_id, arch.pad_token_id_added)
-    builder = SequenceBuilder(tokenizer, ids, down_factor=down, max_len=t_cfg.max_seq_len, add_eos=t_cfg.add_eos)
+    builder = SequenceBuilder(
+        tokenizer,
+        ids,
+        down_factor=down,
+        max_len=t_cfg.max_seq_len,
+        add_eos=t_cfg.add_eos,
+        channels=arch.latent_channels if vae is None else 3,
+    )
     collate_fn = functools.partial(
         collate, ids=ids, max_len=t_cfg.max_seq_len, pack=t_cfg.pack, pad_to_multiple=t_cfg.pad_to_multiple
     )

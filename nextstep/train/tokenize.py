@@ -46,9 +46,11 @@ class SequenceBuilder:
         down_factor: int,
         max_len: int,
         add_eos: bool = True,
+        channels: int | None = None,
     ) -> None:
         self.tokenizer, self.ids = tokenizer, ids
         self.down_factor = down_factor  # image pixels (or latent cells) per token side
+        self.channels = channels  # 3 for pixels, C for latents: images of another depth are refused
         self.max_len, self.add_eos = max_len, add_eos
 
     def image_block(self, h: int, w: int) -> list[int]:
@@ -64,6 +66,13 @@ class SequenceBuilder:
                 piece = self.tokenizer.encode(seg)
             else:
                 image = sample.images[seg]
+                if self.channels is not None and image.shape[0] != self.channels:
+                    kind = "pixels" if image.shape[0] == 3 else "latents"
+                    raise ValueError(
+                        f"sample {sample.key!r}: image {seg} holds {kind} {tuple(image.shape)}, expected "
+                        f"{self.channels} channels: latent shards (nextstep data encode-latents) need "
+                        "model.precomputed_latents=true, image shards false"
+                    )
                 h, w = image.shape[-2] // self.down_factor, image.shape[-1] // self.down_factor
                 piece = self.image_block(h, w)
             if len(ids) + len(piece) > self.max_len:

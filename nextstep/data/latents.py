@@ -1,0 +1,219 @@
+"""Precompute VAE latents of image shards: the same samples with each image stored as its model latents
+(`key-<i>.npy`, float16 (C, H/8, W/8)), so training reads a few KB per image and runs no VAE encoder.
+
+    nextstep data encode-latents data/shapes data/shapes-latents --vae runs/shapes/vae --size 128
+    (then train with model.precomputed_latents=true on the new shards)
+
+Images are fitted into the resolution buckets first, as the training loader would (center crop, resize):
+give the run's data.image_size and data.aspect_ratios (the defaults are DataConfig's).
+Output shard k is `latents-{k:06d}.tar` for the k-th source shard in sorted order, written atomically;
+a rerun skips shards already written, so an interrupted run resumes. OUT/latents.json records the VAE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from nextstep.data.buckets import make_buckets, nearest_bucket, resize_center_crop
+from nextstep.data.format import Sample, ShardWriter, decode_sample, iter_raw_samples
+from nextstep.data.wds import DataConfig
+from nextstep.io import write_json
+from nextstep.model.vae import AutoEncoder, load_vae
+
+log = logging.getLogger(__name__)
+
+INFO_NAME = "latents.json"
+
+
+class _ShardImages(Dataset):
+    """Item k: the samples of source shard k with images as uint8 (H, W, 3) arrays fitted to a bucket."""
+
+    def __init__(self, shards: list[Path], buckets: list[tuple[int, int]]) -> None:
+        self.shards, self.buckets = shards, buckets
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def __getitem__(self, k: int) -> list[tuple[Sample, list[np.ndarray]]] | str:
+        """The shard's samples, or an error message: a corrupt shard is reported, not fatal."""
+        out = []
+        try:
+            with open(self.shards[k], "rb") as f:
+                for raw in iter_raw_samples(f):
+                    sample = decode_sample(raw)
+                    if any(not isinstance(im, Image.Image) for im in sample.images):
+                        raise ValueError(f"sample {sample.key!r} already holds latents")
+                    pixels = []
+                    for im in sample.images:
+                        bucket = nearest_bucket(*im.size, self.buckets)
+                        pixels.append(np.asarray(resize_center_crop(im, bucket), dtype=np.uint8))
+                    sample.images = []
+                    out.append((sample, pixels))
+        except Exception as e:  # truncated tar, undecodable image, bad JSON: the whole shard is skipped
+            return f"{self.shards[k]}: {type(e).__name__}: {e}"
+        return out
+
+
+def _first(batch: list) -> list:
+    return batch[0]
+
+
+@torch.no_grad()
+def encode_pixels(vae: AutoEncoder, pixels: list[np.ndarray], batch: int) -> list[torch.Tensor]:
+    """Model latents (C, h, w) of uint8 (H, W, 3) images, encoded in chunks of one shape, input order kept.
+    Every chunk is padded to `batch` images, so cuDNN plans one convolution shape per image size instead of
+    searching again for each shard's odd remainder."""
+    p = next(vae.parameters())
+    out: list[torch.Tensor | None] = [None] * len(pixels)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, im in enumerate(pixels):
+        groups.setdefault(im.shape, []).append(i)
+    for idx in groups.values():
+        for s in range(0, len(idx), batch):
+            chunk = idx[s : s + batch]
+            x = np.zeros((batch, *pixels[chunk[0]].shape), np.uint8)  # (batch, H, W, 3)
+            x[: len(chunk)] = np.stack([pixels[i] for i in chunk])
+            x = torch.from_numpy(x).to(p.device).permute(0, 3, 1, 2).to(p.dtype) / 127.5 - 1.0  # in [-1, 1]
+            z = vae.encode(x)[: len(chunk)].to("cpu", torch.float16)  # (n, C, h, w)
+            for j, i in enumerate(chunk):
+                out[i] = z[j]
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def encode_latents(
+    src: str | Path,
+    out: str | Path,
+    *,
+    vae_dir: str | Path,
+    image_size: int = DataConfig.image_size,
+    aspect_ratios: tuple[float, ...] = DataConfig.aspect_ratios,
+    batch: int = 256,
+    workers: int = 4,
+    device: str | None = None,
+    dtype: str = "auto",
+    progress: bool = False,
+) -> list[Path]:
+    """Write the latent shards of every `*.tar` under `src` into `out`; returns the paths written so far
+    (this run or earlier). A shard that cannot be read is logged and left out; a rerun tries it again."""
+    src, out = Path(src), Path(out)
+    shards = sorted(src.rglob("*.tar"))
+    if not shards:
+        raise FileNotFoundError(f"no .tar shards under {src}")
+    if out.resolve() == src.resolve():
+        raise ValueError(f"output directory {out} must differ from the source {src}")
+    if batch < 1 or workers < 0:
+        raise ValueError(f"need batch >= 1 and workers >= 0, got {batch} and {workers}")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtypes = {
+        "auto": torch.bfloat16 if dev.type == "cuda" else torch.float32,
+        "float32": torch.float32,
+        "bfloat16": torch.bfloat16,
+    }
+    if dtype not in dtypes:
+        raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {dtype!r}")
+    vae = load_vae(vae_dir, dtype=dtypes[dtype], device=dev)
+    vae_dir = Path(vae_dir)
+    info = {
+        "source": str(src),
+        "vae_config": json.loads((vae_dir / "config.json").read_text()),
+        "vae_sha256": _sha256(vae_dir / "checkpoint.pt"),
+        "latent_channels": vae.config.z_channels,
+        "down_factor": vae.config.down_factor,
+        "buckets": make_buckets(image_size, tuple(aspect_ratios)),
+        "dtype": str(dtypes[dtype]).removeprefix("torch."),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    old = out / INFO_NAME
+    if old.exists():
+        prev = json.loads(old.read_text())
+        if (prev.get("vae_sha256"), prev.get("buckets")) != (info["vae_sha256"], [list(b) for b in info["buckets"]]):
+            raise ValueError(f"{out} holds latents of another VAE or bucket set; use a new output directory")
+    write_json(out / INFO_NAME, info, indent=1)
+    paths = [out / f"latents-{k:06d}.tar" for k in range(len(shards))]
+    todo = [k for k, p in enumerate(paths) if not p.exists()]
+    if len(todo) < len(shards):
+        log.info("%d of %d shards already encoded: skipping them", len(shards) - len(todo), len(shards))
+    data = _ShardImages([shards[k] for k in todo], info["buckets"])
+    loader = DataLoader(
+        data, batch_size=1, num_workers=workers, collate_fn=_first, prefetch_factor=2 if workers else None
+    )
+    bar = tqdm(total=len(todo), unit="shard", disable=not progress)
+    for k, items in zip(todo, loader, strict=True):
+        if isinstance(items, str):
+            log.warning("skipping unreadable shard %s", items)
+            bar.update(1)
+            continue
+        latents = encode_pixels(vae, [im for _, ims in items for im in ims], batch)
+        pos = 0
+        with ShardWriter(out, prefix="latents", max_count=len(items) + 1, start_index=k) as writer:
+            for sample, ims in items:
+                sample.images, pos = latents[pos : pos + len(ims)], pos + len(ims)
+                writer.write(sample)
+        bar.update(1)
+    bar.close()
+    done = [p for p in paths if p.exists()]
+    if len(done) < len(paths):
+        log.warning("%d of %d shards could not be encoded (see above)", len(paths) - len(done), len(paths))
+    return done
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`nextstep data encode-latents SRC OUT --vae DIR [--size 256 --aspect-ratios 1.0 --batch 256]`."""
+    p = argparse.ArgumentParser(prog="nextstep data encode-latents", description=__doc__.splitlines()[0])
+    p.add_argument("src", type=Path, help="directory of image shards")
+    p.add_argument("out", type=Path, help="output directory for the latent shards")
+    p.add_argument("--vae", type=Path, required=True, help="VAE directory (config.json + checkpoint.pt)")
+    p.add_argument(
+        "--size", type=int, default=DataConfig.image_size, help="bucket size (data.image_size of the training run)"
+    )
+    p.add_argument(
+        "--aspect-ratios",
+        default=",".join(f"{r:.6g}" for r in DataConfig.aspect_ratios),
+        help="comma-separated W/H bucket ratios (data.aspect_ratios of the training run; default: its default)",
+    )
+    p.add_argument("--batch", type=int, default=256, help="images per VAE call")
+    p.add_argument("--workers", type=int, default=4, help="processes decoding shards")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", help="VAE dtype: auto (bf16 on CUDA), float32 or bfloat16")
+    args = p.parse_args(argv)
+    try:
+        ratios = tuple(float(r) for r in args.aspect_ratios.split(","))
+    except ValueError:
+        p.error(f"--aspect-ratios must be comma-separated numbers, got {args.aspect_ratios!r}")
+    if args.size < 16 or args.size % 16 or any(not r > 0 for r in ratios):
+        p.error(f"--size must be a multiple of 16 and ratios positive, got {args.size} and {args.aspect_ratios}")
+    try:
+        paths = encode_latents(
+            args.src,
+            args.out,
+            vae_dir=args.vae,
+            image_size=args.size,
+            aspect_ratios=ratios,
+            batch=args.batch,
+            workers=args.workers,
+            device=args.device,
+            dtype=args.dtype,
+            progress=True,
+        )
+    except (ValueError, FileNotFoundError) as e:
+        p.error(str(e))
+    print(f"{len(paths)} latent shards in {args.out}")
+    return 0
