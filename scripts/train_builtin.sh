@@ -12,9 +12,6 @@ N=${N:-400000}
 if ! ls data/shapes/*.tar >/dev/null 2>&1; then
   nextstep data synth-shapes data/shapes --n "$N" --seed 0 --workers "$(nproc)"
 fi
-if [ ! -f data/shapes/index.json ]; then  # sample offsets: a resumed run seeks instead of re-reading
-  nextstep data meta data/shapes --workers "$(nproc)" && nextstep data warmup data/shapes --n_jobs "$(nproc)"
-fi
 if [ ! -f runs/shapes/tokenizer/tokenizer.json ]; then
   nextstep data train-tokenizer data/shapes runs/shapes/tokenizer --vocab-size 1024 --max-samples 50000
 fi
@@ -22,7 +19,14 @@ if [ ! -f runs/shapes/vae/checkpoint.pt ]; then
   nextstep vae train --data data/shapes --out runs/shapes/vae --ch 64 --ch-mult 1,1,2,2 --num-res-blocks 1 \
     --steps "${VAE_STEPS:-2000}" --batch 64 --workers 8
 fi
-if [ "$TRAIN_SECONDS" = 0 ]; then exit 0; fi  # data, tokenizer and VAE only
+# Training reads VAE latents, not PNGs: encoded once here (a rerun finishes an interrupted encode).
+nextstep data encode-latents data/shapes data/shapes-latents --vae runs/shapes/vae --size 128 \
+  --workers "$(nproc)" --batch 512
+if [ ! -f data/shapes-latents/index.json ]; then  # sample offsets: a resumed run seeks instead of re-reading
+  nextstep data meta data/shapes-latents --workers "$(nproc)"
+  nextstep data warmup data/shapes-latents --n_jobs "$(nproc)"
+fi
+if [ "$TRAIN_SECONDS" = 0 ]; then exit 0; fi  # data, tokenizer, VAE and latents only
 resume=""
 if ls runs/shapes/model/checkpoints/step-* >/dev/null 2>&1; then resume="--resume"; fi
 timeout --signal=INT "$TRAIN_SECONDS" nextstep train -m configs.shapes $resume ${TRAIN_ARGS:-} \

@@ -76,7 +76,12 @@ def parallelize(model: NextStep, cfg: ParallelConfig, device: torch.device) -> n
     """Apply what `cfg` asks for, in order: activation checkpointing, compile, FSDP2."""
     if cfg.activation_checkpointing:
         apply_ac(model)
-    if cfg.compile:
+    compile_ = cfg.compile
+    if compile_ and device.type == "cpu" and cfg.param_dtype != "float32":
+        # Inductor's C++ backend fails to build the bf16/fp16 layer (a torch bug): run eager instead.
+        log.warning("parallel.compile=true ignored on CPU with param_dtype=%s (runs eager)", cfg.param_dtype)
+        compile_ = False
+    if compile_:
         apply_compile(model)
     if uses_fsdp(cfg):
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
@@ -91,7 +96,7 @@ def parallelize(model: NextStep, cfg: ParallelConfig, device: torch.device) -> n
         "parallelize: fsdp=%s ac=%s compile=%s param_dtype=%s",
         uses_fsdp(cfg),
         cfg.activation_checkpointing,
-        cfg.compile,
+        compile_,
         cfg.param_dtype,
     )
     return model

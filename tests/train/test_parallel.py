@@ -74,3 +74,16 @@ def test_compiled_layers_do_not_recompile_for_every_batch_shape(one_rank_group):
         torch.testing.assert_close(losses[0], losses[1])
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[-1] == graphs[-2], f"graphs compiled after each batch shape: {graphs}"
+
+
+def test_compile_with_bf16_params_on_cpu_runs_eager(one_rank_group, caplog):
+    """Inductor's CPU backend cannot build the bf16 layer: the preset's compile=true must not crash a CPU run."""
+    model = build_model(ARCH, seed=0)
+    with caplog.at_level("WARNING"):
+        parallelize(model, ParallelConfig(compile=True, param_dtype="bfloat16"), torch.device("cpu"))
+    assert "parallel.compile=true ignored on CPU" in caplog.text
+    assert all(layer._compiled_call_impl is None for layer in model.layers)
+    ids, labels, tokens = _batch()
+    out = model.forward_train(ids, labels, tokens)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
