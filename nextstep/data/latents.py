@@ -16,6 +16,8 @@ import argparse
 import hashlib
 import json
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +37,19 @@ log = logging.getLogger(__name__)
 INFO_NAME = "latents.json"
 
 
+@dataclass
+class _Shard:
+    """A source shard decoded by a worker: samples without images, and the images stacked per shape."""
+
+    samples: list[Sample]
+    counts: list[int]  # images per sample
+    # (image numbers in sample order, uint8 (n, H, W, 3)): tensors cross to the main process in shared memory
+    groups: list[tuple[list[int], torch.Tensor]]
+
+
 class _ShardImages(Dataset):
-    """Item k: the samples of source shard k with images as uint8 (H, W, 3) arrays fitted to a bucket."""
+    """Item k: source shard k with its images fitted to the buckets, or an error message (a corrupt shard
+    is reported, not fatal)."""
 
     def __init__(self, shards: list[Path], buckets: list[tuple[int, int]]) -> None:
         self.shards, self.buckets = shards, buckets
@@ -44,24 +57,25 @@ class _ShardImages(Dataset):
     def __len__(self) -> int:
         return len(self.shards)
 
-    def __getitem__(self, k: int) -> list[tuple[Sample, list[np.ndarray]]] | str:
-        """The shard's samples, or an error message: a corrupt shard is reported, not fatal."""
-        out = []
+    def __getitem__(self, k: int) -> _Shard | str:
+        samples, counts, by_shape, n = [], [], {}, 0
         try:
             with open(self.shards[k], "rb") as f:
                 for raw in iter_raw_samples(f):
                     sample = decode_sample(raw)
                     if any(not isinstance(im, Image.Image) for im in sample.images):
                         raise ValueError(f"sample {sample.key!r} already holds latents")
-                    pixels = []
                     for im in sample.images:
-                        bucket = nearest_bucket(*im.size, self.buckets)
-                        pixels.append(np.asarray(resize_center_crop(im, bucket), dtype=np.uint8))
+                        pixels = np.asarray(resize_center_crop(im, nearest_bucket(*im.size, self.buckets)))
+                        by_shape.setdefault(pixels.shape, []).append((n, pixels))
+                        n += 1
+                    counts.append(len(sample.images))
                     sample.images = []
-                    out.append((sample, pixels))
+                    samples.append(sample)
         except Exception as e:  # truncated tar, undecodable image, bad JSON: the whole shard is skipped
             return f"{self.shards[k]}: {type(e).__name__}: {e}"
-        return out
+        groups = [([i for i, _ in g], torch.from_numpy(np.stack([x for _, x in g]))) for g in by_shape.values()]
+        return _Shard(samples, counts, groups)
 
 
 def _first(batch: list) -> list:
@@ -69,25 +83,30 @@ def _first(batch: list) -> list:
 
 
 @torch.no_grad()
-def encode_pixels(vae: AutoEncoder, pixels: list[np.ndarray], batch: int) -> list[torch.Tensor]:
-    """Model latents (C, h, w) of uint8 (H, W, 3) images, encoded in chunks of one shape, input order kept.
-    Every chunk is padded to `batch` images, so cuDNN plans one convolution shape per image size instead of
-    searching again for each shard's odd remainder."""
+def encode_pixels(vae: AutoEncoder, groups: list[tuple[list[int], torch.Tensor]], batch: int) -> list[torch.Tensor]:
+    """Model latents (C, h, w) of images given as (image numbers, uint8 (n, H, W, 3)) groups, in image
+    number order. On CUDA every chunk is padded to `batch` images, so cuDNN plans one convolution shape per
+    image size instead of searching again for each shard's odd remainder."""
     p = next(vae.parameters())
-    out: list[torch.Tensor | None] = [None] * len(pixels)
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, im in enumerate(pixels):
-        groups.setdefault(im.shape, []).append(i)
-    for idx in groups.values():
+    out: dict[int, torch.Tensor] = {}
+    for idx, images in groups:
         for s in range(0, len(idx), batch):
-            chunk = idx[s : s + batch]
-            x = np.zeros((batch, *pixels[chunk[0]].shape), np.uint8)  # (batch, H, W, 3)
-            x[: len(chunk)] = np.stack([pixels[i] for i in chunk])
-            x = torch.from_numpy(x).to(p.device).permute(0, 3, 1, 2).to(p.dtype) / 127.5 - 1.0  # in [-1, 1]
+            chunk = images[s : s + batch]
+            rows = batch if p.is_cuda else len(chunk)
+            x = torch.zeros((rows, *chunk.shape[1:]), dtype=torch.uint8, device=p.device)  # (rows, H, W, 3)
+            x[: len(chunk)] = chunk.to(p.device, non_blocking=True)
+            x = x.permute(0, 3, 1, 2).to(p.dtype) / 127.5 - 1.0  # (rows, 3, H, W) in [-1, 1]
             z = vae.encode(x)[: len(chunk)].to("cpu", torch.float16)  # (n, C, h, w)
-            for j, i in enumerate(chunk):
-                out[i] = z[j]
-    return out
+            out.update(zip(idx[s : s + batch], z, strict=True))
+    return [out[i] for i in range(len(out))]
+
+
+def _write(path_dir: Path, k: int, shard: _Shard, latents: list[torch.Tensor]) -> None:
+    pos = 0
+    with ShardWriter(path_dir, prefix="latents", max_count=len(shard.samples) + 1, start_index=k) as writer:
+        for sample, n in zip(shard.samples, shard.counts, strict=True):
+            sample.images, pos = latents[pos : pos + n], pos + n
+            writer.write(sample)
 
 
 def _sha256(path: Path) -> str:
@@ -156,18 +175,22 @@ def encode_latents(
         data, batch_size=1, num_workers=workers, collate_fn=_first, prefetch_factor=2 if workers else None
     )
     bar = tqdm(total=len(todo), unit="shard", disable=not progress)
-    for k, items in zip(todo, loader, strict=True):
-        if isinstance(items, str):
-            log.warning("skipping unreadable shard %s", items)
+    # Shards are written by a thread while the next one encodes; at most two wait, bounding memory.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending: list[Future] = []
+        for k, shard in zip(todo, loader, strict=True):
+            if isinstance(shard, str):
+                log.warning("skipping unreadable shard %s", shard)
+            else:
+                pending.append(pool.submit(_write, out, k, shard, encode_pixels(vae, shard.groups, batch)))
+            while len(pending) > 2 or (pending and pending[0].done()):
+                pending.pop(0).result()
+                bar.update(1)
+            if isinstance(shard, str):
+                bar.update(1)
+        for future in pending:
+            future.result()
             bar.update(1)
-            continue
-        latents = encode_pixels(vae, [im for _, ims in items for im in ims], batch)
-        pos = 0
-        with ShardWriter(out, prefix="latents", max_count=len(items) + 1, start_index=k) as writer:
-            for sample, ims in items:
-                sample.images, pos = latents[pos : pos + len(ims)], pos + len(ims)
-                writer.write(sample)
-        bar.update(1)
     bar.close()
     done = [p for p in paths if p.exists()]
     if len(done) < len(paths):
