@@ -20,15 +20,7 @@ from nextstep.data.wds import DataConfig, DatasetSpec, build_dataloader
 from nextstep.model.vae import AutoEncoder, VAEConfig, load_vae, pil_to_pixels, save_vae
 from nextstep.train import loop
 from nextstep.train.config import apply_overrides
-from tests.train.test_loop import CAPTIONS, tiny_cfg
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from tests.train.test_loop import CAPTIONS, one_thread, tiny_cfg  # noqa: F401 (autouse fixture)
 
 
 @pytest.fixture
