@@ -1,4 +1,5 @@
-"""Resolution buckets: aspect-ratio buckets of about one pixel count, and fitting an image into one."""
+"""Resolution buckets: aspect-ratio buckets of about one pixel count, fitting an image into one, and the
+uint8 pixel tensors the loader hands out."""
 
 from __future__ import annotations
 
@@ -42,9 +43,11 @@ def resize_center_crop(image: Image.Image, size: tuple[int, int]) -> Image.Image
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
-    """uint8 RGB image -> float tensor (3, H, W) in [-1, 1]."""
-    # In numpy: one single-threaded pass; torch ops here would contend for threads in the main process.
-    x = np.ascontiguousarray(np.asarray(image, dtype=np.float32).transpose(2, 0, 1))
-    x *= 1 / 127.5
-    x -= 1.0
-    return torch.from_numpy(x)
+    """RGB image -> uint8 tensor (3, H, W). Pixels cross processes and go to the GPU as bytes, a quarter of
+    float32; `normalize_pixels` makes them [-1, 1] floats where they are used."""
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)))
+
+
+def normalize_pixels(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 pixels (..., 3, H, W) -> `dtype` in [-1, 1], computed in float32 (x / 127.5 - 1)."""
+    return (x.float() * (1 / 127.5) - 1.0).to(dtype)

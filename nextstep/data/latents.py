@@ -26,7 +26,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from nextstep.data.buckets import make_buckets, nearest_bucket, resize_center_crop
+from nextstep.data.buckets import make_buckets, nearest_bucket, normalize_pixels, resize_center_crop
 from nextstep.data.format import Sample, ShardWriter, decode_sample, iter_raw_samples
 from nextstep.data.wds import DataConfig
 from nextstep.io import write_json
@@ -95,7 +95,7 @@ def encode_pixels(vae: AutoEncoder, groups: list[tuple[list[int], torch.Tensor]]
             rows = batch if p.is_cuda else len(chunk)
             x = torch.zeros((rows, *chunk.shape[1:]), dtype=torch.uint8, device=p.device)  # (rows, H, W, 3)
             x[: len(chunk)] = chunk.to(p.device, non_blocking=True)
-            x = x.permute(0, 3, 1, 2).to(p.dtype) / 127.5 - 1.0  # (rows, 3, H, W) in [-1, 1]
+            x = normalize_pixels(x.permute(0, 3, 1, 2), p.dtype)  # (rows, 3, H, W) in [-1, 1]
             z = vae.encode(x)[: len(chunk)].to("cpu", torch.float16)  # (n, C, h, w)
             out.update(zip(idx[s : s + batch], z, strict=True))
     return [out[i] for i in range(len(out))]

@@ -328,7 +328,7 @@ def _read_at(url: str, offset: int) -> RawSample:
 class Batch:
     """Default collate output: the samples of one bucket and all their images stacked in sequence order."""
 
-    samples: list[Sample]  # images are float tensors (3, H, W) in [-1, 1]
+    samples: list[Sample]  # images are uint8 tensors (3, H, W) (buckets.normalize_pixels), or latents
     images: torch.Tensor | None  # (N, 3, H, W), N = total images in the batch; None for text-only batches
     bucket: Bucket  # (H, W) of every image in the batch
 

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from nextstep.data.buckets import normalize_pixels
 from nextstep.io import write_text
 from nextstep.model.checkpoint import build_model, from_pretrained, load_state_dict, weight_files
 from nextstep.model.config import NextStepConfig
@@ -185,7 +186,7 @@ def image_targets(batch: TrainBatch, vae: AutoEncoder | None, patch: int) -> tor
             if pad:
                 x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
             with torch.no_grad():
-                x = vae.encode(x.to(next(vae.parameters()).dtype))[: len(idx)]  # (n, C, h, w)
+                x = vae.encode(normalize_pixels(x, next(vae.parameters()).dtype))[: len(idx)]  # (n, C, h, w)
         tokens = patchify(x.float(), patch)  # (n, h*w, C*p*p)
         for j, i in enumerate(idx):
             out[i] = tokens[j]

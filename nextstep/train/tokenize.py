@@ -32,7 +32,7 @@ class Tokenized:
 
     input_ids: list[int]
     labels: list[int]
-    images: list[torch.Tensor]  # pixels (3, H, W) in [-1, 1], or latents (C, H/8, W/8)
+    images: list[torch.Tensor]  # uint8 pixels (3, H, W), or latents (C, H/8, W/8)
 
 
 class SequenceBuilder:

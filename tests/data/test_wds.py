@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nextstep.data.buckets import make_buckets, nearest_bucket, resize_center_crop
+from nextstep.data.buckets import make_buckets, nearest_bucket, normalize_pixels, resize_center_crop, to_tensor
 from nextstep.data.format import Sample, write_shards
 from nextstep.data.wds import DataConfig, DatasetSpec, build_dataloader, drop_caption_text
 
@@ -64,6 +64,20 @@ def test_buckets_and_crop():
     assert drop_caption_text("a <image_0> b <image_1> c") == "<image_0><image_1>"
 
 
+def test_uint8_pixels_normalize_as_inference_does():
+    """The loader hands out uint8 pixels; normalized on the device they equal the pipeline's pil_to_pixels."""
+    from nextstep.model.vae import pil_to_pixels
+
+    rgb = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    rgb[0, 0], rgb[0, 1] = 0, 255
+    x = to_tensor(Image.fromarray(rgb))
+    assert x.dtype == torch.uint8 and x.shape == (3, 5, 7)
+    y = normalize_pixels(x)
+    assert y[:, 0, 0].tolist() == [-1.0] * 3 and y[:, 0, 1].tolist() == [1.0] * 3
+    torch.testing.assert_close(y, pil_to_pixels(Image.fromarray(rgb))[0], rtol=0, atol=1e-6)
+    assert normalize_pixels(x, torch.bfloat16).dtype == torch.bfloat16
+
+
 def test_one_pass_yields_each_sample_once_and_well_formed(shards):
     a, _ = shards
     loader = build_dataloader(_cfg([DatasetSpec(shards=a)], loop=False))
@@ -74,8 +88,7 @@ def test_one_pass_yields_each_sample_once_and_well_formed(shards):
         for s in b.samples:
             assert len(s.images) == len(s.caption.split("<image_")) - 1
         if b.bucket is not None:
-            assert b.images.shape[1:] == (3, *b.bucket) and b.images.dtype == torch.float32
-            assert b.images.min() >= -1 and b.images.max() <= 1
+            assert b.images.shape[1:] == (3, *b.bucket) and b.images.dtype == torch.uint8
             assert b.images.shape[0] == sum(len(s.images) for s in b.samples)
     dropped = [s for b in batches for s in b.samples if s.images and "caption" not in s.caption]
     assert 0 < len(dropped) < 30  # caption_drop_prob=0.3 on ~34 image samples
