@@ -591,9 +591,12 @@ class WdsLoader:
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """Workers leave Ctrl-C (sent to the whole process group) to the main process, which finishes its step,
-    saves and stops. SIGTERM keeps its default: a worker that ignored it could not be shut down."""
+    """Workers leave Ctrl-C and SIGTERM (which `timeout`, job schedulers and Ctrl-C send to the whole process
+    group) to the main process, which finishes its step, saves and stops; a worker killed by SIGTERM would
+    make the DataLoader raise in the main process before it saved. Workers still end: the DataLoader stops
+    them on shutdown, and each exits by itself within seconds once the main process is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def build_dataloader(

@@ -2,6 +2,7 @@
 overfitting one batch, export round trip, LoRA merge-and-export."""
 
 import json
+import multiprocessing
 import os
 import signal
 import socket
@@ -180,7 +181,14 @@ def test_signal_saves_and_stops_then_resume_matches(shard_run, tmp_path, monkeyp
 
     def signal_at_3(self, step, values):
         real_log(self, step, values)
-        if step == 3:
+        if step == 3:  # as `timeout` or a scheduler does: SIGTERM to the workers too, not just the main process
+            workers = multiprocessing.active_children()
+            assert len(workers) == 2
+            for w in workers:
+                os.kill(w.pid, signal.SIGTERM)
+            for w in workers:
+                w.join(timeout=0.5)  # a worker that died here would make the DataLoader raise, unsaved
+            assert all(w.is_alive() for w in workers)
             os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(loop.MetricsWriter, "log", signal_at_3)
