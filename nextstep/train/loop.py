@@ -176,10 +176,14 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 def image_targets(batch: TrainBatch, vae: AutoEncoder | None, patch: int) -> torch.Tensor:
     """Patchified model latents of every image, in placeholder order: (N, C*p*p). Each shape group is
     encoded in one call, on CUDA padded to a multiple of 32 images so that cuDNN sees few distinct shapes
-    (each new shape costs a plan search on the host)."""
+    (each new shape costs a plan search on the host). The groups' token rows are put in placeholder order
+    by one gather (none when a single group is already in order), not per image."""
     if not batch.image_groups:
         return torch.zeros(0, 1)
-    out: list[torch.Tensor | None] = [None] * len(batch.image_sample)
+    flat: list[torch.Tensor] = []
+    starts: dict[int, int] = {}  # image -> its first row in the concatenated groups
+    lens: dict[int, int] = {}  # image -> its token count
+    row = 0
     for idx, x in batch.image_groups:
         if vae is not None:
             pad = -len(idx) % 32 if x.is_cuda else 0
@@ -188,9 +192,20 @@ def image_targets(batch: TrainBatch, vae: AutoEncoder | None, patch: int) -> tor
             with torch.no_grad():
                 x = vae.encode(normalize_pixels(x, next(vae.parameters()).dtype))[: len(idx)]  # (n, C, h, w)
         tokens = patchify(x.float(), patch)  # (n, h*w, C*p*p)
+        n, per = tokens.shape[:2]
+        flat.append(tokens.reshape(n * per, -1))
         for j, i in enumerate(idx):
-            out[i] = tokens[j]
-    return torch.cat(out)
+            starts[i], lens[i] = row + j * per, per
+        row += n * per
+    rows = torch.cat(flat) if len(flat) > 1 else flat[0]  # (sum of tokens, C*p*p) in group order
+    if len(flat) == 1 and batch.image_groups[0][0] == list(range(len(starts))):
+        return rows
+    count = torch.tensor([lens[i] for i in range(len(lens))])
+    first = torch.tensor([starts[i] for i in range(len(starts))])
+    # Row r of the output (image i, token k) is rows[first[i] + k].
+    out_first = torch.cumsum(count, 0) - count
+    index = torch.repeat_interleave(first - out_first, count) + torch.arange(int(count.sum()))
+    return rows[index.to(rows.device)]
 
 
 # ---- data ----------------------------------------------------------------------------------------

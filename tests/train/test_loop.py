@@ -267,3 +267,21 @@ def test_torchrun_cli_runs_a_preset_and_rejects_bad_overrides(shard_run, tmp_pat
     saved = json.loads((tmp_path / "cli/checkpoints/step-00000002/config.json").read_text())
     assert saved["training"]["max_steps"] == 2 and saved["data"]["image_size"] == 32
     assert loop.main(["-m", "configs.debug", "training.max_stepz=2"]) == 2
+
+
+def test_image_targets_are_in_placeholder_order_across_shape_groups():
+    """Images of two bucket shapes, interleaved in the sequence: the targets follow placeholder order."""
+    from nextstep.model.nextstep import patchify
+    from nextstep.train.tokenize import TrainBatch
+
+    g = torch.Generator().manual_seed(0)
+    wide, tall = torch.randn(4, 16, 4, 6, generator=g), torch.randn(3, 16, 6, 4, generator=g)
+    groups = [([5, 0, 2, 6], wide), ([1, 4, 3], tall)]
+    batch = TrainBatch(None, None, None, None, groups, list(range(7)), [6] * 7, 0, [], 7)
+    want: list = [None] * 7
+    for idx, x in groups:
+        for j, i in enumerate(idx):
+            want[i] = patchify(x, 2)[j]
+    torch.testing.assert_close(loop.image_targets(batch, None, 2), torch.cat(want), rtol=0, atol=0)
+    one = TrainBatch(None, None, None, None, [([0, 1, 2, 3], wide)], list(range(4)), [6] * 4, 0, [], 4)
+    torch.testing.assert_close(loop.image_targets(one, None, 2), patchify(wide, 2).reshape(24, 64), rtol=0, atol=0)
