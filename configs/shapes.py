@@ -5,7 +5,7 @@ the same data first; scripts/train_builtin.sh runs the whole recipe:
     nextstep data synth-shapes data/shapes --n 400000 --seed 0 --workers 16
     nextstep data train-tokenizer data/shapes runs/shapes/tokenizer --vocab-size 1024
     nextstep vae train --data data/shapes --out runs/shapes/vae --ch 64 --ch-mult 1,1,2,2 --num-res-blocks 1
-    nextstep data encode-latents data/shapes data/shapes-latents --vae runs/shapes/vae --size 128
+    nextstep data encode-latents data/shapes data/shapes-latents --vae runs/shapes/vae --size 128 --aspect-ratios 1
     nextstep train -m configs.shapes
 
 Training reads the VAE latents precomputed once and compiles the layers: 2.4x the samples/s of PNG shards

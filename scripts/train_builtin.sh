@@ -21,7 +21,7 @@ if [ ! -f runs/shapes/vae/checkpoint.pt ]; then
 fi
 # Training reads VAE latents, not PNGs: encoded once here (a rerun finishes an interrupted encode).
 nextstep data encode-latents data/shapes data/shapes-latents --vae runs/shapes/vae --size 128 \
-  --workers "$(nproc)" --batch 512
+  --aspect-ratios 1 --workers "$(nproc)" --batch 512
 if [ ! -f data/shapes-latents/index.json ]; then  # sample offsets: a resumed run seeks instead of re-reading
   nextstep data meta data/shapes-latents --workers "$(nproc)"
   nextstep data warmup data/shapes-latents --n_jobs "$(nproc)"
