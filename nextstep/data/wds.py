@@ -578,6 +578,16 @@ class WdsLoader:
             "workers": {str(k): v for k, v in self._states.items()},
         }
 
+    def restart_after(self, state: dict) -> int:
+        """Elastic resume: `state` came from another world size or worker count, so its per-worker positions
+        do not map onto this loader. Start every dataset at the epoch after the furthest one `state` reached
+        (the rest of the interrupted epoch is skipped, nothing is repeated); returns that epoch."""
+        epochs = [state.get("epoch", 0)]
+        for worker in state.get("workers", {}).values():
+            epochs += [pos["epoch"] for pos in worker.get("datasets", [])]
+        self.dataset.epoch, self._next_worker, self._states = max(epochs) + 1, 0, {}
+        return self.dataset.epoch
+
     def load_state_dict(self, state: dict) -> None:
         """Resume: the next iteration yields exactly what an uninterrupted run would have yielded next."""
         ds = self.dataset

@@ -110,22 +110,28 @@ def save(
     return final
 
 
-def load(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, dict[str, Any]]:
-    """Restore model and optimizer in place; returns (step, this rank's trainer state)."""
+def load(
+    path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, elastic: bool = False
+) -> tuple[int, dict[str, Any], bool]:
+    """Restore model and optimizer in place (DCP reshards them for any world size); returns (step, trainer
+    state, same world size). With another world size the trainer state is rank 0's (its schedule); that is
+    refused unless `elastic`, since the data position and RNG states are per rank."""
     path = Path(path)
     meta = json.loads((path / META_NAME).read_text())
     world = dist.get_world_size() if dist.is_initialized() else 1
-    if meta["world_size"] != world:
+    same = meta["world_size"] == world
+    if not same and not elastic:
         raise ValueError(
-            f"checkpoint {path} was written by {meta['world_size']} processes, resuming with {world}: "
-            "the data position is per rank, so exact resume needs the same world size"
+            f"checkpoint {path} was written by {meta['world_size']} processes, resuming with {world}: the data "
+            "position is per rank, so an exact resume needs the same world size (training.elastic_resume=true "
+            "resumes anyway, restarting the data at the next epoch)"
         )
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    trainer = torch.load(path / f"trainer_rank{_rank()}.pt", weights_only=True)
-    return meta["step"], trainer
+    trainer = torch.load(path / f"trainer_rank{_rank() if same else 0}.pt", weights_only=True)
+    return meta["step"], trainer, same
 
 
 def load_model_weights(path: str | Path, model: nn.Module) -> None:

@@ -66,6 +66,9 @@ class TrainingConfig:
     max_steps: int = 1000  # optimizer steps in the whole run (also the cosine schedule length)
     save_steps: int = 500  # checkpoint every this many optimizer steps (0: only at the end)
     resume: bool = False  # continue from the newest checkpoint in output_dir/checkpoints
+    # Resume with another world size or data.num_workers: model, optimizer and schedule are restored, the data
+    # restarts at the next epoch (not an exact continuation). False: such a resume is refused.
+    elastic_resume: bool = False
     seed: int = 0  # seed of weights, flow-matching noise and the data order
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     max_seq_len: int = 2048  # tokens per row; longer samples lose their tail (whole image blocks)

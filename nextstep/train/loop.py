@@ -247,10 +247,25 @@ class BatchStream:
     def state_dict(self) -> dict | None:
         return self.loader.state_dict() if self.loader is not None else None
 
-    def load_state_dict(self, state: dict | None) -> None:
+    def load_state_dict(self, state: dict | None, *, elastic: bool = False) -> bool:
+        """Restore the loader position; False when it was saved with another worker layout and `elastic`
+        lets the caller restart the data instead (`restart_after`)."""
         if self.loader is not None and state is not None:
-            self.loader.load_state_dict(state)
+            try:
+                self.loader.load_state_dict(state)
+            except ValueError as e:
+                if not elastic:
+                    raise ValueError(f"{e} (training.elastic_resume=true restarts the data at the next epoch)") from e
+                return False
             self._it = None
+        return True
+
+    def restart_after(self, state: dict | None) -> int | None:
+        """Elastic resume: the loader starts the epoch after the one `state` reached (None: no loader)."""
+        if self.loader is None or state is None:
+            return None
+        self._it = None
+        return self.loader.restart_after(state)
 
     def stats(self) -> dict:
         return self.loader.stats() if self.loader is not None else {}
@@ -415,10 +430,17 @@ def train(cfg: TrainConfig, *, data: Iterable | None = None) -> list[dict[str, f
     step = 0
     ckpt_root = out_dir / "checkpoints"
     if t_cfg.resume and (last := ckpt.latest_checkpoint(ckpt_root)) is not None:
-        step, state = ckpt.load(last, model=model, optimizer=optimizer)
+        step, state, exact = ckpt.load(last, model=model, optimizer=optimizer, elastic=t_cfg.elastic_resume)
         scheduler.load_state_dict(state["scheduler"])
-        stream.load_state_dict(state["data"])
-        ckpt.set_rng_state(state["rng"])
+        # The optimizer stored the lr of the saved schedule; a resume may change it (longer max_steps).
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+            group["lr"] = base * lr_factor(step, cfg)
+        if exact:
+            exact = stream.load_state_dict(state["data"], elastic=t_cfg.elastic_resume)
+            ckpt.set_rng_state(state["rng"])
+        if not exact:
+            epoch = stream.restart_after(state["data"])
+            log.warning("elastic resume: model, optimizer and schedule restored; the data restarts at epoch %s", epoch)
         log.info("resumed from %s at step %d", last, step)
     elif t_cfg.resume:
         log.info("training.resume=true but no checkpoint in %s: starting fresh", ckpt_root)

@@ -92,6 +92,16 @@ def test_two_process_fsdp_matches_one_process(tmp_path):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
     assert (tmp_path / "two/checkpoints/step-00000004/meta.json").is_file()
 
+    # One process resuming the two-process run: refused unless elastic; then the schedule carries on.
+    resume = tiny_cfg(tmp_path / "two", max_steps=6, save_steps=0, resume=True)
+    with pytest.raises(ValueError, match="written by 2 processes, resuming with 1.*elastic_resume=true"):
+        loop.train(resume, data=latent_batches(2, 4))
+    resume.training.elastic_resume = True
+    more = loop.train(resume, data=latent_batches(2, 4))
+    assert [h["step"] for h in more] == [5, 6]
+    # The schedule continues at step 4 (a fresh one would restart the warm-up at 1.5e-3).
+    assert [h["lr"] for h in more] == pytest.approx([loop.lr_factor(s, resume) * 3e-3 for s in (4, 5)])
+
 
 def test_overfits_one_batch(tmp_path):
     cfg = tiny_cfg(tmp_path, max_steps=300, save_steps=0)
@@ -285,3 +295,16 @@ def test_image_targets_are_in_placeholder_order_across_shape_groups():
     torch.testing.assert_close(loop.image_targets(batch, None, 2), torch.cat(want), rtol=0, atol=0)
     one = TrainBatch(None, None, None, None, [([0, 1, 2, 3], wide)], list(range(4)), [6] * 4, 0, [], 4)
     torch.testing.assert_close(loop.image_targets(one, None, 2), patchify(wide, 2).reshape(24, 64), rtol=0, atol=0)
+
+
+def test_elastic_resume_with_another_worker_count(shard_run, tmp_path, caplog):
+    """The loader position is per worker: a resume with another data.num_workers is refused unless
+    training.elastic_resume, which restores model, optimizer and schedule and starts the next data epoch."""
+    loop.train(apply_overrides(shard_run, ["training.max_steps=4"]))
+    more = apply_overrides(shard_run, ["training.resume=true", "data.num_workers=2"])
+    with pytest.raises(ValueError, match="num_workers.*elastic_resume=true"):
+        loop.train(more)
+    with caplog.at_level("WARNING"):
+        resumed = loop.train(apply_overrides(more, ["training.elastic_resume=true"]))
+    assert [h["step"] for h in resumed] == [5, 6]
+    assert "the data restarts at epoch 1" in caplog.text
