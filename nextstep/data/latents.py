@@ -140,7 +140,12 @@ def encode_latents(
         raise ValueError(f"output directory {out} must differ from the source {src}")
     if batch < 1 or workers < 0:
         raise ValueError(f"need batch >= 1 and workers >= 0, got {batch} and {workers}")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise ValueError(f"bad device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available")
     dtypes = {
         "auto": torch.bfloat16 if dev.type == "cuda" else torch.float32,
         "float32": torch.float32,

@@ -93,6 +93,15 @@ def test_cli_encodes_and_reports_bad_input(shards, tmp_path, capsys):
         cli_main(["data", "encode-latents", str(root / "img"), str(root / "x"), "--vae", str(root / "vae"),
                   "--size", "30"])  # fmt: skip
     assert "--size must be a multiple of 16" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            cli_main(["data", "encode-latents", str(root / "img"), str(root / "x"), "--vae", str(root / "vae"),
+                      "--device", "cuda"])  # fmt: skip
+        assert "CUDA is not available" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["data", "encode-latents", str(root / "img"), str(root / "x"), "--vae", str(root / "vae"),
+                  "--device", "gpu0"])  # fmt: skip
+    assert "bad device 'gpu0'" in capsys.readouterr().err
 
 
 def test_latent_members_round_trip_and_reject_bad_arrays():
