@@ -78,10 +78,6 @@ class _ShardImages(Dataset):
         return _Shard(samples, counts, groups)
 
 
-def _first(batch: list) -> list:
-    return batch[0]
-
-
 @torch.no_grad()
 def encode_pixels(vae: AutoEncoder, groups: list[tuple[list[int], torch.Tensor]], batch: int) -> list[torch.Tensor]:
     """Model latents (C, h, w) of images given as (image numbers, uint8 (n, H, W, 3)) groups, in image
@@ -176,9 +172,8 @@ def encode_latents(
     if len(todo) < len(shards):
         log.info("%d of %d shards already encoded: skipping them", len(shards) - len(todo), len(shards))
     data = _ShardImages([shards[k] for k in todo], info["buckets"])
-    loader = DataLoader(
-        data, batch_size=1, num_workers=workers, collate_fn=_first, prefetch_factor=2 if workers else None
-    )
+    # batch_size=None: each item is one shard as the worker made it (no collation).
+    loader = DataLoader(data, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None)
     bar = tqdm(total=len(todo), unit="shard", disable=not progress)
     # Shards are written by a thread while the next one encodes; at most two wait, bounding memory.
     with ThreadPoolExecutor(max_workers=1) as pool:

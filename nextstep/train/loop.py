@@ -180,6 +180,7 @@ def image_targets(batch: TrainBatch, vae: AutoEncoder | None, patch: int) -> tor
     by one gather (none when a single group is already in order), not per image."""
     if not batch.image_groups:
         return torch.zeros(0, 1)
+    ordered = len(batch.image_groups) == 1 and batch.image_groups[0][0] == list(range(len(batch.image_sample)))
     flat: list[torch.Tensor] = []
     starts: dict[int, int] = {}  # image -> its first row in the concatenated groups
     lens: dict[int, int] = {}  # image -> its token count
@@ -194,12 +195,12 @@ def image_targets(batch: TrainBatch, vae: AutoEncoder | None, patch: int) -> tor
         tokens = patchify(x.float(), patch)  # (n, h*w, C*p*p)
         n, per = tokens.shape[:2]
         flat.append(tokens.reshape(n * per, -1))
+        if ordered:
+            return flat[0]
         for j, i in enumerate(idx):
             starts[i], lens[i] = row + j * per, per
         row += n * per
-    rows = torch.cat(flat) if len(flat) > 1 else flat[0]  # (sum of tokens, C*p*p) in group order
-    if len(flat) == 1 and batch.image_groups[0][0] == list(range(len(starts))):
-        return rows
+    rows = torch.cat(flat)  # (sum of tokens, C*p*p) in group order
     count = torch.tensor([lens[i] for i in range(len(lens))])
     first = torch.tensor([starts[i] for i in range(len(starts))])
     # Row r of the output (image i, token k) is rows[first[i] + k].
