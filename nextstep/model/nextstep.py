@@ -158,6 +158,7 @@ class NextStep(nn.Module):
         fm_noise: torch.Tensor | None = None,
         fm_t: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        image_inputs: torch.Tensor | None = None,
     ) -> LossOutput:
         """Training losses (SPEC §2).
 
@@ -166,11 +167,11 @@ class NextStep(nn.Module):
         attention_mask: boolean (B, 1, L, L) for packed/padded batches, None for plain causal.
         Rows whose next token is a placeholder go to the flow head, all others to lm_head + CE.
         project_condition=False conditions the head on the raw hidden state (the NextStep-1 training
-        code did; inference always projects, so we train with the projection).
+        code did; inference always projects, so we train with the projection). image_inputs (N, token_dim):
+        what the backbone reads at the placeholders instead of image_tokens (e.g. noised); targets unchanged.
         """
-        hidden = self.forward_hidden(
-            self.embed(input_ids, image_tokens), position_ids=position_ids, mask=attention_mask
-        )
+        inputs = image_tokens if image_inputs is None else image_inputs
+        hidden = self.forward_hidden(self.embed(input_ids, inputs), position_ids=position_ids, mask=attention_mask)
         hidden, next_ids, next_labels = hidden[:, :-1], input_ids[:, 1:], labels[:, 1:]
         to_head = next_ids == self.config.image_placeholder_id  # (B, L-1)
         text_rows = ~to_head & (next_labels != -100)

@@ -77,11 +77,17 @@ class TrainingConfig:
     add_eos: bool = True  # end every sample with <|endoftext|>
     train_modules: list[str] = field(default_factory=list)  # name prefixes to train; [] trains all
     deterministic: bool = False  # torch.use_deterministic_algorithms (tests, debugging)
+    # Gaussian noise on the image tokens the backbone reads (the flow head's targets stay clean): each image
+    # draws its std uniformly from [0, image_input_noise]. Noisy context makes the next token depend more on
+    # the text; inference reads clean tokens. 0 = off (the official recipe).
+    image_input_noise: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "grad_accum_steps", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"training.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.image_input_noise <= 10:
+            raise ValueError(f"training.image_input_noise must be in [0, 10], got {self.image_input_noise}")
         if self.save_steps < 0 or self.pad_to_multiple < 1:
             raise ValueError(
                 f"training.save_steps must be >= 0 and pad_to_multiple >= 1, got "

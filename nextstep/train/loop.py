@@ -35,7 +35,7 @@ from nextstep.train import checkpoint as ckpt
 from nextstep.train.config import TrainConfig, dumps, resolve, to_dict
 from nextstep.train.lora import apply_lora
 from nextstep.train.metrics import MetricsWriter, peak_flops, train_flops, write_samples
-from nextstep.train.noise import flow_noise
+from nextstep.train.noise import flow_noise, input_noise
 from nextstep.train.parallel import DTYPE, init_single_process_group, parallelize, uses_fsdp
 from nextstep.train.tokenize import SequenceBuilder, TrainBatch, collate, special_ids
 
@@ -492,6 +492,16 @@ def train(cfg: TrainConfig, *, data: Iterable | None = None) -> list[dict[str, f
                     key=(t_cfg.seed, step),
                     device=device,
                 )
+                inputs = None
+                if t_cfg.image_input_noise > 0:
+                    inputs = targets + input_noise(
+                        batch.image_sample,
+                        batch.image_tokens,
+                        arch.token_dim,
+                        t_cfg.image_input_noise,
+                        key=(t_cfg.seed, step),
+                        device=device,
+                    )
                 last_micro = micro == t_cfg.grad_accum_steps - 1
                 if uses_fsdp(cfg.parallel):
                     model.set_requires_gradient_sync(last_micro)
@@ -503,6 +513,7 @@ def train(cfg: TrainConfig, *, data: Iterable | None = None) -> list[dict[str, f
                     position_ids=batch.position_ids,
                     fm_noise=noise,
                     fm_t=t,
+                    image_inputs=inputs,
                 )
                 (out.loss / t_cfg.grad_accum_steps).backward()
                 parts = torch.stack([out.loss.detach(), out.lm_loss.detach(), out.im_loss.detach()]).float()

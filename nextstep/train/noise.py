@@ -75,3 +75,22 @@ def flow_noise(
     values = keyed_normal(row_key[..., None], row[..., None] * (token_dim + 1) + j)  # (batch_mul, N, D + 1)
     values = values.reshape(batch_mul * n, token_dim + 1)
     return values[:, :token_dim].contiguous(), torch.sigmoid(values[:, token_dim])
+
+
+def input_noise(
+    image_sample: list[int],
+    image_tokens: list[int],
+    token_dim: int,
+    max_std: float,
+    *,
+    key: tuple,
+    device: torch.device,
+) -> torch.Tensor:
+    """Noise (N, D) for the backbone's image-token inputs (the flow head's targets stay clean), keyed like
+    `flow_noise`. Every image draws its own standard deviation uniformly from [0, max_std], so some
+    contexts are nearly clean, as at inference, and others force the model to read the text."""
+    eps, _ = flow_noise(image_sample, image_tokens, token_dim, 1, key=(*key, "inputs"), device=device)
+    z, _ = flow_noise(image_sample, [1] * len(image_tokens), 1, 1, key=(*key, "input-std"), device=device)
+    std = max_std * 0.5 * (1 + torch.erf(z[:, 0] / math.sqrt(2)))  # (images,), normal CDF -> uniform
+    counts = torch.tensor(image_tokens, dtype=torch.long, device=device)
+    return eps * torch.repeat_interleave(std, counts, output_size=eps.shape[0])[:, None]

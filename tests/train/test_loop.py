@@ -308,3 +308,27 @@ def test_elastic_resume_with_another_worker_count(shard_run, tmp_path, caplog):
         resumed = loop.train(apply_overrides(more, ["training.elastic_resume=true"]))
     assert [h["step"] for h in resumed] == [5, 6]
     assert "the data restarts at epoch 1" in caplog.text
+
+
+def test_image_input_noise_noises_the_inputs_not_the_targets(tmp_path, monkeypatch):
+    from nextstep.model.nextstep import NextStep
+
+    seen: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    original = NextStep.forward_train
+
+    def spy(self, input_ids, labels, image_tokens, **kw):
+        seen.append((image_tokens.detach().clone(), kw.get("image_inputs")))
+        return original(self, input_ids, labels, image_tokens, **kw)
+
+    monkeypatch.setattr(NextStep, "forward_train", spy)
+    plain = loop.train(tiny_cfg(tmp_path / "plain", max_steps=2, save_steps=0), data=latent_batches(2, 4))
+    noisy = loop.train(
+        tiny_cfg(tmp_path / "noisy", max_steps=2, save_steps=0, image_input_noise=0.5), data=latent_batches(2, 4)
+    )
+    (t_plain, i_plain), (t_noisy, i_noisy) = seen[0], seen[2]
+    assert i_plain is None and torch.equal(t_plain, t_noisy)  # same targets
+    delta = (i_noisy.detach() - t_noisy).reshape(4, 16, -1)  # 4 images of 16 tokens
+    assert (delta.std(dim=(1, 2)) < 0.5 * 1.25).all() and delta.abs().max() > 0
+    assert plain[0]["loss"] != pytest.approx(noisy[0]["loss"], rel=1e-6)
+    with pytest.raises(ValueError, match="image_input_noise must be in \\[0, 10\\], got -1"):
+        TrainingConfig(image_input_noise=-1)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from nextstep.train.noise import flow_noise, keyed_normal
+from nextstep.train.noise import flow_noise, input_noise, keyed_normal
 
 
 def test_keyed_normal_is_standard_normal_and_uncorrelated():
@@ -52,3 +52,16 @@ def test_flow_noise_on_cuda_matches_cpu():
     gpu = flow_noise(*args, key=(1, 2), device=torch.device("cuda"))
     for a, b in zip(cpu, gpu, strict=True):
         torch.testing.assert_close(b.cpu(), a, rtol=1e-5, atol=1e-5)
+
+
+def test_input_noise_scales_each_image_within_bounds_and_ignores_the_split():
+    dim, cpu = 16, torch.device("cpu")
+    sizes = [64, 64, 64, 64, 64, 64]
+    whole = input_noise([0, 1, 1, 2, 3, 4], sizes, dim, 0.8, key=(0, 3), device=cpu)
+    assert whole.shape == (sum(sizes), dim)
+    stds = whole.reshape(6, -1).std(1)
+    assert (stds < 0.8 * 1.25).all() and stds.max() > 3 * stds.min()  # each image its own scale, bounded
+    first = input_noise([0, 1, 1], sizes[:3], dim, 0.8, key=(0, 3), device=cpu)
+    assert torch.equal(first, whole[: 3 * 64])  # a pure function of (key, sample, image, position)
+    assert not torch.equal(input_noise([0], [64], dim, 0.8, key=(0, 4), device=cpu), whole[:64])
+    assert torch.equal(input_noise([0], [64], dim, 0.0, key=(0, 3), device=cpu), torch.zeros(64, dim))
