@@ -63,6 +63,9 @@ def _add_sampling_args(p: argparse.ArgumentParser, *, edit: bool) -> None:
     p.add_argument("--cfg-schedule", choices=("constant", "linear"), default=None)
     p.add_argument("--cfg-normalize", action="store_true", default=None, help="norm-rescaled guidance (1.1)")
     p.add_argument("--noise-level", type=float, default=None, help="SDE/CPS noise scale (1.1)")
+    p.add_argument(
+        "--context-noise", type=float, default=None, help="noise std on tokens read back (image-input-noise models)"
+    )
     p.add_argument("--last-step-size", type=float, default=None, help="final deterministic step (NextStep-1)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument(
@@ -125,6 +128,7 @@ def _options(args: argparse.Namespace) -> dict:
         "cfg_normalize",
         "noise_level",
         "last_step_size",
+        "context_noise",
     )
     opts = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
     return {**opts, "seed": args.seed, "n": args.n, "progress": True, "engine": args.engine}

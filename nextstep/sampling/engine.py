@@ -279,6 +279,7 @@ class _Key:
     settings: FlowSettings
     normalize: bool
     use_norm: bool
+    context_noise: float  # std of the noise on the fed-back token (0: none, no extra draw)
 
 
 class _State:
@@ -296,7 +297,9 @@ class _State:
         self.key_valid = torch.ones(r, key.max_len, dtype=torch.bool, device=dev)
         self.slot = torch.full((1,), key.max_len - 1, dtype=torch.long, device=dev)  # harmless warm-up slot
         self.cond = torch.zeros(r, cfg.hidden_size, dtype=dtype, device=dev)  # (R, d) head condition
-        self.noise = torch.zeros(plan.num_draws, key.batch, cfg.token_dim, device=dev)  # (draws, B, D)
+        # (draws, B, D): the head's draws in the eager order, then the fed-back token's noise if any
+        draws = plan.num_draws + (1 if key.context_noise else 0)
+        self.noise = torch.zeros(draws, key.batch, cfg.token_dim, device=dev)
         self.scales = torch.ones(2, device=dev)  # this token's (cfg, cfg_img)
         self.token = torch.zeros(key.batch, cfg.token_dim, device=dev)  # (B, D) fed-back token
         with torch.inference_mode():
@@ -325,7 +328,7 @@ class _State:
         """Integrate one token per image over all steps and guidance branches -> self.token."""
         net, plan, key = self.model.image_head.net, self.plan, self.key
         mods = head_modulations(net, self.t_embed, self.cond)
-        eps = self.noise[1:] * self.coef_eps  # (num_eps, B, D): c * eps per noisy step
+        eps = self.noise[1 : plan.num_draws] * self.coef_eps  # (num_eps, B, D): c * eps per noisy step
         x = self.noise[0]
         for i, (a, b, _) in enumerate(plan.coef):
             e = eps[i] if i < plan.num_eps else None
@@ -338,7 +341,8 @@ class _State:
     def _decode(self, kv_len: int) -> None:
         """Feed self.token back at self.slot -> self.cond for the next token."""
         model = self.model
-        x = model.image_in_projector(self.token.to(self.cond.dtype)).repeat(self.key.rows, 1)  # (R, d)
+        token = self.token + self.key.context_noise * self.noise[-1] if self.key.context_noise else self.token
+        x = model.image_in_projector(token.to(self.cond.dtype)).repeat(self.key.rows, 1)  # (R, d)
         hidden = decode_step(model, self.caches, x, self.slot, self.key_valid, kv_len, self.layer_fn, self.fused)
         self.cond.copy_(model.head_condition(hidden))
 
@@ -408,7 +412,7 @@ class Engine:
         rows = guidance_rows(opts.cfg, opts.cfg_img)
         r, n_prefix = input_ids.shape
         max_len = -(-(n_prefix + n_tokens) // self.kv_block) * self.kv_block
-        key = _Key(r // rows, rows, max_len, settings, opts.cfg_normalize, opts.use_norm)
+        key = _Key(r // rows, rows, max_len, settings, opts.cfg_normalize, opts.use_norm, opts.context_noise)
         st = self.state(key)
         st.key_valid.fill_(True)
         st.key_valid[:, :n_prefix] = attention_mask.to(dev).bool()

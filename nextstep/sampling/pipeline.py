@@ -45,6 +45,9 @@ class GenerateOptions:
     noise_level: float = 0.8  # NextStep-1.1 SDE/CPS noise scale
     last_step_size: float = 0.04  # NextStep-1: the grid stops at 1 - this, then one deterministic step
     use_norm: bool = False  # layer-normalise each sampled token before feeding it back
+    # Std of Gaussian noise on each sampled token as the backbone reads it back (the image keeps the clean
+    # token): for models trained with training.image_input_noise. One extra (B, D) draw per fed-back token.
+    context_noise: float = 0.0
     seed: int | None = 0  # one generator for every draw; None draws a random seed
     n: int = 1  # images per prompt
     positive_prompt: str = ""  # appended to each prompt (after a space)
@@ -93,6 +96,8 @@ def check_options(opts: GenerateOptions, down: int) -> None:
         raise ValueError(f"guidance scales must be > 0, got cfg={opts.cfg} cfg_img={opts.cfg_img}")
     if opts.engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {opts.engine!r}")
+    if not 0 <= opts.context_noise <= 10:
+        raise ValueError(f"context_noise must be in [0, 10], got {opts.context_noise}")
     if opts.cfg_schedule not in ("constant", "linear"):
         raise ValueError(f"cfg schedule must be constant or linear, got {opts.cfg_schedule!r}")
 
@@ -357,7 +362,11 @@ class Pipeline:
                 if k == n_tokens - 1:
                     break
                 slot = slots[n_prefix + k : n_prefix + k + 1]
-                step_embeds = model.image_in_projector(token.to(dtype)).repeat(rows, 1)[:, None]  # (R, 1, d)
+                if opts.context_noise:  # the backbone reads a noised copy; the image keeps `token`
+                    fed = token + opts.context_noise * draw(tuple(token.shape))
+                else:
+                    fed = token
+                step_embeds = model.image_in_projector(fed.to(dtype)).repeat(rows, 1)[:, None]  # (R, 1, d)
                 mask = build_attention_mask(key_valid, slot, slots)
                 hidden = model.forward_hidden(step_embeds, position_ids=slot.expand(r, 1), mask=mask, slots=slot)
                 cond = model.head_condition(hidden[:, -1])

@@ -71,6 +71,8 @@ CASES = [
     ("nextstep11", "ode", dict(cfg=1.0), False, True),
     ("nextstep1", "sde", dict(cfg=5.0, cfg_schedule="linear", n=2), False, True),
     ("nextstep1", "ode", dict(cfg=4.0, cfg_img=1.5, use_norm=True), True, False),
+    ("nextstep1", "sde", dict(cfg=3.0, context_noise=0.3), False, False),
+    ("nextstep11", "sde", dict(cfg=3.0, cfg_img=1.5, context_noise=0.5), True, True),
 ]
 
 

@@ -156,6 +156,8 @@ def test_same_seed_same_image_and_batches(pipes):
         (dict(steps=0), "steps"),
         (dict(n=0), "n \\(images"),
         (dict(sampler="euler"), "sampler"),
+        (dict(context_noise=-0.1), "context_noise must be in \\[0, 10\\], got -0.1"),
+        (dict(context_noise=float("nan")), "context_noise must be in \\[0, 10\\], got nan"),
     ],
 )
 def test_bad_options(pipes, bad, match):
@@ -164,6 +166,23 @@ def test_bad_options(pipes, bad, match):
         pipe.generate("a dog", **{"size": (32, 32), "steps": 2, **bad})
     with pytest.raises(ValueError, match="non-empty"):
         pipe.generate("  ")
+
+
+def test_context_noise_reaches_the_backbone_not_the_image(pipes):
+    """The first token is sampled before anything is fed back; later ones see the noised context. The image
+    holds the sampled tokens themselves: the same raw tokens give the same image with or without noise."""
+    pipe = _pipe(pipes, first_with("nextstep11"))
+    opts = dict(size=(32, 32), steps=3, cfg=3.0, seed=5)
+    clean, noisy, again = Trace(), Trace(), Trace()
+    pipe.generate("a dog", trace=clean, **opts)
+    pipe.generate("a dog", trace=noisy, context_noise=0.5, **opts)
+    pipe.generate("a dog", trace=again, context_noise=0.5, **opts)
+    assert torch.equal(clean.raw_tokens[0], noisy.raw_tokens[0])
+    assert not torch.equal(clean.conditions[1], noisy.conditions[1])
+    assert all(torch.equal(a, b) for a, b in zip(noisy.raw_tokens, again.raw_tokens, strict=True))
+    tokens = torch.stack(noisy.raw_tokens, dim=1)  # (B, h*w, D)
+    side = opts["size"][0] // pipe.down_factor
+    assert torch.allclose(pipe.decode_tokens(tokens, side, side), noisy.decoded, atol=1e-5)
 
 
 def test_linear_schedule_through_scale_one(pipes):
