@@ -12,7 +12,7 @@ from nextstep.train import config as C
 from nextstep.train.config import TrainConfig, apply_overrides, diff, from_dict, load_preset, to_dict
 from nextstep.train.loop import lr_factor, resolve_arch
 
-PRESETS = ["debug", "shapes", "nextstep_1b", "nextstep_qwen14b_256px", "nextstep_qwen14b_512px"]
+PRESETS = ["debug", "shapes", "shapes_stage2", "nextstep_1b", "nextstep_qwen14b_256px", "nextstep_qwen14b_512px"]
 
 
 def test_overrides_set_nested_typed_values():
@@ -71,6 +71,18 @@ def test_presets_load_and_round_trip_json(name):
     again = from_dict(TrainConfig, json.loads(json.dumps(to_dict(cfg))))
     assert to_dict(again) == to_dict(cfg)
     assert diff(cfg, again) == []
+
+
+def test_shapes_stage2_changes_only_what_its_docstring_names():
+    changed = {line.split(":")[0] for line in diff(load_preset("shapes"), load_preset("shapes_stage2"))}
+    assert changed == {
+        "data.batch_size", "data.datasets", "data.num_workers", "model.init", "model.path", "optim.decay_steps",
+        "optim.warmup_steps", "training.image_input_noise", "training.max_steps", "training.output_dir",
+        "training.save_steps",
+    }  # fmt: skip
+    stage2 = load_preset("shapes_stage2")
+    assert stage2.training.image_input_noise == 1.0 and stage2.model.path == "runs/shapes/stage1"
+    assert load_preset("shapes").training.image_input_noise == 0.0  # stage 1 is untouched by the replace
 
 
 def _params(cfg: TrainConfig) -> int:
