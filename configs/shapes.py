@@ -1,16 +1,18 @@
-"""The built-in model: a tiny NextStep (~8M parameters in backbone + head) for 128x128 synthetic shape
-scenes, 8x8 = 64 image tokens with an 8x VAE and 2x2 patches. Tokenizer and VAE are our own, trained on
-the same data first; scripts/train_builtin.sh runs the whole recipe:
+"""Stage 1 of the built-in model: a tiny NextStep (~8M parameters in backbone + head) for 128x128 synthetic
+shape scenes, 8x8 = 64 image tokens with an 8x VAE and 2x2 patches. Tokenizer and VAE are our own, trained
+on the same data first; stage 2 (configs.shapes_stage2) fine-tunes this model with noise on its image
+context. scripts/train_builtin.sh runs the whole recipe:
 
     nextstep data synth-shapes data/shapes --n 400000 --seed 0 --workers 16
     nextstep data train-tokenizer data/shapes runs/shapes/tokenizer --vocab-size 1024
     nextstep vae train --data data/shapes --out runs/shapes/vae --ch 64 --ch-mult 1,1,2,2 --num-res-blocks 1
     nextstep data encode-latents data/shapes data/shapes-latents --vae runs/shapes/vae --size 128 --aspect-ratios 1
     nextstep train -m configs.shapes
+    nextstep train -m configs.shapes_stage2   (after its export and data, see that preset)
 
 Training reads the VAE latents precomputed once and compiles the layers: 2.4x the samples/s of PNG shards
-with the VAE in the step at this batch, 3.6x at batch 1024 (bench/train_shapes.py, BENCHMARKS.md). The
-shipped model is this preset's 6,564 steps (3.4M samples, 23 minutes on one H100), trained before the
+with the VAE in the step at this batch, 3.6x at batch 1024 (bench/train_shapes.py, BENCHMARKS.md). Stage 1 of
+the shipped model is this preset's 6,564 steps (3.4M samples, 23 minutes on one H100), trained before the
 latent shards existed (PNG shards, the same bf16 VAE encode inside the step, no compile). It ran in three
 time-limited pieces: the first two with training.max_steps=100000 (still in the constant-lr phase), the
 last resumed with the values below, which gives exactly the run this preset describes.

@@ -1,14 +1,15 @@
 """Second stage of the built-in model: configs.shapes' model, fine-tuned with noise on the image tokens it
 reads (training.image_input_noise=1.0: each image's std uniform in [0, 1], the latents having unit std).
 
-Stage 1 learns to copy its image context so exactly that its loss doubles when that context carries noise
-of std 0.1, and what it samples drifts off the data: it scored 0.08 on `nextstep eval shapes`. With noisy
-context the next token has to come from the text; this stage took the model to 0.80-0.86 in-distribution
-(BENCHMARKS.md). scripts/train_builtin.sh runs it after stage 1:
+Stage 1 learns to copy its image context so exactly that its loss nearly doubles when that context carries
+noise of std 0.1, and what it samples drifts off the data: it scored 0.08 on `nextstep eval shapes`. With
+noisy context the next token has to come from the text; this stage took the model to 0.82 in-distribution
+and 0.81 held-out (n=50, BENCHMARKS.md). scripts/train_builtin.sh runs it after stage 1:
 
     nextstep export runs/shapes/model runs/shapes/stage1 --dtype float16
     nextstep data synth-shapes data/shapes-ft --n 200000 --seed 1 --workers 16
-    nextstep data encode-latents data/shapes-ft data/shapes-ft-latents --vae runs/shapes/vae --size 128 --aspect-ratios 1
+    nextstep data encode-latents data/shapes-ft data/shapes-ft-latents --vae runs/shapes/vae --size 128 \
+        --aspect-ratios 1
     nextstep train -m configs.shapes_stage2
 
 The shipped model is this preset's 7,359 steps of 1024 samples (7.5M samples; on one H200, sharing it with a

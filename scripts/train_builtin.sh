@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Reproduce the built-in model (nextstep/assets/nextstep-shapes) on one GPU: ~25 minutes on an H100
-# (2 minutes of data, 23 of training):
+# Reproduce the built-in model (nextstep/assets/nextstep-shapes) on one GPU, roughly half an hour on an H100
+# (data 4 minutes, stage 1 (configs.shapes) ~11, stage 2 (configs.shapes_stage2, image-input noise) ~13):
 #   bash scripts/train_builtin.sh [OUT_DIR] [TRAIN_SECONDS]   (TRAIN_SECONDS=0: data, tokenizer and VAE only)
 # Every stage skips work already done, and training resumes from its newest checkpoint, so the script can
-# be run again (e.g. in a second call on the same machine) to continue. Training stops at max_steps or
-# after TRAIN_SECONDS; the newest checkpoint is then exported in fp16 with sampling defaults for 128 px.
+# be run again (e.g. in a second call on the same machine) to continue. A training stage stops at its
+# max_steps or after TRAIN_SECONDS; stage 2 starts once stage 1 has finished. The newest stage-2 checkpoint
+# is then exported in fp16 with sampling defaults for 128 px.
 set -euo pipefail
 OUT=${1:-runs/shapes/export}
 TRAIN_SECONDS=${2:-100000}
@@ -27,11 +28,31 @@ if [ ! -f data/shapes-latents/index.json ]; then  # sample offsets: a resumed ru
   nextstep data warmup data/shapes-latents --n_jobs "$(nproc)"
 fi
 if [ "$TRAIN_SECONDS" = 0 ]; then exit 0; fi  # data, tokenizer, VAE and latents only
-resume=""
-if ls runs/shapes/model/checkpoints/step-* >/dev/null 2>&1; then resume="--resume"; fi
-timeout --signal=INT "$TRAIN_SECONDS" nextstep train -m configs.shapes $resume ${TRAIN_ARGS:-} \
-  || echo "training ended early (time limit or error; see above)"
-nextstep export runs/shapes/model "$OUT" --dtype float16 --max-shard-mb 8  # git-friendly files
+# train DIR PRESET: run (or resume) a preset until its max_steps or TRAIN_SECONDS; true once it has finished.
+train() {
+  local resume=""
+  if ls "$1"/checkpoints/step-* >/dev/null 2>&1; then resume="--resume"; fi
+  timeout --signal=INT "$TRAIN_SECONDS" nextstep train -m "$2" $resume ${TRAIN_ARGS:-} \
+    || echo "training ended early (time limit or error; see above)"
+  local max; max=$(python3 -c "from $2 import config; print(config.training.max_steps)")
+  [ -d "$1/checkpoints/step-$(printf %08d "$max")" ]
+}
+train runs/shapes/model configs.shapes || exit 0  # stage 1 not finished: run the script again
+# Stage 2 starts from stage 1's fp16 export (what shipped before), on 200k fresh scenes.
+if [ ! -f runs/shapes/stage1/config.json ]; then
+  nextstep export runs/shapes/model runs/shapes/stage1 --dtype float16
+fi
+if ! ls data/shapes-ft/*.tar >/dev/null 2>&1; then
+  nextstep data synth-shapes data/shapes-ft --n 200000 --seed 1 --workers "$(nproc)"
+fi
+nextstep data encode-latents data/shapes-ft data/shapes-ft-latents --vae runs/shapes/vae --size 128 \
+  --aspect-ratios 1 --workers "$(nproc)" --batch 512
+if [ ! -f data/shapes-ft-latents/index.json ]; then
+  nextstep data meta data/shapes-ft-latents --workers "$(nproc)"
+  nextstep data warmup data/shapes-ft-latents --n_jobs "$(nproc)"
+fi
+train runs/shapes/model-stage2 configs.shapes_stage2 || exit 0
+nextstep export runs/shapes/model-stage2 "$OUT" --dtype float16 --max-shard-mb 8  # git-friendly files
 python3 - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
@@ -41,6 +62,7 @@ state = torch.load(out / "vae" / "checkpoint.pt", weights_only=True)
 torch.save({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, out / "vae" / "checkpoint.pt")
 (out / "sampling_defaults.json").write_text(json.dumps(
     {"size": [128, 128], "steps": 20, "cfg": 3.0, "shift": 1.0, "negative_prompt": "",
-     "edit": {"cfg": 3.0, "cfg_img": 1.5, "shift": 1.0, "steps": 20, "use_norm": False, "negative_prompt": ""}}, indent=2))
+     "edit": {"cfg": 3.0, "cfg_img": 1.5, "shift": 1.0, "steps": 20, "use_norm": False, "negative_prompt": "",
+              "context_noise": 0.3}}, indent=2) + "\n")
 PY
 du -sh "$OUT"
