@@ -20,13 +20,17 @@ if [ ! -f runs/shapes/vae/checkpoint.pt ]; then
   nextstep vae train --data data/shapes --out runs/shapes/vae --ch 64 --ch-mult 1,1,2,2 --num-res-blocks 1 \
     --steps "${VAE_STEPS:-2000}" --batch 64 --workers 8
 fi
-# Training reads VAE latents, not PNGs: encoded once here (a rerun finishes an interrupted encode).
-nextstep data encode-latents data/shapes data/shapes-latents --vae runs/shapes/vae --size 128 \
-  --aspect-ratios 1 --workers "$(nproc)" --batch 512
-if [ ! -f data/shapes-latents/index.json ]; then  # sample offsets: a resumed run seeks instead of re-reading
-  nextstep data meta data/shapes-latents --workers "$(nproc)"
-  nextstep data warmup data/shapes-latents --n_jobs "$(nproc)"
-fi
+# latents SRC DST: training reads VAE latents, not PNGs: encoded once (a rerun finishes an interrupted
+# encode), then indexed (sample offsets: a resumed run seeks instead of re-reading).
+latents() {
+  nextstep data encode-latents "$1" "$2" --vae runs/shapes/vae --size 128 --aspect-ratios 1 \
+    --workers "$(nproc)" --batch 512
+  if [ ! -f "$2/index.json" ]; then
+    nextstep data meta "$2" --workers "$(nproc)"
+    nextstep data warmup "$2" --n_jobs "$(nproc)"
+  fi
+}
+latents data/shapes data/shapes-latents
 if [ "$TRAIN_SECONDS" = 0 ]; then exit 0; fi  # data, tokenizer, VAE and latents only
 # train DIR PRESET: run (or resume) a preset until its max_steps or TRAIN_SECONDS; true once it has finished.
 train() {
@@ -45,12 +49,7 @@ fi
 if ! ls data/shapes-ft/*.tar >/dev/null 2>&1; then
   nextstep data synth-shapes data/shapes-ft --n 200000 --seed 1 --workers "$(nproc)"
 fi
-nextstep data encode-latents data/shapes-ft data/shapes-ft-latents --vae runs/shapes/vae --size 128 \
-  --aspect-ratios 1 --workers "$(nproc)" --batch 512
-if [ ! -f data/shapes-ft-latents/index.json ]; then
-  nextstep data meta data/shapes-ft-latents --workers "$(nproc)"
-  nextstep data warmup data/shapes-ft-latents --n_jobs "$(nproc)"
-fi
+latents data/shapes-ft data/shapes-ft-latents
 train runs/shapes/model-stage2 configs.shapes_stage2 || exit 0
 nextstep export runs/shapes/model-stage2 "$OUT" --dtype float16 --max-shard-mb 8  # git-friendly files
 python3 - "$OUT" <<'PY'

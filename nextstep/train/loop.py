@@ -484,24 +484,12 @@ def train(cfg: TrainConfig, *, data: Iterable | None = None) -> list[dict[str, f
                 batch.offset_samples((micro * world + rank) * batch.num_samples)
                 batch = batch.to(device)
                 targets = image_targets(batch, vae, patch).to(device)
-                noise, t = flow_noise(
-                    batch.image_sample,
-                    batch.image_tokens,
-                    arch.token_dim,
-                    arch.fm_head_batch_mul,
-                    key=(t_cfg.seed, step),
-                    device=device,
-                )
+                images = (batch.image_sample, batch.image_tokens, arch.token_dim)
+                keyed = dict(key=(t_cfg.seed, step), device=device)
+                noise, t = flow_noise(*images, arch.fm_head_batch_mul, **keyed)
                 inputs = None
                 if t_cfg.image_input_noise > 0:
-                    inputs = targets + input_noise(
-                        batch.image_sample,
-                        batch.image_tokens,
-                        arch.token_dim,
-                        t_cfg.image_input_noise,
-                        key=(t_cfg.seed, step),
-                        device=device,
-                    )
+                    inputs = targets + input_noise(*images, t_cfg.image_input_noise, **keyed)
                 last_micro = micro == t_cfg.grad_accum_steps - 1
                 if uses_fsdp(cfg.parallel):
                     model.set_requires_gradient_sync(last_micro)
