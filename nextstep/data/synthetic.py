@@ -117,10 +117,11 @@ def _phrase(o: Obj, *, by_color: bool, by_size: bool) -> str:
     return noun_phrase(o.shape, color=o.color if by_color else None, size=o.size if by_size else None)
 
 
-def sample_t2i(rng: random.Random) -> tuple[Scene, str]:
-    """A scene and a caption that names every object truthfully (counts, regions, relations as chosen)."""
+def sample_t2i(rng: random.Random, *, p_no_color: float = P_NO_COLOR) -> tuple[Scene, str]:
+    """A scene and a caption that names every object truthfully (counts, regions, relations as chosen);
+    with probability `p_no_color` the caption names shapes only."""
     mode = _pick(rng, T2I_MODES)
-    by_color = rng.random() >= P_NO_COLOR
+    by_color = rng.random() >= p_no_color
     by_size = rng.random() < P_SIZE
     while True:
         regions, relations = None, []
@@ -202,19 +203,19 @@ def sample_edit(
     raise RuntimeError(f"no feasible edit among {ops} for scene {source}")
 
 
-def make_sample(index: int, *, seed: int, size: int = 128) -> Sample:
+def make_sample(index: int, *, seed: int, size: int = 128, p_no_color: float = P_NO_COLOR) -> Sample:
     """Sample `index` of the stream `seed`; its meta holds the ground truth of every image."""
     rng = sample_rng(seed, index)
     kind = _pick(rng, KINDS)
     edit = None
     if kind == "t2i":
-        scene, text = sample_t2i(rng)
+        scene, text = sample_t2i(rng, p_no_color=p_no_color)
         scenes, caption = [scene], f"{text}<image_0>"
     elif kind == "edit":
         src, edit, dst = sample_edit(rng)
         scenes, caption = [src, dst], f"<image_0>{edit_text(edit, rng.randrange(3))}<image_1>"
     else:
-        scene, text = sample_t2i(rng)
+        scene, text = sample_t2i(rng, p_no_color=p_no_color)
         edited = None
         if rng.random() >= 0.5:
             try:
@@ -222,7 +223,7 @@ def make_sample(index: int, *, seed: int, size: int = 128) -> Sample:
             except RuntimeError:  # e.g. four objects in two repeated pairs: nothing uniquely nameable
                 edited = None
         if edited is None:
-            other, text2 = sample_t2i(rng)
+            other, text2 = sample_t2i(rng, p_no_color=p_no_color)
             scenes, caption = [scene, other], f"{text}<image_0>{rng.choice(SCENE_LINKS)}{text2}<image_1>"
         else:
             _, edit, dst = edited
@@ -231,18 +232,18 @@ def make_sample(index: int, *, seed: int, size: int = 128) -> Sample:
                 [scene, dst],
                 f"{text}<image_0>{link}{edit_text(edit, rng.randrange(3))}<image_1>",
             )
-    meta = {"kind": kind, "split": "train", "seed": seed, "index": index, "size": size}
+    meta = {"kind": kind, "split": "train", "seed": seed, "index": index, "size": size, "p_no_color": p_no_color}
     meta["scenes"] = [s.to_json(size) for s in scenes]
     if edit is not None:
         meta["edit"] = asdict(edit)
     return Sample(f"shapes{index:010d}", caption, [render(s, size=size) for s in scenes], meta)
 
 
-def _write_shard(task: tuple[int, int, int, int, int, str, str]) -> Path:
-    shard, start, stop, seed, size, out_dir, prefix = task
+def _write_shard(task: tuple[int, int, int, int, int, float, str, str]) -> Path:
+    shard, start, stop, seed, size, p_no_color, out_dir, prefix = task
     with ShardWriter(out_dir, prefix=prefix, max_count=stop - start, start_index=shard) as writer:
         for i in range(start, stop):
-            writer.write(make_sample(i, seed=seed, size=size))
+            writer.write(make_sample(i, seed=seed, size=size, p_no_color=p_no_color))
     return writer.paths[0]
 
 
@@ -255,6 +256,7 @@ def write_synthetic(
     size: int = 128,
     shard_size: int = 1000,
     prefix: str = "shapes",
+    p_no_color: float = P_NO_COLOR,
     progress: bool = False,
 ) -> list[Path]:
     """Write samples 0..n-1 of stream `seed` as `out_dir/{prefix}-{k:06d}.tar`, one process per shard
@@ -262,8 +264,10 @@ def write_synthetic(
     for name, value in (("n", n), ("workers", workers), ("size", size), ("shard_size", shard_size)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+    if not 0 <= p_no_color <= 1:
+        raise ValueError(f"p_no_color must be in [0, 1], got {p_no_color}")
     tasks = [
-        (k, start, min(n, start + shard_size), seed, size, str(out_dir), prefix)
+        (k, start, min(n, start + shard_size), seed, size, p_no_color, str(out_dir), prefix)
         for k, start in enumerate(range(0, n, shard_size))
     ]
     bar = tqdm(total=n, unit="sample", disable=not progress)
@@ -283,7 +287,7 @@ def write_synthetic(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`nextstep data synth-shapes OUT --n N --seed S [--workers W --size 128 --shard-size 1000]`."""
+    """`nextstep data synth-shapes OUT --n N --seed S [--workers W --size 128 --shard-size 1000 --p-no-color P]`."""
     p = argparse.ArgumentParser(prog="nextstep data synth-shapes", description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path, help="output directory for the tar shards")
     p.add_argument("--n", type=int, required=True, help="number of samples")
@@ -292,6 +296,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=128, help="image side in pixels")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.add_argument("--prefix", default="shapes", help="shard file name prefix")
+    p.add_argument(
+        "--p-no-color",
+        type=float,
+        default=P_NO_COLOR,
+        help=f"share of scene captions that name shapes only, no colors (default {P_NO_COLOR})",
+    )
     args = p.parse_args(argv)
     try:
         paths = write_synthetic(
@@ -302,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             size=args.size,
             shard_size=args.shard_size,
             prefix=args.prefix,
+            p_no_color=args.p_no_color,
             progress=True,
         )
     except ValueError as e:

@@ -2,6 +2,7 @@
 
 import hashlib
 import re
+from pathlib import Path
 
 import pytest
 
@@ -97,8 +98,31 @@ def test_heldout_pairs_and_relations_never_in_training(samples):
                 assert not any(pattern.search(s.caption) for s in samples)
 
 
+def _t2i_captions(p_no_color: float) -> list[str]:
+    samples = [make_sample(i, seed=3, p_no_color=p_no_color) for i in range(200)]
+    assert all(s.meta["p_no_color"] == p_no_color for s in samples)
+    return [s.caption for s in samples if s.meta["kind"] == "t2i"]
+
+
+def test_p_no_color_sets_the_share_of_color_free_captions():
+    def colorless(captions):
+        return sum(not any(c in caption.split() for c in COLORS) for caption in captions)
+
+    never, always, half = _t2i_captions(0.0), _t2i_captions(1.0), _t2i_captions(0.5)
+    assert colorless(never) == 0
+    assert colorless(always) == len(always) > 100
+    assert 0.3 * len(half) < colorless(half) < 0.7 * len(half)
+    # Each sample draws its kind first, so the same samples are text-to-image at any share.
+    assert len(never) == len(always) == len(half)
+    with pytest.raises(ValueError, match="p_no_color must be in \\[0, 1\\], got 1.5"):
+        write_synthetic(Path("unused"), n=1, seed=0, p_no_color=1.5)
+
+
 def test_main_writes_shards(tmp_path):
     assert main([str(tmp_path), "--n", "7", "--seed", "1", "--shard-size", "4", "--prefix", "toy"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["toy-000000.tar", "toy-000001.tar"]
     with pytest.raises(SystemExit):
         main([str(tmp_path), "--n", "0"])
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "bad"), "--n", "1", "--p-no-color", "-0.1"])
+    assert not (tmp_path / "bad").exists()
