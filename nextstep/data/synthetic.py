@@ -10,6 +10,7 @@ Held-out color-shape pairs and relations (`nextstep.eval.scenes.HELDOUT_*`) neve
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import multiprocessing
 import random
@@ -41,6 +42,7 @@ from nextstep.eval.scenes import (
     place,
     render,
 )
+from nextstep.io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -247,6 +249,40 @@ def _write_shard(task: tuple[int, int, int, int, int, float, str, str]) -> Path:
     return writer.paths[0]
 
 
+MANIFEST = "synth-shapes.json"  # in the output directory: what its shards were made with
+
+
+def _reusable(out_dir: Path, manifest: dict, tasks: list[tuple]) -> set[int]:
+    """Shards of an earlier run into `out_dir` that this one may keep: same manifest (n aside), file
+    present (shards are published by rename, so a present one is complete) and the same sample range.
+    A different seed, size, shard size, prefix or p_no_color, or a smaller n, is an error, never a silent mix."""
+    path = out_dir / MANIFEST
+    if not path.exists():
+        return set()
+    try:
+        old = json.loads(path.read_text())
+        old_n = int(old["n"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: unreadable manifest ({e}); remove it to start over") from None
+    for key, value in manifest.items():
+        if key != "n" and old.get(key) != value:
+            raise ValueError(
+                f"{out_dir} holds shards made with {key}={old.get(key)!r}, this run has {key}={value!r}; "
+                "use another directory"
+            )
+    if manifest["n"] < old_n:
+        raise ValueError(
+            f"{out_dir} holds {old_n} samples, this run asks for n={manifest['n']}: fewer would leave shards "
+            "beyond it in place; use another directory"
+        )
+    keep = set()
+    for shard, start, stop, *_ in tasks:
+        done = min(old_n, start + manifest["shard_size"]) == stop  # the earlier run wrote this whole range
+        if done and (out_dir / f"{manifest['prefix']}-{shard:06d}.tar").exists():
+            keep.add(shard)
+    return keep
+
+
 def write_synthetic(
     out_dir: str | Path,
     *,
@@ -260,30 +296,44 @@ def write_synthetic(
     progress: bool = False,
 ) -> list[Path]:
     """Write samples 0..n-1 of stream `seed` as `out_dir/{prefix}-{k:06d}.tar`, one process per shard
-    across `workers`; shard k holds samples [k*shard_size, (k+1)*shard_size). Returns the paths in order."""
+    across `workers`; shard k holds samples [k*shard_size, (k+1)*shard_size). Returns the paths in order.
+
+    Resumable: `out_dir/synth-shapes.json` records the settings, and a rerun with the same ones keeps the
+    shards already written (an interrupted run loses at most the shards in flight); a larger `n` extends."""
     for name, value in (("n", n), ("workers", workers), ("size", size), ("shard_size", shard_size)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if not 0 <= p_no_color <= 1:
         raise ValueError(f"p_no_color must be in [0, 1], got {p_no_color}")
+    out_dir = Path(out_dir)
     tasks = [
         (k, start, min(n, start + shard_size), seed, size, p_no_color, str(out_dir), prefix)
         for k, start in enumerate(range(0, n, shard_size))
     ]
-    bar = tqdm(total=n, unit="sample", disable=not progress)
-    paths = []
-    if workers == 1:
-        for task in tasks:
-            paths.append(_write_shard(task))
+    manifest = {"n": n, "seed": seed, "size": size, "shard_size": shard_size, "prefix": prefix}
+    manifest["p_no_color"] = p_no_color
+    keep = _reusable(out_dir, manifest, tasks)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(f".{prefix}-*.tar.tmp*"):  # left by an interrupted run
+        stale.unlink()
+    todo = [t for t in tasks if t[0] not in keep]
+    for task in todo:  # e.g. the short last shard of a smaller n: every shard on disk must fit the manifest
+        (out_dir / f"{prefix}-{task[0]:06d}.tar").unlink(missing_ok=True)
+    write_json(out_dir / MANIFEST, manifest)
+    if keep:
+        log.info("%s: keeping %d of %d shards from an earlier run", out_dir, len(keep), len(tasks))
+    bar = tqdm(total=n, initial=n - sum(t[2] - t[1] for t in todo), unit="sample", disable=not progress)
+    if workers == 1 or len(todo) < 2:
+        for task in todo:
+            _write_shard(task)
             bar.update(task[2] - task[1])
     else:
         # spawn: safe even when the parent already runs threads (torch), and the same on every OS.
-        with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
-            for task, path in zip(tasks, pool.imap(_write_shard, tasks), strict=True):
-                paths.append(path)
+        with multiprocessing.get_context("spawn").Pool(min(workers, len(todo))) as pool:
+            for task, _ in zip(todo, pool.imap(_write_shard, todo), strict=True):
                 bar.update(task[2] - task[1])
     bar.close()
-    return paths
+    return [out_dir / f"{prefix}-{t[0]:06d}.tar" for t in tasks]
 
 
 def main(argv: list[str] | None = None) -> int:

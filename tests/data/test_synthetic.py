@@ -46,6 +46,35 @@ def test_shards_are_byte_identical_across_runs_and_workers(tmp_path):
     assert _digests(other) != _digests(one)
 
 
+def test_rerun_keeps_finished_shards_and_extends(tmp_path):
+    out = tmp_path / "out"
+    first = write_synthetic(out, n=40, seed=5, shard_size=16)  # shards of 16, 16, 8
+    fresh = write_synthetic(tmp_path / "fresh", n=50, seed=5, shard_size=16)
+    # An interrupted run: one shard never published, one left as a temp file.
+    first[1].unlink()
+    (out / ".shapes-000001.tar.tmp999").write_bytes(b"partial")
+    kept = first[0].stat().st_mtime_ns
+    again = write_synthetic(out, n=50, seed=5, shard_size=16)  # and a larger n
+    assert again[0].stat().st_mtime_ns == kept  # not rewritten
+    assert sorted(p.name for p in out.iterdir()) == [f"shapes-00000{k}.tar" for k in range(4)] + ["synth-shapes.json"]
+    # The short last shard of n=40 was rewritten to n=50's range: the same bytes as a fresh n=50 run.
+    assert _digests(again) == _digests(fresh)
+
+
+def test_rerun_with_other_settings_is_refused(tmp_path):
+    write_synthetic(tmp_path, n=20, seed=5, shard_size=16)
+    before = _digests(sorted(tmp_path.glob("*.tar")))
+    with pytest.raises(ValueError, match="made with seed=5, this run has seed=6"):
+        write_synthetic(tmp_path, n=20, seed=6, shard_size=16)
+    with pytest.raises(ValueError, match="made with p_no_color=0.15, this run has p_no_color=0.5"):
+        write_synthetic(tmp_path, n=20, seed=5, shard_size=16, p_no_color=0.5)
+    with pytest.raises(ValueError, match="holds 20 samples, this run asks for n=10"):
+        write_synthetic(tmp_path, n=10, seed=5, shard_size=16)
+    assert _digests(sorted(tmp_path.glob("*.tar"))) == before
+    with pytest.raises(SystemExit):  # the CLI says so as a usage error, no traceback
+        main([str(tmp_path), "--n", "20", "--seed", "6", "--shard-size", "16"])
+
+
 def test_shards_read_back_with_ground_truth(tmp_path):
     paths = write_synthetic(tmp_path, n=30, seed=2, shard_size=10)
     read = [s for p in paths for s in read_shard(p)]
@@ -120,7 +149,7 @@ def test_p_no_color_sets_the_share_of_color_free_captions():
 
 def test_main_writes_shards(tmp_path):
     assert main([str(tmp_path), "--n", "7", "--seed", "1", "--shard-size", "4", "--prefix", "toy"]) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["toy-000000.tar", "toy-000001.tar"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["synth-shapes.json", "toy-000000.tar", "toy-000001.tar"]
     with pytest.raises(SystemExit):
         main([str(tmp_path), "--n", "0"])
     with pytest.raises(SystemExit):
