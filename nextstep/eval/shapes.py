@@ -58,7 +58,11 @@ CATEGORIES = (
 COLOR_TOL = 75.0  # a pixel belongs to its nearest palette color if closer than this (RGB distance)
 MIN_AREA = 0.003  # smallest object, fraction of the image area (a small star covers ~0.017)
 MIN_MATCH = 0.5  # shape score below which a blob's shape is "unknown"
-ASPECT_WEIGHT = 2.0  # weight of the aspect-ratio mismatch in the shape score (separates hexagon/circle)
+ASPECT_WEIGHT = 2.0  # weight of the aspect-ratio mismatch in the shape score
+# Circle vs hexagon is decided by the outline's 6-fold harmonic (corners at 0, 60, ... degrees as drawn):
+# rendered or VAE round-tripped, circles stay below 0.025 and hexagons above 0.045 (tests/eval/test_shapes.py);
+# the template score alone reads one small VAE-blurred hexagon in nine as a circle.
+HEXAGON_HARMONIC = 0.035
 NEAR_TOL = 0.06  # an unchanged object may drift this far (fraction of the side) in an edit
 TEMPLATE = 32  # side of the normalized masks compared to the shape templates
 LARGE_FROM = SIZES["small"] + SIZES["large"]  # box side splitting "small" from "large"
@@ -174,15 +178,32 @@ def _templates() -> tuple[np.ndarray, np.ndarray]:
     return np.stack(masks), aspects
 
 
+def hexagon_harmonic(mask: np.ndarray) -> float:
+    """Cosine-6 harmonic of a blob's outline radius about its centroid, relative to the mean radius:
+    about 0.09 for a drawn hexagon (corners on the harmonic's peaks), 0 for a circle."""
+    ys, xs = np.nonzero(mask)
+    cy, cx = ys.mean(), xs.mean()
+    pad = np.pad(mask, 1)
+    inner = pad[1:-1, 1:-1] & pad[:-2, 1:-1] & pad[2:, 1:-1] & pad[1:-1, :-2] & pad[1:-1, 2:]
+    by, bx = np.nonzero(mask & ~inner)  # outline: pixels with a 4-neighbour outside the blob
+    radius = np.hypot(by - cy, bx - cx)
+    return float((radius * np.cos(6 * np.arctan2(by - cy, bx - cx))).mean() / radius.mean())
+
+
 def classify(mask: np.ndarray) -> tuple[str, float]:
     """(shape, score) of a blob cropped to its box: score = IoU with the shape's box-stretched template
-    minus ASPECT_WEIGHT * |log aspect ratio difference|; "unknown" below MIN_MATCH."""
+    minus ASPECT_WEIGHT * |log aspect ratio difference|; "unknown" below MIN_MATCH. Between circle and
+    hexagon, the outline's 6-fold harmonic decides (HEXAGON_HARMONIC)."""
     templates, aspects = _templates()
     norm = _normalize(mask)
     ious = (templates & norm).sum((1, 2)) / (templates | norm).sum((1, 2))
     scores = ious - ASPECT_WEIGHT * np.abs(np.log(mask.shape[0] / mask.shape[1]) - aspects)
     best = int(scores.argmax())
-    return (SHAPES[best] if scores[best] >= MIN_MATCH else "unknown"), round(float(scores[best]), 3)
+    if scores[best] < MIN_MATCH:
+        return "unknown", round(float(scores[best]), 3)
+    if SHAPES[best] in ("circle", "hexagon"):
+        best = SHAPES.index("hexagon" if hexagon_harmonic(mask) >= HEXAGON_HARMONIC else "circle")
+    return SHAPES[best], round(float(scores[best]), 3)
 
 
 def parse_scene(img: Image.Image) -> list[Detected]:
