@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
-# Reproduce the built-in model (nextstep/assets/nextstep-shapes) on one GPU, roughly half an hour on an H100
-# (data 4 minutes, stage 1 (configs.shapes) ~11, stage 2 (configs.shapes_stage2, image-input noise) ~13):
+# Reproduce the built-in model (nextstep/assets/nextstep-shapes) on one GPU, roughly 50 minutes on an H100
+# (data 7 minutes, stage 1 (configs.shapes) ~11, stage 2 (configs.shapes_stage2, image-input noise) ~13,
+# stage 3 (configs.shapes_stage3, twice the noise) ~15):
 #   bash scripts/train_builtin.sh [OUT_DIR] [TRAIN_SECONDS]   (TRAIN_SECONDS=0: data, tokenizer and VAE only)
 # Every stage skips work already done, and training resumes from its newest checkpoint, so the script can
 # be run again (e.g. in a second call on the same machine) to continue. A training stage stops at its
-# max_steps or after TRAIN_SECONDS; stage 2 starts once stage 1 has finished. The newest stage-2 checkpoint
-# is then exported in fp16 with sampling defaults for 128 px.
+# max_steps or after TRAIN_SECONDS; each stage starts once the one before has finished. The newest stage-3
+# checkpoint is then exported in fp16 with sampling defaults for 128 px.
 set -euo pipefail
 OUT=${1:-runs/shapes/export}
 TRAIN_SECONDS=${2:-100000}
 N=${N:-400000}
-if ! ls data/shapes/*.tar >/dev/null 2>&1; then
-  nextstep data synth-shapes data/shapes --n "$N" --seed 0 --workers "$(nproc)"
-fi
+# synth-shapes keeps the shards a run before finished (an interrupted one resumes).
+nextstep data synth-shapes data/shapes --n "$N" --seed 0 --workers "$(nproc)"
 if [ ! -f runs/shapes/tokenizer/tokenizer.json ]; then
   nextstep data train-tokenizer data/shapes runs/shapes/tokenizer --vocab-size 1024 --max-samples 50000
 fi
@@ -20,15 +20,14 @@ if [ ! -f runs/shapes/vae/checkpoint.pt ]; then
   nextstep vae train --data data/shapes --out runs/shapes/vae --ch 64 --ch-mult 1,1,2,2 --num-res-blocks 1 \
     --steps "${VAE_STEPS:-2000}" --batch 64 --workers 8
 fi
-# latents SRC DST: training reads VAE latents, not PNGs: encoded once (a rerun finishes an interrupted
-# encode), then indexed (sample offsets: a resumed run seeks instead of re-reading).
+# latents SRC DST: training reads VAE latents, not PNGs: encoded once (a rerun encodes only the shards not
+# yet encoded, e.g. after --n grew), then indexed (sample offsets: a resumed run seeks instead of
+# re-reading). meta rescans only new or changed shards; the index is rebuilt to match it.
 latents() {
   nextstep data encode-latents "$1" "$2" --vae runs/shapes/vae --size 128 --aspect-ratios 1 \
     --workers "$(nproc)" --batch 512
-  if [ ! -f "$2/index.json" ]; then
-    nextstep data meta "$2" --workers "$(nproc)"
-    nextstep data warmup "$2" --n_jobs "$(nproc)"
-  fi
+  nextstep data meta "$2" --workers "$(nproc)"
+  nextstep data warmup "$2" --n_jobs "$(nproc)"
 }
 latents data/shapes data/shapes-latents
 if [ "$TRAIN_SECONDS" = 0 ]; then exit 0; fi  # data, tokenizer, VAE and latents only
@@ -46,12 +45,17 @@ train runs/shapes/model configs.shapes || exit 0  # stage 1 not finished: run th
 if [ ! -f runs/shapes/stage1/config.json ]; then
   nextstep export runs/shapes/model runs/shapes/stage1 --dtype float16
 fi
-if ! ls data/shapes-ft/*.tar >/dev/null 2>&1; then
-  nextstep data synth-shapes data/shapes-ft --n 200000 --seed 1 --workers "$(nproc)"
-fi
+nextstep data synth-shapes data/shapes-ft --n 200000 --seed 1 --workers "$(nproc)"
 latents data/shapes-ft data/shapes-ft-latents
 train runs/shapes/model-stage2 configs.shapes_stage2 || exit 0
-nextstep export runs/shapes/model-stage2 "$OUT" --dtype float16 --max-shard-mb 8  # git-friendly files
+# Stage 3 starts from stage 2's fp16 export, on 300k fresh scenes.
+if [ ! -f runs/shapes/stage2/config.json ]; then
+  nextstep export runs/shapes/model-stage2 runs/shapes/stage2 --dtype float16
+fi
+nextstep data synth-shapes data/shapes-ft2 --n 300000 --seed 2 --workers "$(nproc)"
+latents data/shapes-ft2 data/shapes-ft2-latents
+train runs/shapes/model-stage3 configs.shapes_stage3 || exit 0
+nextstep export runs/shapes/model-stage3 "$OUT" --dtype float16 --max-shard-mb 8  # git-friendly files
 python3 - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path

@@ -12,7 +12,15 @@ from nextstep.train import config as C
 from nextstep.train.config import TrainConfig, apply_overrides, diff, from_dict, load_preset, to_dict
 from nextstep.train.loop import lr_factor, resolve_arch
 
-PRESETS = ["debug", "shapes", "shapes_stage2", "nextstep_1b", "nextstep_qwen14b_256px", "nextstep_qwen14b_512px"]
+PRESETS = [
+    "debug",
+    "shapes",
+    "shapes_stage2",
+    "shapes_stage3",
+    "nextstep_1b",
+    "nextstep_qwen14b_256px",
+    "nextstep_qwen14b_512px",
+]
 
 
 def test_overrides_set_nested_typed_values():
@@ -83,6 +91,18 @@ def test_shapes_stage2_changes_only_what_its_docstring_names():
     stage2 = load_preset("shapes_stage2")
     assert stage2.training.image_input_noise == 1.0 and stage2.model.path == "runs/shapes/stage1"
     assert load_preset("shapes").training.image_input_noise == 0.0  # stage 1 is untouched by the replace
+
+
+def test_shapes_stage3_changes_only_what_its_docstring_names():
+    changed = {line.split(":")[0] for line in diff(load_preset("shapes_stage2"), load_preset("shapes_stage3"))}
+    assert changed == {
+        "data.datasets", "model.path", "optim.decay_steps", "training.image_input_noise", "training.max_steps",
+        "training.output_dir", "training.save_steps",
+    }  # fmt: skip
+    stage3 = load_preset("shapes_stage3")
+    assert stage3.training.image_input_noise == 2.0 and stage3.model.path == "runs/shapes/stage2"
+    assert (stage3.training.max_steps, stage3.optim.decay_steps, stage3.data.batch_size) == (8369, 3056, 1024)
+    assert load_preset("shapes_stage2").training.image_input_noise == 1.0
 
 
 def _params(cfg: TrainConfig) -> int:
