@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from PIL import Image
 
-from nextstep.eval.shapes import GenerateFn
+from nextstep.eval.shapes import GenerateFn, Prompt, reference_fn
+from nextstep.model.vae import load_vae, pil_to_pixels, pixels_to_pil
 from nextstep.sampling.pipeline import Pipeline
 
 
@@ -32,8 +34,27 @@ def pipeline_generate_fn(model_dir: Path, *, seed: int = 0, edit_options: dict |
     return generate
 
 
+def vae_reference_fn(model_dir: Path, prompts: list[Prompt]) -> GenerateFn:
+    """Answer `prompts` (in call order) with their rendered reference scenes, encoded and decoded by
+    model_dir/vae: what the images of a model that always drew the right scene would look like."""
+    vae = load_vae(Path(model_dir) / "vae", dtype=torch.float32)
+    render = reference_fn(prompts)
+
+    def generate(items: list[tuple[str, Image.Image | None]]) -> list[Image.Image]:
+        pixels = torch.cat([pil_to_pixels(img) for img in render(items)])  # (B, 3, H, W) in [-1, 1]
+        with torch.no_grad():
+            decoded = vae.decode(vae.encode(pixels)).clamp(-1, 1)
+        return [pixels_to_pil(x) for x in decoded]
+
+    return generate
+
+
+def _shapes_fn(model_dir: Path, *, reference: list[Prompt] | None = None, **options) -> GenerateFn:
+    return pipeline_generate_fn(model_dir, **options) if reference is None else vae_reference_fn(model_dir, reference)
+
+
 def main_shapes(argv: list[str] | None = None) -> int:
-    """`nextstep eval shapes --model DIR [--split in|heldout] [--n N]`."""
+    """`nextstep eval shapes [--model DIR] [--split in|heldout] [--n N] [--ceiling]`."""
     from nextstep.eval.shapes import main
 
-    return main(argv, pipeline_generate_fn)
+    return main(argv, _shapes_fn)

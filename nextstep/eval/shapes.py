@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from nextstep.assets import builtin_model_dir
 from nextstep.data.synthetic import random_background, sample_edit
 from nextstep.eval.scenes import (
     COLORS,
@@ -481,14 +482,15 @@ def evaluate(
 
 
 def main(argv: list[str] | None, generate_fn_factory: Callable[..., GenerateFn]) -> int:
-    """`nextstep eval shapes --model DIR [--split in|heldout] [--n 50] [--seed 0] [--out DIR]`.
+    """`nextstep eval shapes [--model DIR] [--split in|heldout] [--n 50] [--seed 0] [--out DIR] [--ceiling]`.
 
     `generate_fn_factory(model_dir, **options)` loads the model and returns a GenerateFn (see `evaluate`);
-    options are the sampling overrides given (cfg, steps, edit_options={"cfg_img": ...}).
+    options are the sampling overrides given (cfg, steps, edit_options={"cfg_img": ...}), or with
+    `--ceiling` only reference=<the prompts>: answer with their reference scenes through DIR's VAE.
     Prints a one-line JSON summary; full results go to `--out` (default DIR/eval/shapes_<split>).
     """
     p = argparse.ArgumentParser(prog="nextstep eval shapes", description=__doc__.splitlines()[0])
-    p.add_argument("--model", type=Path, required=True, help="checkpoint directory")
+    p.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: the built-in model)")
     p.add_argument("--split", choices=("in", "heldout"), default="in", help="prompt distribution")
     p.add_argument("--n", type=int, default=50, help="prompts per category")
     p.add_argument("--seed", type=int, default=0, help="prompt set seed")
@@ -497,6 +499,12 @@ def main(argv: list[str] | None, generate_fn_factory: Callable[..., GenerateFn])
     p.add_argument("--cfg", type=float, default=None, help="text guidance scale (default: the model's)")
     p.add_argument("--steps", type=int, default=None, help="flow-matching head steps (default: the model's)")
     p.add_argument("--cfg-img", type=float, default=None, help="image guidance scale for edits")
+    p.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="score rendered ground truth passed through the model's VAE instead of samples: the best a model "
+        "on that VAE can score",
+    )
     args = p.parse_args(argv)
     if args.n < 1 or args.batch_size < 1:
         p.error(f"--n and --batch-size must be >= 1, got {args.n} and {args.batch_size}")
@@ -507,8 +515,19 @@ def main(argv: list[str] | None, generate_fn_factory: Callable[..., GenerateFn])
     options = {k: v for k, v in (("cfg", args.cfg), ("steps", args.steps)) if v is not None}
     if args.cfg_img is not None:
         options["edit_options"] = {"cfg_img": args.cfg_img}
-    out = args.out or args.model / "eval" / f"shapes_{args.split}"
+    if args.ceiling and options:
+        p.error("--ceiling samples nothing: it takes no --cfg, --steps or --cfg-img")
+    name = f"shapes_{args.split}" + ("_ceiling" if args.ceiling else "")
+    if args.model is None:  # the built-in model: results go under the working directory, not the package
+        args.model = builtin_model_dir()
+        if args.model is None:
+            p.error("this install has no built-in model: give --model DIR")
+        out = args.out or Path("eval") / args.model.name / name
+    else:
+        out = args.out or args.model / "eval" / name
     prompts = build_prompts(args.split, args.n, args.seed)
+    if args.ceiling:
+        options["reference"] = prompts
     results = evaluate(generate_fn_factory(args.model, **options), prompts, out, batch_size=args.batch_size)
     summary = {c: round(v["accuracy"], 4) for c, v in results["categories"].items()}
     print(json.dumps({"split": args.split, "overall": round(results["overall"], 4), **summary, "out": str(out)}))
