@@ -15,7 +15,7 @@ import logging
 import multiprocessing
 import random
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -23,6 +23,7 @@ from tqdm import tqdm
 from nextstep.data.format import Sample, ShardWriter
 from nextstep.eval.scenes import (
     COLORS,
+    INVERSE,
     REGION_PHRASES,
     REGIONS,
     RELATION_PHRASES,
@@ -50,6 +51,7 @@ KINDS = {"t2i": 0.7, "edit": 0.2, "interleaved": 0.1}  # sample kind -> probabil
 T2I_MODES = {"objects": 0.4, "count": 0.2, "position": 0.2, "relation": 0.2}  # what a caption stresses
 EDIT_OPS = ("recolor", "move", "add", "remove")
 P_NO_COLOR = 0.15  # captions that name shapes only, as GenEval's color-free prompts do
+P_GROUP_RELATION = 0.0  # relation captions with a counted group on one side ("two red circles above a star")
 P_SIZE = 0.3  # captions that name sizes (where a group shares one)
 P_BACKGROUND = 0.2  # captions that describe the background
 P_ADD_REGION = 0.5  # "add" instructions that say where
@@ -119,14 +121,17 @@ def _phrase(o: Obj, *, by_color: bool, by_size: bool) -> str:
     return noun_phrase(o.shape, color=o.color if by_color else None, size=o.size if by_size else None)
 
 
-def sample_t2i(rng: random.Random, *, p_no_color: float = P_NO_COLOR) -> tuple[Scene, str]:
+def sample_t2i(
+    rng: random.Random, *, p_no_color: float = P_NO_COLOR, p_group_relation: float = P_GROUP_RELATION
+) -> tuple[Scene, str]:
     """A scene and a caption that names every object truthfully (counts, regions, relations as chosen);
-    with probability `p_no_color` the caption names shapes only."""
+    with probability `p_no_color` the caption names shapes only, and with `p_group_relation` one side of a
+    relation is a counted group. At 0 the latter draws nothing, so older streams stay as they were."""
     mode = _pick(rng, T2I_MODES)
     by_color = rng.random() >= p_no_color
     by_size = rng.random() < P_SIZE
     while True:
-        regions, relations = None, []
+        regions, relations, group = None, [], None
         if mode == "objects":
             objs = [Obj(s, c, rng.choice(tuple(SIZES))) for c, s in rng.choices(TRAIN_PAIRS, k=rng.randint(1, 4))]
         elif mode == "count":
@@ -143,6 +148,13 @@ def sample_t2i(rng: random.Random, *, p_no_color: float = P_NO_COLOR) -> tuple[S
             if is_heldout_relation(objs[0].shape, rel, objs[1].shape):
                 continue
             relations = [(0, rel, 1)]
+            if p_group_relation and rng.random() < p_group_relation:
+                # One side becomes 2-3 copies, each the subject of a relation to the single object (place()
+                # takes one relation per subject): "a star above two circles" = each circle below the star.
+                side, count = rng.randrange(2), rng.randint(2, 3)
+                objs = objs[:2] + [replace(objs[side]) for _ in range(count - 1)]
+                group = (side, count)
+                relations = [(i, rel if side == 0 else INVERSE[rel], 1 - side) for i in [side, *range(2, count + 1)]]
         if place(objs, rng, regions=regions, relations=relations):
             break
     if mode == "position":
@@ -152,9 +164,15 @@ def sample_t2i(rng: random.Random, *, p_no_color: float = P_NO_COLOR) -> tuple[S
         ]
         text = join_phrases(parts)
     elif mode == "relation":
-        a, b = (_phrase(o, by_color=by_color, by_size=by_size) for o in objs[:2])
-        text = f"{a} {rng.choice(RELATION_PHRASES[relations[0][1]])} {b}"
-        if len(objs) == 3:
+        sides = [_phrase(o, by_color=by_color, by_size=by_size) for o in objs[:2]]
+        if group is not None:
+            side, count = group
+            o = objs[side]
+            sides[side] = noun_phrase(
+                o.shape, color=o.color if by_color else None, size=o.size if by_size else None, count=count
+            )
+        text = f"{sides[0]} {rng.choice(RELATION_PHRASES[rel])} {sides[1]}"
+        if group is None and len(objs) == 3:
             text += f" and {_phrase(objs[2], by_color=by_color, by_size=by_size)}"
     else:
         text = join_phrases(_group_phrases(objs, by_color=by_color, by_size=by_size))
@@ -205,19 +223,26 @@ def sample_edit(
     raise RuntimeError(f"no feasible edit among {ops} for scene {source}")
 
 
-def make_sample(index: int, *, seed: int, size: int = 128, p_no_color: float = P_NO_COLOR) -> Sample:
+def make_sample(
+    index: int,
+    *,
+    seed: int,
+    size: int = 128,
+    p_no_color: float = P_NO_COLOR,
+    p_group_relation: float = P_GROUP_RELATION,
+) -> Sample:
     """Sample `index` of the stream `seed`; its meta holds the ground truth of every image."""
     rng = sample_rng(seed, index)
     kind = _pick(rng, KINDS)
     edit = None
     if kind == "t2i":
-        scene, text = sample_t2i(rng, p_no_color=p_no_color)
+        scene, text = sample_t2i(rng, p_no_color=p_no_color, p_group_relation=p_group_relation)
         scenes, caption = [scene], f"{text}<image_0>"
     elif kind == "edit":
         src, edit, dst = sample_edit(rng)
         scenes, caption = [src, dst], f"<image_0>{edit_text(edit, rng.randrange(3))}<image_1>"
     else:
-        scene, text = sample_t2i(rng, p_no_color=p_no_color)
+        scene, text = sample_t2i(rng, p_no_color=p_no_color, p_group_relation=p_group_relation)
         edited = None
         if rng.random() >= 0.5:
             try:
@@ -225,7 +250,7 @@ def make_sample(index: int, *, seed: int, size: int = 128, p_no_color: float = P
             except RuntimeError:  # e.g. four objects in two repeated pairs: nothing uniquely nameable
                 edited = None
         if edited is None:
-            other, text2 = sample_t2i(rng, p_no_color=p_no_color)
+            other, text2 = sample_t2i(rng, p_no_color=p_no_color, p_group_relation=p_group_relation)
             scenes, caption = [scene, other], f"{text}<image_0>{rng.choice(SCENE_LINKS)}{text2}<image_1>"
         else:
             _, edit, dst = edited
@@ -235,17 +260,18 @@ def make_sample(index: int, *, seed: int, size: int = 128, p_no_color: float = P
                 f"{text}<image_0>{link}{edit_text(edit, rng.randrange(3))}<image_1>",
             )
     meta = {"kind": kind, "split": "train", "seed": seed, "index": index, "size": size, "p_no_color": p_no_color}
+    meta["p_group_relation"] = p_group_relation
     meta["scenes"] = [s.to_json(size) for s in scenes]
     if edit is not None:
         meta["edit"] = asdict(edit)
     return Sample(f"shapes{index:010d}", caption, [render(s, size=size) for s in scenes], meta)
 
 
-def _write_shard(task: tuple[int, int, int, int, int, float, str, str]) -> Path:
-    shard, start, stop, seed, size, p_no_color, out_dir, prefix = task
+def _write_shard(task: tuple[int, int, int, int, int, float, float, str, str]) -> Path:
+    shard, start, stop, seed, size, p_no_color, p_group_relation, out_dir, prefix = task
     with ShardWriter(out_dir, prefix=prefix, max_count=stop - start, start_index=shard) as writer:
         for i in range(start, stop):
-            writer.write(make_sample(i, seed=seed, size=size, p_no_color=p_no_color))
+            writer.write(make_sample(i, seed=seed, size=size, p_no_color=p_no_color, p_group_relation=p_group_relation))
     return writer.paths[0]
 
 
@@ -293,6 +319,7 @@ def write_synthetic(
     shard_size: int = 1000,
     prefix: str = "shapes",
     p_no_color: float = P_NO_COLOR,
+    p_group_relation: float = P_GROUP_RELATION,
     progress: bool = False,
 ) -> list[Path]:
     """Write samples 0..n-1 of stream `seed` as `out_dir/{prefix}-{k:06d}.tar`, one process per shard
@@ -303,15 +330,16 @@ def write_synthetic(
     for name, value in (("n", n), ("workers", workers), ("size", size), ("shard_size", shard_size)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
-    if not 0 <= p_no_color <= 1:
-        raise ValueError(f"p_no_color must be in [0, 1], got {p_no_color}")
+    for name, value in (("p_no_color", p_no_color), ("p_group_relation", p_group_relation)):
+        if not 0 <= value <= 1:
+            raise ValueError(f"{name} must be in [0, 1], got {value}")
     out_dir = Path(out_dir)
     tasks = [
-        (k, start, min(n, start + shard_size), seed, size, p_no_color, str(out_dir), prefix)
+        (k, start, min(n, start + shard_size), seed, size, p_no_color, p_group_relation, str(out_dir), prefix)
         for k, start in enumerate(range(0, n, shard_size))
     ]
     manifest = {"n": n, "seed": seed, "size": size, "shard_size": shard_size, "prefix": prefix}
-    manifest["p_no_color"] = p_no_color
+    manifest.update(p_no_color=p_no_color, p_group_relation=p_group_relation)
     keep = _reusable(out_dir, manifest, tasks)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(f".{prefix}-*.tar.tmp*"):  # left by an interrupted run
@@ -337,7 +365,8 @@ def write_synthetic(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`nextstep data synth-shapes OUT --n N --seed S [--workers W --size 128 --shard-size 1000 --p-no-color P]`."""
+    """`nextstep data synth-shapes OUT --n N --seed S [--workers W --size 128 --shard-size 1000 --p-no-color P
+    --p-group-relation P]`."""
     p = argparse.ArgumentParser(prog="nextstep data synth-shapes", description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path, help="output directory for the tar shards")
     p.add_argument("--n", type=int, required=True, help="number of samples")
@@ -352,6 +381,13 @@ def main(argv: list[str] | None = None) -> int:
         default=P_NO_COLOR,
         help=f"share of scene captions that name shapes only, no colors (default {P_NO_COLOR})",
     )
+    p.add_argument(
+        "--p-group-relation",
+        type=float,
+        default=P_GROUP_RELATION,
+        help="share of relation captions with a counted group on one side, e.g. 'two red circles above a blue "
+        f"star' (default {P_GROUP_RELATION})",
+    )
     args = p.parse_args(argv)
     try:
         paths = write_synthetic(
@@ -363,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
             shard_size=args.shard_size,
             prefix=args.prefix,
             p_no_color=args.p_no_color,
+            p_group_relation=args.p_group_relation,
             progress=True,
         )
     except ValueError as e:

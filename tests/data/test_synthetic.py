@@ -16,6 +16,7 @@ from nextstep.eval.scenes import (
     RELATION_PHRASES,
     SHAPES,
     Scene,
+    relation_holds,
     render,
 )
 
@@ -145,6 +146,46 @@ def test_p_no_color_sets_the_share_of_color_free_captions():
     assert len(never) == len(always) == len(half)
     with pytest.raises(ValueError, match="p_no_color must be in \\[0, 1\\], got 1.5"):
         write_synthetic(Path("unused"), n=1, seed=0, p_no_color=1.5)
+
+
+def _group_relation(sample):
+    """(first determiner, relation, second determiner) of a text-to-image caption "DET ... REL DET ...",
+    or None."""
+    words = "|".join([*COLORS, "small", "large"])
+    phrases = {p: r for r, ps in RELATION_PHRASES.items() for p in ps}
+    noun = rf"(a|an|two|three) (?:(?:{words}) )*[a-z]+"
+    prefix = r"(?:a picture of |an image of |a drawing of |a simple scene with )?"
+    rel = "|".join(phrases)
+    m = re.fullmatch(rf"{prefix}{noun} ({rel}) {noun}(?: on a [a-z ]+)?<image_0>", sample.caption)
+    if sample.meta["kind"] != "t2i" or m is None:
+        return None
+    return m.group(1), phrases[m.group(2)], m.group(3)
+
+
+def test_group_relations_are_drawn_as_captioned():
+    """--p-group-relation: "two red circles above a blue star" means every circle is above the star."""
+    counts = {"two": 2, "three": 3}
+    groups = 0
+    for i in range(400):
+        plain = _group_relation(make_sample(i, seed=8))
+        assert plain is None or not {plain[0], plain[2]} & set(counts)  # the default stream has none
+        sample = make_sample(i, seed=8, p_group_relation=1.0)
+        found = _group_relation(sample)
+        if found is None:
+            continue
+        first, relation, second = found
+        assert (first in counts) != (second in counts), sample.caption  # exactly one side is a group
+        groups += 1
+        objs = sample.meta["scenes"][0]["objects"]
+        assert len(objs) == counts.get(first, 1) + counts.get(second, 1), sample.caption
+        keys = [(o["shape"], o["color"]) for o in objs]
+        single = next(o for o, k in zip(objs, keys, strict=True) if keys.count(k) == 1)
+        for o in objs:
+            if o is single:
+                continue
+            a, b = (o["cx"], o["cy"]), (single["cx"], single["cy"])
+            assert relation_holds(*((a, b) if first in counts else (b, a)), relation, strict=True), sample.caption
+    assert groups > 20
 
 
 def test_main_writes_shards(tmp_path):
