@@ -1,7 +1,7 @@
 """Stage 1 of the built-in model: a tiny NextStep (~8M parameters in backbone + head) for 128x128 synthetic
 shape scenes, 8x8 = 64 image tokens with an 8x VAE and 2x2 patches. Tokenizer and VAE are our own, trained
-on the same data first; stages 2 and 3 (configs.shapes_stage2, configs.shapes_stage3) fine-tune this model
-with noise on its image context. scripts/train_builtin.sh runs the whole recipe:
+on the same data first; stage 2 (configs.shapes_stage2, shipped) and stage 3 (configs.shapes_stage3, not
+yet) fine-tune this model with noise on its image context. scripts/train_builtin.sh runs the whole recipe:
 
     nextstep data synth-shapes data/shapes --n 400000 --seed 0 --workers 16
     nextstep data train-tokenizer data/shapes runs/shapes/tokenizer --vocab-size 1024
