@@ -11,7 +11,7 @@ import io
 import json
 import random
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -26,7 +26,9 @@ from nextstep.eval.scenes import (
     HELDOUT_PAIRS,
     HELDOUT_RELATIONS,
     INVERSE,
+    NUMBERS,
     POLYGONS,
+    REGION_PHRASES,
     RELATION_PHRASES,
     RELATIONS,
     SHAPES,
@@ -42,6 +44,7 @@ from nextstep.eval.scenes import (
     is_heldout_relation,
     noun_phrase,
     place,
+    plural,
     relation_holds,
     render,
 )
@@ -380,6 +383,55 @@ def _build(category: str, rng: random.Random, heldout: bool) -> Prompt:
     return Prompt(category, edit_text(edit), source=src.to_json(128), edit=asdict(edit))
 
 
+MAX_PROMPT_OBJECTS = 8  # a 128 px scene holds four objects comfortably; more cannot be drawn apart
+
+
+def _noun_wants(phrase: str, text: str) -> list[Want]:
+    """ "two small red circles" -> two Wants (sizes are read but not scored, as in the categories)."""
+    words = phrase.split()
+    counts = {word: k for k, word in NUMBERS.items()} | {"an": 1, "one": 1}
+    if len(words) < 2 or words[0] not in counts:
+        raise ValueError(f"cannot read {phrase!r} in prompt {text!r}: a phrase starts with a, an or a number")
+    count, rest = counts[words[0]], words[1:]
+    if rest[0] in SIZES:
+        rest = rest[1:]
+    color = rest[0] if len(rest) == 2 and rest[0] in COLORS else None
+    noun = rest[-1] if len(rest) == 1 + (color is not None) else None
+    shapes = {(plural(sh) if count > 1 else sh): sh for sh in SHAPES}
+    if noun not in shapes:
+        raise ValueError(
+            f"cannot read {phrase!r} in prompt {text!r}: expected [size] [color] shape, with colors "
+            f"{', '.join(COLORS)} and shapes {', '.join(SHAPES)} (plural after a number above one)"
+        )
+    return [Want(shapes[noun], color) for _ in range(count)]
+
+
+def parse_prompt(text: str) -> Prompt:
+    """A Prompt (category "prompt") from a shapes-domain description, scored like the eval's own:
+    noun phrases joined by commas or "and", each optionally followed by a region ("a red circle on the
+    left"), or two phrases joined by a relation ("two red circles above a blue star": every circle above the
+    star). ValueError naming the part it cannot read."""
+    clean = " ".join(text.lower().strip().rstrip(".").split())
+    relations: list[tuple[int, str, int]] = []
+    phrases = sorted(((ph, rel) for rel, ps in RELATION_PHRASES.items() for ph in ps), key=lambda x: -len(x[0]))
+    hit = next(((ph, rel) for ph, rel in phrases if f" {ph} " in clean), None)
+    if hit is not None:
+        left, right = clean.split(f" {hit[0]} ", 1)
+        a, b = _noun_wants(left, text), _noun_wants(right, text)
+        wants = a + b
+        relations = [(i, hit[1], len(a) + j) for i in range(len(a)) for j in range(len(b))]
+    else:
+        wants = []
+        for part in clean.replace(" and ", ", ").split(", "):
+            region = next((r for r, ph in REGION_PHRASES.items() if part.endswith(f" {ph}")), None)
+            if region is not None:
+                part = part[: -len(REGION_PHRASES[region]) - 1]
+            wants += [replace(w, region=region) for w in _noun_wants(part, text)]
+    if len(wants) > MAX_PROMPT_OBJECTS:
+        raise ValueError(f"prompt {text!r} asks for {len(wants)} objects, at most {MAX_PROMPT_OBJECTS}")
+    return Prompt("prompt", text, wants, relations)
+
+
 def build_prompts(split: str, n: int, seed: int = 0) -> list[Prompt]:
     """`n` prompts per category of CATEGORIES, grouped by category. split "in" draws from the training
     distribution; "heldout" makes every prompt use a held-out color-shape pair or relation."""
@@ -482,7 +534,8 @@ def evaluate(
 
 
 def main(argv: list[str] | None, generate_fn_factory: Callable[..., GenerateFn]) -> int:
-    """`nextstep eval shapes [--model DIR] [--split in|heldout] [--n 50] [--seed 0] [--out DIR] [--ceiling]`.
+    """`nextstep eval shapes [--model DIR] [--split in|heldout] [--n 50] [--seed 0] [--out DIR] [--ceiling]
+    [--prompt TEXT]`.
 
     `generate_fn_factory(model_dir, **options)` loads the model and returns a GenerateFn (see `evaluate`);
     options are the sampling overrides given (cfg, steps, edit_options={"cfg_img": ...}), or with
@@ -505,6 +558,12 @@ def main(argv: list[str] | None, generate_fn_factory: Callable[..., GenerateFn])
         help="score rendered ground truth passed through the model's VAE instead of samples: the best a model "
         "on that VAE can score",
     )
+    p.add_argument(
+        "--prompt",
+        default=None,
+        help="score --n samples (one batch, at most 64) of this prompt instead of the prompt set, e.g. "
+        "'two red circles above a blue star'",
+    )
     args = p.parse_args(argv)
     if args.n < 1 or args.batch_size < 1:
         p.error(f"--n and --batch-size must be >= 1, got {args.n} and {args.batch_size}")
@@ -517,7 +576,19 @@ def main(argv: list[str] | None, generate_fn_factory: Callable[..., GenerateFn])
         options["edit_options"] = {"cfg_img": args.cfg_img}
     if args.ceiling and options:
         p.error("--ceiling samples nothing: it takes no --cfg, --steps or --cfg-img")
-    name = f"shapes_{args.split}" + ("_ceiling" if args.ceiling else "")
+    if args.prompt is not None:
+        if args.ceiling:
+            p.error("--prompt scores samples; --ceiling is for the prompt sets")
+        if args.n > 64:
+            p.error(f"--prompt takes --n <= 64 (one batch, so that every sample has its own noise), got {args.n}")
+        try:
+            prompts = [parse_prompt(args.prompt)] * args.n
+        except ValueError as e:
+            p.error(str(e))
+        args.batch_size = args.n
+    else:
+        prompts = build_prompts(args.split, args.n, args.seed)
+    name = "shapes_prompt" if args.prompt is not None else f"shapes_{args.split}" + ("_ceiling" if args.ceiling else "")
     if args.model is None:  # the built-in model: results go under the working directory, not the package
         args.model = builtin_model_dir()
         if args.model is None:
@@ -525,10 +596,13 @@ def main(argv: list[str] | None, generate_fn_factory: Callable[..., GenerateFn])
         out = args.out or Path("eval") / args.model.name / name
     else:
         out = args.out or args.model / "eval" / name
-    prompts = build_prompts(args.split, args.n, args.seed)
     if args.ceiling:
         options["reference"] = prompts
     results = evaluate(generate_fn_factory(args.model, **options), prompts, out, batch_size=args.batch_size)
+    if args.prompt is not None:
+        correct = sum(r["correct"] for r in results["samples"])
+        print(json.dumps({"prompt": args.prompt, "correct": correct, "n": args.n, "out": str(out)}))
+        return 0
     summary = {c: round(v["accuracy"], 4) for c, v in results["categories"].items()}
     print(json.dumps({"split": args.split, "overall": round(results["overall"], 4), **summary, "out": str(out)}))
     return 0

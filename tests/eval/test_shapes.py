@@ -249,3 +249,63 @@ def test_default_model_is_the_builtin_one_and_results_stay_out_of_the_package(tm
     assert seen == [builtin_model_dir()]
     assert (tmp_path / "eval" / "nextstep-shapes" / "shapes_in" / "results.json").is_file()
     assert not (builtin_model_dir() / "eval").exists()
+
+
+def test_parse_prompt_reads_counts_colors_regions_and_group_relations():
+    from nextstep.eval.shapes import parse_prompt
+
+    p = parse_prompt("Two red circles above a blue star.")
+    assert [(w.shape, w.color) for w in p.objects] == [("circle", "red"), ("circle", "red"), ("star", "blue")]
+    assert p.relations == [(0, "above", 2), (1, "above", 2)]
+    p = parse_prompt("a small green heart on the left, three stars and an orange hexagon")
+    assert [(w.shape, w.color, w.region) for w in p.objects] == [
+        ("heart", "green", "left"),
+        *[("star", None, None)] * 3,
+        ("hexagon", "orange", None),
+    ]
+    assert parse_prompt("a ring to the left of two crosses").relations == [(0, "left of", 1), (0, "left of", 2)]
+    for bad, part in [
+        ("two red circle above a star", "two red circle"),
+        ("a purple dragon", "a purple dragon"),
+        ("red circles", "red circles"),
+        ("a circle above a star and a ring", "a star and a ring"),
+    ]:
+        with pytest.raises(ValueError, match=f"cannot read '{part}'"):
+            parse_prompt(bad)
+    with pytest.raises(ValueError, match="asks for 12 objects"):
+        parse_prompt("four circles, four stars and four rings")
+
+
+def test_prompt_option_scores_one_batch_of_the_prompt(tmp_path, capsys):
+    """A drawing of the wanted scene passes and one with a circle below the star fails, by the same rules
+    as the prompt sets; all --n samples come from one generate call."""
+    from nextstep.eval.shapes import random_background
+
+    def scene(circle_y, star_y):
+        objs = [Obj("circle", "red", "small", 0.25, circle_y), Obj("circle", "red", "small", 0.75, circle_y)]
+        objs.append(Obj("star", "blue", "small", 0.5, star_y))
+        return render(Scene(objs, random_background(random.Random(0))))
+
+    calls = []
+
+    def factory(model_dir):
+        def generate(items):
+            calls.append(len(items))
+            assert {text for text, _ in items} == {"two red circles above a blue star"}
+            return [scene(0.2, 0.75), scene(0.25, 0.8), scene(0.8, 0.3)]
+
+        return generate
+
+    argv = ["--model", str(tmp_path), "--prompt", "two red circles above a blue star", "--n", "3"]
+    assert main(argv, factory) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["correct"], summary["n"], calls) == (2, 3, [3])
+    for bad in (
+        ["--prompt", "a purple dragon"],
+        ["--prompt", "a circle", "--n", "65"],
+        ["--prompt", "a circle", "--ceiling"],
+    ):
+        with pytest.raises(SystemExit):
+            main(["--model", str(tmp_path), *bad], factory)
+    err = capsys.readouterr().err
+    assert "cannot read 'a purple dragon'" in err and "--n <= 64" in err and "--ceiling is for" in err
