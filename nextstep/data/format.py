@@ -270,6 +270,11 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def shard_path(out_dir: str | Path, prefix: str, index: int) -> Path:
+    """Where ShardWriter publishes shard number `index`: OUT/{prefix}-{index:06d}.tar."""
+    return Path(out_dir) / f"{prefix}-{index:06d}.tar"
+
+
 class ShardWriter:
     """Write samples into `out_dir/{prefix}-{index:06d}.tar`, at most `max_count` per shard.
 
@@ -312,7 +317,7 @@ class ShardWriter:
 
     def shard_path(self, index: int) -> Path:
         """Final path of shard number `index`."""
-        return self.out_dir / f"{self.prefix}-{index:06d}.tar"
+        return shard_path(self.out_dir, self.prefix, index)
 
     def write(self, sample: Sample) -> None:
         """Validate and append one sample, opening a new shard when the current one is full."""

@@ -10,6 +10,7 @@ Held-out color-shape pairs and relations (`nextstep.eval.scenes.HELDOUT_*`) neve
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import multiprocessing
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from nextstep.data.format import Sample, ShardWriter
+from nextstep.data.format import Sample, ShardWriter, shard_path
 from nextstep.eval.scenes import (
     COLORS,
     INVERSE,
@@ -117,8 +118,8 @@ def _group_phrases(objs: list[Obj], *, by_color: bool, by_size: bool) -> list[st
     return phrases
 
 
-def _phrase(o: Obj, *, by_color: bool, by_size: bool) -> str:
-    return noun_phrase(o.shape, color=o.color if by_color else None, size=o.size if by_size else None)
+def _phrase(o: Obj, *, by_color: bool, by_size: bool, count: int = 1) -> str:
+    return noun_phrase(o.shape, color=o.color if by_color else None, size=o.size if by_size else None, count=count)
 
 
 def sample_t2i(
@@ -167,10 +168,7 @@ def sample_t2i(
         sides = [_phrase(o, by_color=by_color, by_size=by_size) for o in objs[:2]]
         if group is not None:
             side, count = group
-            o = objs[side]
-            sides[side] = noun_phrase(
-                o.shape, color=o.color if by_color else None, size=o.size if by_size else None, count=count
-            )
+            sides[side] = _phrase(objs[side], by_color=by_color, by_size=by_size, count=count)
         text = f"{sides[0]} {rng.choice(RELATION_PHRASES[rel])} {sides[1]}"
         if group is None and len(objs) == 3:
             text += f" and {_phrase(objs[2], by_color=by_color, by_size=by_size)}"
@@ -267,12 +265,12 @@ def make_sample(
     return Sample(f"shapes{index:010d}", caption, [render(s, size=size) for s in scenes], meta)
 
 
-def _write_shard(task: tuple[int, int, int, int, int, float, float, str, str]) -> Path:
-    shard, start, stop, seed, size, p_no_color, p_group_relation, out_dir, prefix = task
+def _write_shard(task: tuple[int, int, int], *, out_dir: str, prefix: str, **settings) -> None:
+    """Write shard `task` = (index, first sample, end sample); `settings` go to make_sample."""
+    shard, start, stop = task
     with ShardWriter(out_dir, prefix=prefix, max_count=stop - start, start_index=shard) as writer:
         for i in range(start, stop):
-            writer.write(make_sample(i, seed=seed, size=size, p_no_color=p_no_color, p_group_relation=p_group_relation))
-    return writer.paths[0]
+            writer.write(make_sample(i, **settings))
 
 
 MANIFEST = "synth-shapes.json"  # in the output directory: what its shards were made with
@@ -281,7 +279,7 @@ MANIFEST = "synth-shapes.json"  # in the output directory: what its shards were 
 def _reusable(out_dir: Path, manifest: dict, tasks: list[tuple]) -> set[int]:
     """Shards of an earlier run into `out_dir` that this one may keep: same manifest (n aside), file
     present (shards are published by rename, so a present one is complete) and the same sample range.
-    A different seed, size, shard size, prefix or p_no_color, or a smaller n, is an error, never a silent mix."""
+    Any other setting, or a smaller n, is an error, never a silent mix."""
     path = out_dir / MANIFEST
     if not path.exists():
         return set()
@@ -302,9 +300,9 @@ def _reusable(out_dir: Path, manifest: dict, tasks: list[tuple]) -> set[int]:
             "beyond it in place; use another directory"
         )
     keep = set()
-    for shard, start, stop, *_ in tasks:
+    for shard, start, stop in tasks:
         done = min(old_n, start + manifest["shard_size"]) == stop  # the earlier run wrote this whole range
-        if done and (out_dir / f"{manifest['prefix']}-{shard:06d}.tar").exists():
+        if done and shard_path(out_dir, manifest["prefix"], shard).exists():
             keep.add(shard)
     return keep
 
@@ -334,34 +332,32 @@ def write_synthetic(
         if not 0 <= value <= 1:
             raise ValueError(f"{name} must be in [0, 1], got {value}")
     out_dir = Path(out_dir)
-    tasks = [
-        (k, start, min(n, start + shard_size), seed, size, p_no_color, p_group_relation, str(out_dir), prefix)
-        for k, start in enumerate(range(0, n, shard_size))
-    ]
-    manifest = {"n": n, "seed": seed, "size": size, "shard_size": shard_size, "prefix": prefix}
-    manifest.update(p_no_color=p_no_color, p_group_relation=p_group_relation)
+    tasks = [(k, start, min(n, start + shard_size)) for k, start in enumerate(range(0, n, shard_size))]
+    settings = {"seed": seed, "size": size, "p_no_color": p_no_color, "p_group_relation": p_group_relation}
+    manifest = {"n": n, "shard_size": shard_size, "prefix": prefix, **settings}
     keep = _reusable(out_dir, manifest, tasks)
+    write = functools.partial(_write_shard, out_dir=str(out_dir), prefix=prefix, **settings)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(f".{prefix}-*.tar.tmp*"):  # left by an interrupted run
         stale.unlink()
     todo = [t for t in tasks if t[0] not in keep]
     for task in todo:  # e.g. the short last shard of a smaller n: every shard on disk must fit the manifest
-        (out_dir / f"{prefix}-{task[0]:06d}.tar").unlink(missing_ok=True)
+        shard_path(out_dir, prefix, task[0]).unlink(missing_ok=True)
     write_json(out_dir / MANIFEST, manifest)
     if keep:
         log.info("%s: keeping %d of %d shards from an earlier run", out_dir, len(keep), len(tasks))
     bar = tqdm(total=n, initial=n - sum(t[2] - t[1] for t in todo), unit="sample", disable=not progress)
     if workers == 1 or len(todo) < 2:
         for task in todo:
-            _write_shard(task)
+            write(task)
             bar.update(task[2] - task[1])
     else:
         # spawn: safe even when the parent already runs threads (torch), and the same on every OS.
         with multiprocessing.get_context("spawn").Pool(min(workers, len(todo))) as pool:
-            for task, _ in zip(todo, pool.imap(_write_shard, todo), strict=True):
+            for task, _ in zip(todo, pool.imap(write, todo), strict=True):
                 bar.update(task[2] - task[1])
     bar.close()
-    return [out_dir / f"{prefix}-{t[0]:06d}.tar" for t in tasks]
+    return [shard_path(out_dir, prefix, t[0]) for t in tasks]
 
 
 def main(argv: list[str] | None = None) -> int:

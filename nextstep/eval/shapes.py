@@ -540,7 +540,8 @@ def main(argv: list[str] | None, generate_fn_factory: Callable[..., GenerateFn])
     `generate_fn_factory(model_dir, **options)` loads the model and returns a GenerateFn (see `evaluate`);
     options are the sampling overrides given (cfg, steps, edit_options={"cfg_img": ...}), or with
     `--ceiling` only reference=<the prompts>: answer with their reference scenes through DIR's VAE.
-    Prints a one-line JSON summary; full results go to `--out` (default DIR/eval/shapes_<split>).
+    Prints a one-line JSON summary; full results go to `--out` (default DIR/eval/shapes_<split>, or
+    ./eval/nextstep-shapes/... for the built-in model).
     """
     p = argparse.ArgumentParser(prog="nextstep eval shapes", description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: the built-in model)")
