@@ -119,10 +119,11 @@ def set_trainable(model: nn.Module, prefixes: list[str]) -> None:
     """Freeze everything outside `prefixes` ([] keeps all trainable)."""
     if not prefixes:
         return
-    names = [n for n, _ in model.named_children()]
+    params = [n for n, _ in model.named_parameters()]
     for p in prefixes:
-        if not any(p == n or p.startswith(n + ".") for n in names):
-            raise ValueError(f"training.train_modules entry {p!r} names no module (top level: {names})")
+        if not any(n == p or n.startswith(p + ".") for n in params):
+            top = [n for n, _ in model.named_children()]
+            raise ValueError(f"training.train_modules entry {p!r} names no module or parameter (top level: {top})")
     for name, p in model.named_parameters():
         p.requires_grad = any(name == m or name.startswith(m + ".") for m in prefixes)
 

@@ -57,6 +57,21 @@ def test_train_modules_freeze_the_rest_and_module_lr_groups(tmp_path):
     assert not model.embed_tokens.weight.requires_grad and model.image_head.net.parameters().__next__().requires_grad
     with pytest.raises(ValueError, match="names no module"):
         loop.set_trainable(model, ["image_heads"])
+    with pytest.raises(ValueError, match="'layers.0.self_atn' names no module"):  # below the top level too
+        loop.set_trainable(model, ["layers.0.self_atn"])
+    loop.set_trainable(model, ["layers.0.self_attn", "norm.weight"])  # sub-modules and single parameters
+    trained = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trained == [
+        "layers.0.self_attn.k_proj.bias",
+        "layers.0.self_attn.k_proj.weight",
+        "layers.0.self_attn.o_proj.weight",
+        "layers.0.self_attn.q_proj.bias",
+        "layers.0.self_attn.q_proj.weight",
+        "layers.0.self_attn.v_proj.bias",
+        "layers.0.self_attn.v_proj.weight",
+        "norm.weight",
+    ]
+    loop.set_trainable(model, cfg.training.train_modules)
     with pytest.raises(ValueError, match="match no trainable parameter"):
         loop.build_optimizer(model, apply_overrides(cfg, ['optim.module_lr={"layers": 2}']))
 
