@@ -1,7 +1,8 @@
 """Where the official-format reference checkpoints live, and which layout each one has.
 
-Both shipped references are found next to the repo (../shared/reference); NEXTSTEP_REFERENCE may name
-one more directory of either layout. The layout is read from the files a directory holds.
+Both shipped references are found next to the repo (../shared/reference) or under
+NEXTSTEP_REFERENCE_ROOT; NEXTSTEP_REFERENCE may name one more directory of either layout. Every test
+finds them through ROOT. The layout is read from the files a directory holds.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+ROOT = Path(
+    os.environ.get("NEXTSTEP_REFERENCE_ROOT", Path(__file__).resolve().parents[1].parent / "shared" / "reference")
+)
 
 
 def reference_dirs() -> list[Path]:

@@ -27,6 +27,7 @@ from nextstep.model.vae import (
     pixels_to_uint8,
     save_vae,
 )
+from tests.refs import ROOT
 
 REPO = Path(__file__).resolve().parents[2]
 STAGE_ATOL = 1e-5
@@ -35,8 +36,7 @@ END_TO_END_ATOL = 5e-5
 
 def reference_dirs() -> list[Path]:
     """The tiny reference checkpoints, plus the folder named by NEXTSTEP_REFERENCE if set."""
-    root = Path(os.environ.get("NEXTSTEP_REFERENCE_ROOT", REPO.parent / "shared" / "reference"))
-    dirs = [root / "nextstep-tiny", root / "nextstep11-tiny"]
+    dirs = [ROOT / "nextstep-tiny", ROOT / "nextstep11-tiny"]
     if os.environ.get("NEXTSTEP_REFERENCE"):
         dirs.append(Path(os.environ["NEXTSTEP_REFERENCE"]))
     return dirs

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -22,8 +19,9 @@ from nextstep.sampling.engine import (
 )
 from nextstep.sampling.flow import FlowSettings, sample_token
 from nextstep.sampling.pipeline import GenerateOptions, Pipeline
+from tests.refs import ROOT
 
-REFERENCE = Path(os.environ.get("NEXTSTEP_REFERENCE", Path(__file__).resolve().parents[2].parent / "shared/reference"))
+REFERENCE = ROOT
 FAMILIES = {"nextstep11": "nextstep11-tiny", "nextstep1": "nextstep-tiny"}
 _PIPES: dict[tuple[str, str], Pipeline] = {}
 

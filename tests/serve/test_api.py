@@ -26,8 +26,9 @@ from nextstep.assets import builtin_model_dir  # noqa: E402
 from nextstep.sampling.pipeline import Pipeline  # noqa: E402
 from nextstep.serve.api import ServeConfig, build_app, main_serve  # noqa: E402
 from nextstep.serve.batching import Batcher, BatchKey, Job, QueueFull, run_batch  # noqa: E402
+from tests.refs import ROOT  # noqa: E402
 
-REFERENCE = Path(__file__).resolve().parents[2].parent / "shared/reference/nextstep11-tiny"
+REFERENCE = ROOT / "nextstep11-tiny"
 SMALL = {"size": "32x32", "steps": 2}
 
 

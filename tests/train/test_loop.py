@@ -30,8 +30,9 @@ from nextstep.train.config import (
     apply_overrides,
 )
 from nextstep.train.export import export
+from tests.refs import ROOT
 
-TINY = Path(__file__).parents[2].parent / "shared/reference/nextstep11-tiny"
+TINY = ROOT / "nextstep11-tiny"
 ARCH = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, fm_head_dim=32)
 CAPTIONS = ["a red cat <image_0>", "a big dog <image_0>", "a red dog <image_0>", "a big cat <image_0>"]
 

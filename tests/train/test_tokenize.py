@@ -1,7 +1,6 @@
 """Sequence layout (official image blocks, labels) and batching (padding, packing masks/positions)."""
 
 import pickle
-from pathlib import Path
 
 import torch
 
@@ -10,8 +9,9 @@ from nextstep.model.checkpoint import build_model
 from nextstep.model.config import NextStepConfig
 from nextstep.model.tokenizer import EOS, IMAGE_AREA, TextTokenizer
 from nextstep.train.tokenize import IGNORE, SequenceBuilder, collate, special_ids
+from tests.refs import ROOT
 
-TINY = Path(__file__).parents[2].parent / "shared/reference/nextstep11-tiny"
+TINY = ROOT / "nextstep11-tiny"
 TOK = TextTokenizer(TINY)
 IDS = special_ids(TOK, 405, 406, 407, 401)
 
