@@ -52,7 +52,7 @@ if triton is not None:
         b_ptr,  # (N,) linear bias
         out_ptr,  # (R, N)
         R,
-        K,
+        K: tl.constexpr,  # loop bound: the interpreter needs an int (NumPy >= 2.5); the head has 2-3 widths
         N,
         eps,
         HAS_AFFINE: tl.constexpr,
@@ -104,7 +104,7 @@ if triton is not None:
         res_ptr,  # (R, N) residual h
         out_ptr,  # (R, N)
         R,
-        K,
+        K: tl.constexpr,  # as in _modulated_linear
         N,
         BLOCK_R: tl.constexpr,
         BLOCK_N: tl.constexpr,

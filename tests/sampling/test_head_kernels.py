@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.refs import ROOT
+
 triton = pytest.importorskip("triton")
 
-REFERENCE = Path(os.environ.get("NEXTSTEP_REFERENCE", Path(__file__).resolve().parents[2].parent / "shared/reference"))
+REFERENCE = ROOT
 
 INTERPRETED = r"""
 import sys, torch
