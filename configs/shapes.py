@@ -1,7 +1,9 @@
 """Stage 1 of the built-in model: a tiny NextStep (~8M parameters in backbone + head) for 128x128 synthetic
 shape scenes, 8x8 = 64 image tokens with an 8x VAE and 2x2 patches. Tokenizer and VAE are our own, trained
-on the same data first; stage 2 (configs.shapes_stage2, shipped) and stage 3 (configs.shapes_stage3, not
-yet) fine-tune this model with noise on its image context. scripts/train_builtin.sh runs the whole recipe:
+on the same data first; stage 2 (configs.shapes_stage2) fine-tunes this model with noise on its image
+context, and stage 3a (configs.shapes_stage3_attn, shipped) fine-tunes stage 2's attention on captions with
+counted-group relations (stages 3 and 4, full fine-tunes, score higher but are not shipped: see their
+presets). scripts/train_builtin.sh runs the whole recipe:
 
     nextstep data synth-shapes data/shapes --n 400000 --seed 0 --workers 16
     nextstep data train-tokenizer data/shapes runs/shapes/tokenizer --vocab-size 1024
@@ -9,7 +11,7 @@ yet) fine-tune this model with noise on its image context. scripts/train_builtin
     nextstep data encode-latents data/shapes data/shapes-latents --vae runs/shapes/vae --size 128 --aspect-ratios 1
     nextstep train -m configs.shapes
     nextstep train -m configs.shapes_stage2   (after its export and data, see that preset)
-    nextstep train -m configs.shapes_stage3   (likewise)
+    nextstep train -m configs.shapes_stage3_attn   (likewise)
 
 Training reads the VAE latents precomputed once and compiles the layers: 2.4x the samples/s of PNG shards
 with the VAE in the step at this batch, 3.6x at batch 1024 (bench/train_shapes.py, BENCHMARKS.md). Stage 1 of

@@ -4,9 +4,10 @@ reads (training.image_input_noise=1.0: each image's std uniform in [0, 1], the l
 Stage 1 learns to copy its image context so exactly that its loss nearly doubles when that context carries
 noise of std 0.1, and what it samples drifts off the data: it scored 0.08 on `nextstep eval shapes`. With
 noisy context the next token has to come from the text; this stage took the model to 0.86 in-distribution
-and 0.83 held-out (n=50, BENCHMARKS.md; 0.82 / 0.81 before the scorer's hexagon fix); it is the shipped
-model. Stage 3 (configs.shapes_stage3) trains it on with twice the noise. scripts/train_builtin.sh runs it
-after stage 1:
+and 0.83 held-out (n=50, BENCHMARKS.md; 0.82 / 0.81 before the scorer's hexagon fix); it was the shipped
+model until stage 3a (configs.shapes_stage3_attn), which trains its attention on. Stage 3
+(configs.shapes_stage3) trains all of it on with twice the noise. scripts/train_builtin.sh runs it after
+stage 1:
 
     nextstep export runs/shapes/model runs/shapes/stage1 --dtype float16
     nextstep data synth-shapes data/shapes-ft --n 200000 --seed 1 --workers 16
@@ -14,8 +15,9 @@ after stage 1:
         --aspect-ratios 1
     nextstep train -m configs.shapes_stage2
 
-The shipped model is this preset's 7,359 steps of 1024 samples (7.5M samples; on one H200, sharing it with a
-second run, 6.7-6.9 steps/s), resumed twice; the first two pieces ran with training.max_steps=100000.
+The model shipped before stage 3a is this preset's 7,359 steps of 1024 samples (7.5M samples; on one H200,
+sharing it with a second run, 6.7-6.9 steps/s), resumed twice; the first two pieces ran with
+training.max_steps=100000.
 """
 
 import sys

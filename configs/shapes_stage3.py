@@ -1,12 +1,13 @@
-"""Third stage of the built-in model, not shipped yet: stage 2's model, trained on with twice the
+"""Third stage of the built-in model, not shipped: stage 2's model, trained on with twice the
 image-input noise (training.image_input_noise=2.0: each image's std uniform in [0, 2]) on 300k fresh scenes.
 
 Stage 2 (noise 1.0) still repeated its context too readily: two-object prompts often came out as two of the
 first shape, and counts were off. Noise 2.0 took the model from 0.857 to 0.920 in-distribution and from
 0.831 to 0.931 held-out (`nextstep eval shapes --n 50`, BENCHMARKS.md); the same steps with noise 1.0 gained
-less (0.857 against 0.890 at n=30 on a tuning set). It is not shipped yet because it still gets the
-README's first prompt (a counted group in a relation) wrong in most samples; the next stage's data adds such
-captions (synth-shapes --p-group-relation), and shipping once keeps the git history small.
+less (0.857 against 0.890 at n=30 on a tuning set). It still gets the README's first prompt (a counted
+group in a relation) wrong in most samples (2 of 16); stage 4 (configs.shapes_stage4) trains it on captions
+that have such groups. A full fine-tune adds 14 MB to the git history, so the shipped model is the
+attention-only stage 3a (configs.shapes_stage3_attn) instead.
 `STAGES=3 bash scripts/train_builtin.sh` runs it after stage 2:
 
     nextstep export runs/shapes/model-stage2 runs/shapes/stage2 --dtype float16
@@ -28,7 +29,7 @@ from nextstep.data.wds import DatasetSpec
 
 config = replace(
     stage2,
-    # Stage 2's fp16 export (the shipped model); fresh AdamW state.
+    # Stage 2's fp16 export; fresh AdamW state.
     model=replace(stage2.model, path="runs/shapes/stage2"),
     data=replace(stage2.data, datasets=[DatasetSpec(shards="data/shapes-ft2-latents", name="shapes")]),
     training=replace(

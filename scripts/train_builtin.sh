@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Reproduce the built-in model (nextstep/assets/nextstep-shapes) on one GPU, roughly half an hour on an H100
-# (data 4 minutes, stage 1 (configs.shapes) ~11, stage 2 (configs.shapes_stage2, image-input noise) ~13);
-# STAGES=3 adds the not yet shipped stage 3 (configs.shapes_stage3, twice the noise, data 3 and ~15 more):
+# Reproduce the built-in model (nextstep/assets/nextstep-shapes) on one GPU, roughly 45 minutes on an H100
+# (data 4 minutes, stage 1 (configs.shapes) ~11, stage 2 (configs.shapes_stage2, image-input noise) ~13,
+# data 3 and stage 3a (configs.shapes_stage3_attn, attention-only, twice the noise) ~15). STAGES names the
+# last stage: 3a (default, shipped), 2, 3 (configs.shapes_stage3) or 4 (stage 3, then configs.shapes_stage4):
 #   bash scripts/train_builtin.sh [OUT_DIR] [TRAIN_SECONDS]   (TRAIN_SECONDS=0: data, tokenizer and VAE only)
 # Every stage skips work already done, and training resumes from its newest checkpoint, so the script can
 # be run again (e.g. in a second call on the same machine) to continue. A training stage stops at its
@@ -11,7 +12,8 @@ set -euo pipefail
 OUT=${1:-runs/shapes/export}
 TRAIN_SECONDS=${2:-100000}
 N=${N:-400000}
-STAGES=${STAGES:-2}
+STAGES=${STAGES:-3a}
+case "$STAGES" in 2 | 3 | 3a | 4) ;; *) echo "STAGES must be 2, 3, 3a or 4, not '$STAGES'" >&2; exit 2 ;; esac
 # synth-shapes keeps the shards a run before finished (an interrupted one resumes).
 nextstep data synth-shapes data/shapes --n "$N" --seed 0 --workers "$(nproc)"
 if [ ! -f runs/shapes/tokenizer/tokenizer.json ]; then
@@ -42,22 +44,36 @@ train() {
   [ -d "$1/checkpoints/step-$(printf %08d "$max")" ]
 }
 train runs/shapes/model configs.shapes || exit 0  # stage 1 not finished: run the script again
+# export_once RUN DIR: the newest checkpoint of a finished stage in fp16, the next stage's starting point.
+export_once() {
+  if [ ! -f "$2/config.json" ]; then nextstep export "$1" "$2" --dtype float16; fi
+}
 # Stage 2 starts from stage 1's fp16 export (what shipped before), on 200k fresh scenes.
-if [ ! -f runs/shapes/stage1/config.json ]; then
-  nextstep export runs/shapes/model runs/shapes/stage1 --dtype float16
-fi
+export_once runs/shapes/model runs/shapes/stage1
 nextstep data synth-shapes data/shapes-ft --n 200000 --seed 1 --workers "$(nproc)"
 latents data/shapes-ft data/shapes-ft-latents
 train runs/shapes/model-stage2 configs.shapes_stage2 || exit 0
 LAST=runs/shapes/model-stage2
-if [ "$STAGES" -ge 3 ]; then  # stage 3 starts from stage 2's fp16 export, on 300k fresh scenes
-  if [ ! -f runs/shapes/stage2/config.json ]; then
-    nextstep export runs/shapes/model-stage2 runs/shapes/stage2 --dtype float16
-  fi
+if [ "$STAGES" != 2 ]; then export_once runs/shapes/model-stage2 runs/shapes/stage2; fi
+if [ "$STAGES" = 3a ] || [ "$STAGES" = 4 ]; then  # 300k fresh scenes with counted-group relations
+  nextstep data synth-shapes data/shapes-ft3 --n 300000 --seed 3 --p-no-color 0.5 --p-group-relation 0.3 \
+    --workers "$(nproc)"
+  latents data/shapes-ft3 data/shapes-ft3-latents
+fi
+if [ "$STAGES" = 3a ]; then  # from stage 2's export: attention, norms, embeddings and projectors only
+  train runs/shapes/model-stage3-attn configs.shapes_stage3_attn || exit 0
+  LAST=runs/shapes/model-stage3-attn
+fi
+if [ "$STAGES" = 3 ] || [ "$STAGES" = 4 ]; then  # from stage 2's export, on 300k fresh scenes
   nextstep data synth-shapes data/shapes-ft2 --n 300000 --seed 2 --workers "$(nproc)"
   latents data/shapes-ft2 data/shapes-ft2-latents
   train runs/shapes/model-stage3 configs.shapes_stage3 || exit 0
   LAST=runs/shapes/model-stage3
+fi
+if [ "$STAGES" = 4 ]; then  # from stage 3's export
+  export_once runs/shapes/model-stage3 runs/shapes/stage3
+  train runs/shapes/model-stage4 configs.shapes_stage4 || exit 0
+  LAST=runs/shapes/model-stage4
 fi
 nextstep export "$LAST" "$OUT" --dtype float16 --max-shard-mb 8  # git-friendly files
 python3 - "$OUT" <<'PY'

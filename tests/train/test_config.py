@@ -6,17 +6,20 @@ import pytest
 import torch
 
 from nextstep.assets import BUILTIN_MODEL
+from nextstep.model.config import load_config
 from nextstep.model.nextstep import NextStep
 from nextstep.model.tokenizer import TextTokenizer
 from nextstep.train import config as C
 from nextstep.train.config import TrainConfig, apply_overrides, diff, from_dict, load_preset, to_dict
-from nextstep.train.loop import lr_factor, resolve_arch
+from nextstep.train.loop import lr_factor, resolve_arch, set_trainable
 
 PRESETS = [
     "debug",
     "shapes",
     "shapes_stage2",
     "shapes_stage3",
+    "shapes_stage3_attn",
+    "shapes_stage4",
     "nextstep_1b",
     "nextstep_qwen14b_256px",
     "nextstep_qwen14b_512px",
@@ -103,6 +106,30 @@ def test_shapes_stage3_changes_only_what_its_docstring_names():
     assert stage3.training.image_input_noise == 2.0 and stage3.model.path == "runs/shapes/stage2"
     assert (stage3.training.max_steps, stage3.optim.decay_steps, stage3.data.batch_size) == (8369, 3056, 1024)
     assert load_preset("shapes_stage2").training.image_input_noise == 1.0
+
+
+def test_shapes_stage3_attn_trains_only_the_attention_side_of_stage_2():
+    changed = {line.split(":")[0] for line in diff(load_preset("shapes_stage2"), load_preset("shapes_stage3_attn"))}
+    assert changed == {
+        "data.datasets", "model.path", "optim.decay_steps", "training.image_input_noise", "training.max_steps",
+        "training.output_dir", "training.save_steps", "training.train_modules",
+    }  # fmt: skip
+    cfg = load_preset("shapes_stage3_attn")
+    assert cfg.model.path == "runs/shapes/stage2" and cfg.data.datasets[0].shards == "data/shapes-ft3-latents"
+    with torch.device("meta"):  # stage 2's export has the built-in model's config
+        model = NextStep(load_config(BUILTIN_MODEL / "config.json"))
+    set_trainable(model, cfg.training.train_modules)
+    trained = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    assert sum(trained.values()) == 1_399_552  # 2.8 MB of fp16: what the git history grows by
+    assert not any(n.startswith(("image_head", "lm_head")) or ".mlp." in n for n in trained)
+
+
+def test_shapes_stage4_continues_stage_3_on_the_stage_3a_data():
+    changed = {line.split(":")[0] for line in diff(load_preset("shapes_stage3"), load_preset("shapes_stage4"))}
+    assert changed == {"data.datasets", "model.path", "optim.decay_steps", "training.max_steps", "training.output_dir"}
+    stage4 = load_preset("shapes_stage4")
+    assert stage4.model.path == "runs/shapes/stage3" and stage4.training.train_modules == []
+    assert stage4.data.datasets == load_preset("shapes_stage3_attn").data.datasets
 
 
 def _params(cfg: TrainConfig) -> int:
