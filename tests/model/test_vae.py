@@ -8,7 +8,6 @@ mean / model latents end to end use atol 5e-5: the parameter-free patch LayerNor
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,19 +26,11 @@ from nextstep.model.vae import (
     pixels_to_uint8,
     save_vae,
 )
-from tests.refs import ROOT
+from tests.refs import reference_dirs
 
 REPO = Path(__file__).resolve().parents[2]
 STAGE_ATOL = 1e-5
 END_TO_END_ATOL = 5e-5
-
-
-def reference_dirs() -> list[Path]:
-    """The tiny reference checkpoints, plus the folder named by NEXTSTEP_REFERENCE if set."""
-    dirs = [ROOT / "nextstep-tiny", ROOT / "nextstep11-tiny"]
-    if os.environ.get("NEXTSTEP_REFERENCE"):
-        dirs.append(Path(os.environ["NEXTSTEP_REFERENCE"]))
-    return dirs
 
 
 @dataclass
