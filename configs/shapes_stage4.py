@@ -9,10 +9,7 @@ limit unless the superseded weights are dropped from it. `STAGES=4 bash scripts/
 after stage 3:
 
     nextstep export runs/shapes/model-stage3 runs/shapes/stage3 --dtype float16
-    nextstep data synth-shapes data/shapes-ft3 --n 300000 --seed 3 --p-no-color 0.5 --p-group-relation 0.3 \
-        --workers 16
-    nextstep data encode-latents data/shapes-ft3 data/shapes-ft3-latents --vae runs/shapes/vae --size 128 \
-        --aspect-ratios 1
+    (data/shapes-ft3-latents: the synth-shapes and encode-latents commands of configs.shapes_stage3_attn)
     nextstep train -m configs.shapes_stage4
 
 The measured candidate is this preset's 8,209 steps of 1024 samples (8.4M samples; on one H200 shared with
