@@ -27,7 +27,7 @@ import torch
 
 from nextstep.assets import builtin_model_dir
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared/reference/nextstep11-tiny"
+REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "reference" / "nextstep11-tiny"
 
 
 def emit(what: str, config: dict, number: float, unit: str, device: str) -> None:

@@ -17,7 +17,8 @@ from nextstep.train.config import (
     TrainingConfig,
 )
 
-TINY = Path(__file__).resolve().parents[1].parent / "shared/reference/nextstep11-tiny"
+# The NextStep-1.1 reference the tests ship (tests/reference), so the preset runs in a fresh clone.
+TINY = Path(__file__).resolve().parents[1] / "tests" / "reference" / "nextstep11-tiny"
 
 config = TrainConfig(
     model=ModelConfig(

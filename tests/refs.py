@@ -1,8 +1,9 @@
 """Where the official-format reference checkpoints live, and which layout each one has.
 
-Both shipped references are found next to the repo (../shared/reference) or under
-NEXTSTEP_REFERENCE_ROOT; NEXTSTEP_REFERENCE may name one more directory of either layout. Every test
-finds them through ROOT. The layout is read from the files a directory holds.
+Both references ship inside the repository (tests/reference, byte-identical copies of the official-format
+files; NEXTSTEP_REFERENCE_ROOT may point elsewhere); NEXTSTEP_REFERENCE may name more directories of either
+layout, separated by os.pathsep. Every test finds them through ROOT. The layout is read from the files a
+directory holds.
 """
 
 from __future__ import annotations
@@ -14,16 +15,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-ROOT = Path(
-    os.environ.get("NEXTSTEP_REFERENCE_ROOT", Path(__file__).resolve().parents[1].parent / "shared" / "reference")
-)
+ROOT = Path(os.environ.get("NEXTSTEP_REFERENCE_ROOT", Path(__file__).resolve().parent / "reference"))
 
 
 def reference_dirs() -> list[Path]:
     dirs = [p for p in (ROOT / "nextstep-tiny", ROOT / "nextstep11-tiny") if p.is_dir()]
-    extra = os.environ.get("NEXTSTEP_REFERENCE")
-    if extra:
-        dirs.append(Path(extra))
+    extra = os.environ.get("NEXTSTEP_REFERENCE", "")
+    dirs += [Path(p) for p in extra.split(os.pathsep) if p]
     return dirs
 
 
@@ -46,7 +44,7 @@ def first_with(kind: str) -> Path:
 
     found = dirs_with(kind)
     if not found:
-        pytest.skip(f"no {kind} reference checkpoint next to the repo ({ROOT})")
+        pytest.skip(f"no {kind} reference checkpoint under {ROOT} or in NEXTSTEP_REFERENCE")
     return found[0]
 
 

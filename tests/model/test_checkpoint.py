@@ -81,15 +81,13 @@ def test_config_key_errors(tmp_path):
         NextStepConfig(num_attention_heads=3, num_key_value_heads=2)
 
 
-def test_hf_release_key_aliases():
+@pytest.mark.parametrize("ref", reference_dirs(), ids=lambda p: p.name)
+def test_hf_release_key_aliases(ref):
     """The public NextStep-1.1 config names the head and latent fields differently."""
-    raw = json.loads((reference_dirs()[-1] / "config.json").read_text())
-    for ours, theirs in [
-        ("fm_head_dim", "genloss_width"),
-        ("fm_head_layers", "genloss_depth"),
-        ("latent_channels", "num_channels"),
-        ("latent_patch_size", "patch_size"),
-    ]:
-        raw[theirs] = raw.pop(ours)
-    cfg = config_from_dict({**raw, "genloss_type": "transport", "image_size": 64})
-    assert (cfg.fm_head_dim, cfg.fm_head_layers, cfg.latent_channels) == (64, 2, 16)
+    raw = json.loads((ref / "config.json").read_text())
+    # Values no default has, so a dropped alias cannot pass by falling back to the default.
+    theirs = {"genloss_width": 96, "genloss_depth": 3, "num_channels": 8, "patch_size": 1}
+    for ours in ("fm_head_dim", "fm_head_layers", "latent_channels", "latent_patch_size"):
+        raw.pop(ours)
+    cfg = config_from_dict({**raw, **theirs, "genloss_type": "transport", "image_size": 64})
+    assert (cfg.fm_head_dim, cfg.fm_head_layers, cfg.latent_channels, cfg.latent_patch_size) == (96, 3, 8, 1)
