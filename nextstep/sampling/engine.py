@@ -441,6 +441,7 @@ class Engine:
         n_tokens: int,
         seed: int,
         draw=None,
+        on_token=None,
     ) -> torch.Tensor:
         st, n_prefix = self.start(input_ids, attention_mask, image_tokens, settings, opts, n_tokens=n_tokens)
         scales = guidance_table(settings.family, opts, n_tokens).to(st.noise.device)
@@ -455,6 +456,8 @@ class Engine:
             st.scales.copy_(scales[k])
             st.head()
             out[:, k].copy_(st.token)
+            if on_token is not None:
+                on_token(k, out[:, : k + 1])
             if k < n_tokens - 1:
                 st.slot.fill_(n_prefix + k)
                 st.decode_graph(n_prefix + k)()
@@ -496,6 +499,7 @@ def generate_tokens_fast(
     *,
     seed: int,
     draw=None,
+    on_token=None,
 ) -> torch.Tensor:
     """Drop-in for Pipeline.generate_tokens (no trace): same rows, prefill, guidance and draws.
 
@@ -504,5 +508,13 @@ def generate_tokens_fast(
     """
     n_tokens = (opts.size[0] // pipe.down_factor) * (opts.size[1] // pipe.down_factor)
     return engine_for(pipe.model, compile=opts.engine == "compiled").generate(
-        input_ids, attention_mask, image_tokens, settings, opts, n_tokens=n_tokens, seed=seed, draw=draw
+        input_ids,
+        attention_mask,
+        image_tokens,
+        settings,
+        opts,
+        n_tokens=n_tokens,
+        seed=seed,
+        draw=draw,
+        on_token=on_token,
     )

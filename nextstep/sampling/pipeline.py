@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -55,6 +56,9 @@ class GenerateOptions:
     progress: bool = False  # tqdm bar over image tokens
     engine: str = "auto"  # auto: CUDA-graph engine on GPU, eager on CPU | fast | compiled (fast + compile) | eager
 
+
+# on_token(k, tokens): called after image token k with the (B, k + 1, D) float32 tokens sampled so far.
+OnToken = Callable[[int, torch.Tensor], None]
 
 DEFAULTS_FILE = "sampling_defaults.json"  # optional per-checkpoint overrides of GenerateOptions defaults
 EDIT_DEFAULTS = {
@@ -158,16 +162,24 @@ class Pipeline:
 
     # ---- public API ----------------------------------------------------------------------------
     def generate(
-        self, prompts: str | list[str], *, trace: Trace | None = None, draw=None, **options
+        self,
+        prompts: str | list[str],
+        *,
+        trace: Trace | None = None,
+        draw=None,
+        on_token: OnToken | None = None,
+        **options,
     ) -> list[Image.Image]:
         """Text-to-image. Returns len(prompts) * n images, prompt-major.
 
         draw(shape) -> tensor replaces the seeded generator for every random draw (replay, per-request seeds).
+        on_token(k, tokens) runs after image token k with the (B, k + 1, D) tokens so far (a view: copy what
+        is kept); an exception it raises stops the generation and propagates (cancellation, deadlines).
         """
         opts = replace(GenerateOptions(**self.defaults), **options)
         prompts = _as_list(prompts, "prompt")
         captions = [p + (" " + opts.positive_prompt if opts.positive_prompt else "") for p in prompts]
-        return self._run(captions, [[] for _ in captions], opts, trace, draw)
+        return self._run(captions, [[] for _ in captions], opts, trace, draw, on_token)
 
     def edit(
         self,
@@ -176,9 +188,12 @@ class Pipeline:
         *,
         trace: Trace | None = None,
         draw=None,
+        on_token: OnToken | None = None,
         **options,
     ) -> list[Image.Image]:
-        """Instruction editing: the source image is encoded into the prompt; output defaults to its size."""
+        """Instruction editing: the source image is encoded into the prompt; output defaults to its size.
+
+        draw and on_token as in generate."""
         images = images if isinstance(images, list) else [images]
         instructions = _as_list(instructions, "instruction")
         if len(images) != len(instructions):
@@ -192,7 +207,7 @@ class Pipeline:
                 img = img.convert("RGB").resize((opts.size[1], opts.size[0]), Image.BICUBIC)
             sources.append([img.convert("RGB")])
         captions = [self._image_string(opts.size) + text for text in instructions]
-        return self._run(captions, sources, opts, trace, draw)
+        return self._run(captions, sources, opts, trace, draw, on_token)
 
     # ---- prompt building -----------------------------------------------------------------------
     def _snap(self, wh: tuple[int, int]) -> tuple[int, int]:
@@ -242,7 +257,9 @@ class Pipeline:
 
     # ---- generation ----------------------------------------------------------------------------
     @torch.inference_mode()
-    def _run(self, captions, sources, opts: GenerateOptions, trace: Trace | None, draw=None) -> list[Image.Image]:
+    def _run(
+        self, captions, sources, opts: GenerateOptions, trace: Trace | None, draw=None, on_token=None
+    ) -> list[Image.Image]:
         check_options(opts, self.down_factor)
         if len(captions) * opts.n > MAX_BATCH:
             raise ValueError(f"{len(captions)} prompts x n={opts.n} exceeds the batch limit of {MAX_BATCH}")
@@ -262,9 +279,13 @@ class Pipeline:
         if self.use_engine(opts) and trace is None:
             from nextstep.sampling.engine import generate_tokens_fast
 
-            tokens = generate_tokens_fast(self, input_ids, attn, latents, settings, opts, seed=seed, draw=draw)
+            tokens = generate_tokens_fast(
+                self, input_ids, attn, latents, settings, opts, seed=seed, draw=draw, on_token=on_token
+            )
         else:
-            tokens = self.generate_tokens(input_ids, attn, latents, settings, opts, seed=seed, trace=trace, draw=draw)
+            tokens = self.generate_tokens(
+                input_ids, attn, latents, settings, opts, seed=seed, trace=trace, draw=draw, on_token=on_token
+            )
         h, w = opts.size[0] // self.down_factor, opts.size[1] // self.down_factor
         decoded = self.decode_tokens(tokens, h, w, trace)
         return [pixels_to_pil(x) for x in decoded]
@@ -303,11 +324,13 @@ class Pipeline:
         seed: int,
         trace: Trace | None = None,
         draw=None,
+        on_token: OnToken | None = None,
     ) -> torch.Tensor:
         """The autoregressive loop: prefill, then per image token sample with the head and feed back.
 
         input_ids, attention_mask: (R, L) with R = rows * B; image_tokens (N, D) fill the placeholders.
-        Returns the fed-back tokens (B, h*w, D). `draw` overrides the seeded generator (replay).
+        Returns the fed-back tokens (B, h*w, D). `draw` overrides the seeded generator (replay); `on_token`
+        as in generate.
         """
         model, cfg = self.model, self.model.config
         device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
@@ -338,7 +361,7 @@ class Pipeline:
             def velocity(x, t, c):
                 return net(x.to(dtype), t.to(dtype), c).float()
 
-            out = []
+            out = torch.empty(r // rows, n_tokens, cfg.token_dim, device=device)  # (B, h*w, D) float32
             for k in tqdm(range(n_tokens), desc="image tokens", disable=not opts.progress, leave=False):
                 scale = guidance_scale(self.family, opts.cfg_schedule, opts.cfg, k, n_tokens)
                 scale_img = guidance_scale(self.family, opts.cfg_schedule, opts.cfg_img, k, n_tokens)
@@ -358,7 +381,9 @@ class Pipeline:
                     trace.raw_tokens.append(token.cpu())
                 if opts.use_norm:
                     token = F.layer_norm(token, token.shape[-1:], eps=1e-6)
-                out.append(token)
+                out[:, k] = token
+                if on_token is not None:
+                    on_token(k, out[:, : k + 1])
                 if k == n_tokens - 1:
                     break
                 slot = slots[n_prefix + k : n_prefix + k + 1]
@@ -372,7 +397,7 @@ class Pipeline:
                 cond = model.head_condition(hidden[:, -1])
         finally:
             model.clear_caches()
-        return torch.stack(out, dim=1)  # (B, h*w, D)
+        return out
 
 
 def _as_list(value: str | list[str], what: str) -> list[str]:

@@ -205,3 +205,32 @@ def test_prompt_limit_counts_text_not_source_placeholders(pipes, monkeypatch):
     assert pipe.edit(source, "red", steps=1, cfg=1.0, cfg_img=1.0, seed=0)[0].size == (64, 64)
     with pytest.raises(ValueError, match="exceeds 8"):
         pipe.generate("a much longer prompt about a small red car on a road", size=(32, 32), steps=1)
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("engine", ["eager", "fast"])
+def test_on_token_sees_every_token_and_can_stop(pipes, engine):
+    """on_token gets the tokens so far after each image token, in both loops; raising in it stops the run."""
+    pipe = _pipe(pipes, first_with("nextstep11"))
+    opts = dict(size=(32, 32), steps=2, cfg=3.0, seed=1, engine=engine, n=2)
+    seen = []
+    trace = Trace() if engine == "eager" else None
+    pipe.generate("a dog", on_token=lambda k, t: seen.append((k, t.clone())), trace=trace, **opts)
+    n_tokens = (32 // pipe.down_factor) ** 2
+    assert [k for k, _ in seen] == list(range(n_tokens))
+    assert [t.shape[:2] for _, t in seen] == [(2, k + 1) for k in range(n_tokens)]
+    assert torch.equal(seen[-1][1][:, :1], seen[0][1])  # earlier tokens are not rewritten
+    if trace is not None:
+        assert torch.equal(seen[-1][1], torch.stack(trace.raw_tokens, dim=1))
+
+    def stop(k, tokens):
+        if k == 1:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        pipe.generate("a dog", on_token=stop, **opts)
+    again = pipe.generate("a dog", **opts)  # a stopped run leaves the pipeline usable
+    assert len(again) == 2
