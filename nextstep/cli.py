@@ -18,7 +18,7 @@ FORWARDED = {
     ("launch",): "nextstep.train.launch:main",
     ("export",): "nextstep.train.export:main",
     ("config",): "nextstep.train.config:main",
-    ("data", "synth-shapes"): "nextstep.data.synthetic:main",
+    ("data", "synth-shapes"): "nextstep.shapes.synth:main",
     ("data", "build-wds"): "nextstep.data.tools:main_build_wds",
     ("data", "meta"): "nextstep.data.tools:main_gen_meta",
     ("data", "warmup"): "nextstep.data.tools:main_warmup",
