@@ -23,7 +23,7 @@ FORWARDED = {
     ("data", "meta"): "nextstep.data.tools:main_gen_meta",
     ("data", "warmup"): "nextstep.data.tools:main_warmup",
     ("data", "encode-latents"): "nextstep.data.latents:main",
-    ("data", "preview"): "nextstep.serve.preview:main_preview",
+    ("data", "preview"): "nextstep.data.preview:main_preview",
     ("data", "train-tokenizer"): "nextstep.train.tokenizer:main",
     ("vae", "train"): "nextstep.train.vae:main",
     ("eval", "shapes"): "nextstep.eval.generate:main_shapes",

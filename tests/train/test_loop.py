@@ -14,8 +14,8 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
+from nextstep.data.config import DataConfig, DatasetSpec
 from nextstep.data.format import Sample, write_shards
-from nextstep.data.wds import DataConfig, DatasetSpec
 from nextstep.model.checkpoint import from_pretrained
 from nextstep.model.config import NextStepConfig
 from nextstep.model.vae import AutoEncoder, VAEConfig, save_vae
