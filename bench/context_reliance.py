@@ -28,7 +28,7 @@ from nextstep.model.tokenizer import TextTokenizer
 from nextstep.model.vae import load_vae, pil_to_pixels
 from nextstep.shapes.scenes import COLORS, SHAPES, render
 from nextstep.shapes.synth import sample_t2i
-from nextstep.train.tokenize import SequenceBuilder, collate, special_ids
+from nextstep.train.sequences import SequenceBuilder, collate, special_ids
 
 SHAPE_RE = re.compile(r"\b(" + "|".join(SHAPES) + r")(e?s)?\b")
 COLOR_RE = re.compile(r"\b(" + "|".join(COLORS) + r")\b")

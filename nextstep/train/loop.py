@@ -37,7 +37,7 @@ from nextstep.train.lora import apply_lora
 from nextstep.train.metrics import MetricsWriter, peak_flops, train_flops, write_samples
 from nextstep.train.noise import flow_noise, input_noise
 from nextstep.train.parallel import DTYPE, init_single_process_group, parallelize, uses_fsdp
-from nextstep.train.tokenize import SequenceBuilder, TrainBatch, collate, special_ids
+from nextstep.train.sequences import SequenceBuilder, TrainBatch, collate, special_ids
 
 log = logging.getLogger(__name__)
 

@@ -283,7 +283,7 @@ def test_torchrun_cli_runs_a_preset_and_rejects_bad_overrides(shard_run, tmp_pat
 def test_image_targets_are_in_placeholder_order_across_shape_groups():
     """Images of two bucket shapes, interleaved in the sequence: the targets follow placeholder order."""
     from nextstep.model.nextstep import patchify
-    from nextstep.train.tokenize import TrainBatch
+    from nextstep.train.sequences import TrainBatch
 
     g = torch.Generator().manual_seed(0)
     wide, tall = torch.randn(4, 16, 4, 6, generator=g), torch.randn(3, 16, 6, 4, generator=g)
