@@ -33,7 +33,7 @@ from nextstep.train.export import export
 from nextstep.train.init import init_model
 from nextstep.train.metrics import MetricsWriter
 from nextstep.train.optim import lr_factor
-from nextstep.train.step import image_targets
+from nextstep.train.step import image_targets, train_step
 from tests.refs import ROOT
 
 TINY = ROOT / "nextstep11-tiny"
@@ -337,3 +337,24 @@ def test_image_input_noise_noises_the_inputs_not_the_targets(tmp_path, monkeypat
     assert plain[0]["loss"] != pytest.approx(noisy[0]["loss"], rel=1e-6)
     with pytest.raises(ValueError, match="image_input_noise must be in \\[0, 10\\], got -1"):
         TrainingConfig(image_input_noise=-1)
+
+
+def test_another_step_keeps_build_checkpoint_and_log(tmp_path):
+    """A training mode replaces the step (here the NextStep step plus a metric of its own) and keeps the
+    loop's build, log and checkpoints; the same batches give the same losses as the default step."""
+    calls = []
+
+    def step(run):
+        calls.append(run.step)
+        out = train_step(run)
+        out.metrics["double_loss"] = 2 * out.metrics["loss"]
+        return out
+
+    own = loop.train(tiny_cfg(tmp_path / "own", max_steps=3, save_steps=2), data=latent_batches(3, 2), step_fn=step)
+    plain = loop.train(tiny_cfg(tmp_path / "plain", max_steps=3, save_steps=2), data=latent_batches(3, 2))
+    assert calls == [0, 1, 2]
+    assert [h["loss"] for h in own] == [h["loss"] for h in plain]
+    assert [h["double_loss"] for h in own] == pytest.approx([2 * h["loss"] for h in own])
+    logged = [json.loads(line) for line in (tmp_path / "own/metrics.jsonl").read_text().splitlines()]
+    assert [m["double_loss"] for m in logged] == pytest.approx([2 * m["loss"] for m in logged])
+    assert sorted(p.name for p in (tmp_path / "own/checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
