@@ -29,7 +29,7 @@ MIN_AREA = 0.003  # smallest object, fraction of the image area (a small star co
 MIN_MATCH = 0.5  # shape score below which a blob's shape is "unknown"
 ASPECT_WEIGHT = 2.0  # weight of the aspect-ratio mismatch in the shape score
 # Circle vs hexagon is decided by the outline's 6-fold harmonic (corners at 0, 60, ... degrees as drawn):
-# rendered or VAE round-tripped, circles stay below 0.025 and hexagons above 0.045 (tests/eval/test_shapes.py);
+# rendered or VAE round-tripped, circles stay below 0.025 and hexagons above 0.045 (tests/shapes/test_evaluate.py);
 # the template score alone reads one small VAE-blurred hexagon in nine as a circle.
 HEXAGON_HARMONIC = 0.035
 NEAR_TOL = 0.06  # an unchanged object may drift this far (fraction of the side) in an edit

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,7 +158,7 @@ class MetricsWriter:
 class StepOutput:
     """What one optimizer step reports; the metric tensors stay on the device until the log reads them."""
 
-    metrics: dict[str, torch.Tensor]  # name -> 0-dim tensor, this rank's value (loss, grad_norm, ...)
+    metrics: dict[str, torch.Tensor]  # name -> 0-dim tensor, this rank's value; the same names every step
     lr: float  # base learning rate of the step (before per-module multipliers)
     tokens: int  # sequence tokens this rank trained on
     flops: float  # model FLOPs this rank spent (train_flops)
@@ -178,7 +179,14 @@ class StepLog:
     stats; a progress bar shows the steps."""
 
     def __init__(
-        self, cfg: TrainConfig, *, rank: int, world: int, device: torch.device, start_step: int, data_stats
+        self,
+        cfg: TrainConfig,
+        *,
+        rank: int,
+        world: int,
+        device: torch.device,
+        start_step: int,
+        data_stats: Callable[[], dict],
     ) -> None:
         out_dir = Path(cfg.training.output_dir)
         self.writer = MetricsWriter(
@@ -191,11 +199,12 @@ class StepLog:
             tensorboard=cfg.logging.tensorboard,
         )
         self.every, self.last = cfg.logging.log_steps, cfg.training.max_steps
-        self.world, self.device, self.data_stats = world, device, data_stats  # data_stats() -> dict
+        self.world, self.device, self.data_stats = world, device, data_stats
         self.peak = peak_flops(device, cfg.logging.peak_tflops)
         self.bar = tqdm(total=self.last, initial=start_step, disable=rank != 0 or not cfg.logging.progress)
         self.history: list[dict[str, float]] = []
         self.pending: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, metric values) not yet read
+        self.keys: list[str] = []  # metric names of the pending steps
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         self._new_window()
