@@ -22,13 +22,13 @@ import re
 import torch
 
 from nextstep.data.format import Sample
-from nextstep.data.synthetic import sample_t2i
-from nextstep.eval.scenes import COLORS, SHAPES, render
 from nextstep.model.checkpoint import from_pretrained
 from nextstep.model.nextstep import NextStep, patchify
 from nextstep.model.tokenizer import TextTokenizer
 from nextstep.model.vae import load_vae, pil_to_pixels
-from nextstep.train.tokenize import SequenceBuilder, collate, special_ids
+from nextstep.shapes.scenes import COLORS, SHAPES, render
+from nextstep.shapes.synth import sample_t2i
+from nextstep.train.sequences import SequenceBuilder, collate, special_ids
 
 SHAPE_RE = re.compile(r"\b(" + "|".join(SHAPES) + r")(e?s)?\b")
 COLOR_RE = re.compile(r"\b(" + "|".join(COLORS) + r")\b")

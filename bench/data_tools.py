@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from nextstep.data.config import DataConfig, DatasetSpec
 from nextstep.data.tools import build_wds, gen_meta, warmup_index
-from nextstep.data.wds import DataConfig, DatasetSpec, build_dataloader
+from nextstep.data.wds import build_dataloader
 
 
 def make_manifest(root: Path, n: int, size: int) -> Path:

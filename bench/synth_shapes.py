@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from nextstep.data.synthetic import make_sample, write_synthetic
+from nextstep.shapes.synth import make_sample, write_synthetic
 
 
 def main() -> None:

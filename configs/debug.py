@@ -6,7 +6,7 @@ nextstep train -m configs.debug data.datasets='[{"shards": "data/debug"}]'
 import sys
 from pathlib import Path
 
-from nextstep.data.wds import DataConfig, DatasetSpec
+from nextstep.data.config import DataConfig, DatasetSpec
 from nextstep.model.config import NextStepConfig
 from nextstep.train.config import (
     LoggingConfig,

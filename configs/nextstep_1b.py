@@ -9,7 +9,7 @@ import sys
 from dataclasses import replace
 
 from configs.nextstep_qwen14b_256px import ARCH_14B
-from nextstep.data.wds import DataConfig, DatasetSpec
+from nextstep.data.config import DataConfig, DatasetSpec
 from nextstep.train.config import (
     LoggingConfig,
     ModelConfig,

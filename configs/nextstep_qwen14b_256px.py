@@ -5,7 +5,7 @@ smartrun -m configs.nextstep_qwen14b_256px training.max_steps=1000 training.save
 
 import sys
 
-from nextstep.data.wds import DataConfig, DatasetSpec
+from nextstep.data.config import DataConfig, DatasetSpec
 from nextstep.model.config import NextStepConfig
 from nextstep.train.config import (
     LoggingConfig,

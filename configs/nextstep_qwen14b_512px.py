@@ -6,7 +6,7 @@ smartrun -m configs.nextstep_qwen14b_512px training.max_steps=1000 training.save
 import sys
 
 from configs.nextstep_qwen14b_256px import ARCH_14B
-from nextstep.data.wds import DataConfig, DatasetSpec
+from nextstep.data.config import DataConfig, DatasetSpec
 from nextstep.train.config import (
     LoggingConfig,
     ModelConfig,

@@ -23,7 +23,7 @@ last resumed with the values below, which gives exactly the run this preset desc
 
 import sys
 
-from nextstep.data.wds import DataConfig, DatasetSpec
+from nextstep.data.config import DataConfig, DatasetSpec
 from nextstep.model.config import NextStepConfig
 from nextstep.train.config import (
     CheckpointConfig,

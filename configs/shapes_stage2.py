@@ -24,7 +24,7 @@ import sys
 from dataclasses import replace
 
 from configs.shapes import config as stage1
-from nextstep.data.wds import DatasetSpec
+from nextstep.data.config import DatasetSpec
 
 config = replace(
     stage1,

@@ -25,7 +25,7 @@ import sys
 from dataclasses import replace
 
 from configs.shapes_stage2 import config as stage2
-from nextstep.data.wds import DatasetSpec
+from nextstep.data.config import DatasetSpec
 
 config = replace(
     stage2,

@@ -26,7 +26,7 @@ import sys
 from dataclasses import replace
 
 from configs.shapes_stage2 import config as stage2
-from nextstep.data.wds import DatasetSpec
+from nextstep.data.config import DatasetSpec
 
 LAYERS = range(stage2.model.arch.num_hidden_layers)
 TRAINED = ["embed_tokens", "norm", "image_in_projector", "image_out_projector"] + [

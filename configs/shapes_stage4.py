@@ -21,7 +21,7 @@ import sys
 from dataclasses import replace
 
 from configs.shapes_stage3 import config as stage3
-from nextstep.data.wds import DatasetSpec
+from nextstep.data.config import DatasetSpec
 
 config = replace(
     stage3,

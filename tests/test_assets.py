@@ -4,9 +4,9 @@ import numpy as np
 import torch
 
 from nextstep.assets import BUILTIN_MODEL
-from nextstep.data.synthetic import make_sample
 from nextstep.model.tokenizer import BOI, EOI, IMAGE_PLACEHOLDER, TextTokenizer
 from nextstep.model.vae import load_vae, pil_to_pixels
+from nextstep.shapes.synth import make_sample
 
 
 def test_shipped_vae_reconstructs_generated_scenes():

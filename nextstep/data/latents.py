@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from nextstep.data.buckets import make_buckets, nearest_bucket, normalize_pixels, resize_center_crop
+from nextstep.data.config import DataConfig
 from nextstep.data.format import Sample, ShardWriter, decode_sample, iter_raw_samples
-from nextstep.data.wds import DataConfig
 from nextstep.io import write_json
 from nextstep.model.vae import AutoEncoder, load_vae
 

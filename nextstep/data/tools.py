@@ -34,12 +34,11 @@ from nextstep.data.format import (
     is_latent,
     iter_raw_samples,
 )
+from nextstep.data.index import INDEX_NAME, META_NAME, read_json
 from nextstep.io import write_json
 
 log = logging.getLogger(__name__)
 
-META_NAME = "meta.json"  # gen_meta output, beside the shards
-INDEX_NAME = "index.json"  # warmup_data output, beside the shards
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -237,13 +236,6 @@ def _shards(root: Path) -> list[Path]:
     return sorted(root.rglob("*.tar"))
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
 def _scan_all(root: Path, names: list[str], workers: int, progress: bool) -> dict[str, dict]:
     results = _pmap(scan_shard, [root / n for n in names], workers)
     return dict(zip(names, tqdm(results, total=len(names), disable=not progress, unit="shard"), strict=True))
@@ -252,7 +244,7 @@ def _scan_all(root: Path, names: list[str], workers: int, progress: bool) -> dic
 def gen_meta(root: str | os.PathLike, *, workers: int = 1, progress: bool = False) -> dict:
     """Write ROOT/meta.json (per-shard count, bytes, sha256, image sizes, error); reuses unchanged shards."""
     root = Path(root)
-    old = _read_json(root / META_NAME).get("shards", {})
+    old = read_json(root / META_NAME).get("shards", {})
     shards, todo = {}, []
     for path in _shards(root):
         name, st = path.relative_to(root).as_posix(), path.stat()
@@ -281,10 +273,10 @@ def gen_meta(root: str | os.PathLike, *, workers: int = 1, progress: bool = Fals
 def warmup_index(root: str | os.PathLike, *, n_jobs: int = 1, progress: bool = False) -> dict:
     """Write ROOT/index.json (per-shard keys, byte offsets, counts) for shards meta.json lists as intact."""
     root = Path(root)
-    meta = _read_json(root / META_NAME).get("shards")
+    meta = read_json(root / META_NAME).get("shards")
     if meta is None:
         raise FileNotFoundError(f"{root / META_NAME} missing or unreadable: run gen_meta {root} first")
-    old = _read_json(root / INDEX_NAME).get("shards", {})
+    old = read_json(root / INDEX_NAME).get("shards", {})
     shards, todo = {}, []
     for name, m in meta.items():
         prev = old.get(name)
@@ -302,23 +294,6 @@ def warmup_index(root: str | os.PathLike, *, n_jobs: int = 1, progress: bool = F
     doc = {"version": 1, "shards": dict(sorted(shards.items()))}
     write_json(root / INDEX_NAME, doc, indent=1)
     return doc
-
-
-def load_index(root: str | os.PathLike) -> dict[str, dict]:
-    """Index entries (by shard path) whose sha256/size match meta.json and whose file is unchanged since."""
-    root = Path(root)
-    meta = _read_json(root / META_NAME).get("shards", {})
-    index = _read_json(root / INDEX_NAME).get("shards", {})
-    out = {}
-    for name, entry in index.items():
-        m = meta.get(name)
-        path = root / name
-        if m is None or (entry["sha256"], entry["size"]) != (m["sha256"], m["size"]) or not path.exists():
-            continue
-        st = path.stat()
-        if (st.st_size, st.st_mtime_ns) == (m["size"], m["mtime"]):
-            out[str(path)] = entry
-    return out
 
 
 def main_build_wds(argv: list[str] | None = None) -> int:

@@ -8,27 +8,22 @@ epochs, samples taken, samples waiting in buckets) resumes the exact remaining s
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import math
 import random
 import signal
 from bisect import bisect_right
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from itertools import accumulate
-from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-import braceexpand
-import fsspec
 import torch
-import webdataset
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from nextstep.data.buckets import make_buckets, nearest_bucket, resize_center_crop, to_tensor
+from nextstep.data.buckets import nearest_bucket, resize_center_crop, to_tensor
+from nextstep.data.config import DataConfig
 from nextstep.data.format import PLACEHOLDER_RE, RawSample, Sample, decode_sample, iter_raw_samples
-from nextstep.data.tools import load_index
+from nextstep.data.stream import DatasetStream, expand_shards, open_shard, seed_of
 
 log = logging.getLogger(__name__)
 
@@ -36,99 +31,9 @@ STATE_VERSION = 1
 Bucket = tuple[int, ...] | None  # (H, W) in pixels, (C, h, w) for latents; None groups text-only samples
 
 
-@dataclass
-class DatasetSpec:
-    """One dataset of the mixture."""
-
-    # Shards: local paths, directories (all *.tar inside), brace patterns "data-{000000..000099}.tar",
-    # fsspec URLs ("s3://b/x-{0..9}.tar") or "pipe:<command writing the tar to stdout>"; str or list.
-    shards: str | list[str] = ""
-    weight: float = 1.0  # relative probability of drawing from this dataset
-    name: str = ""  # label in logs and stats; defaults to "dataset<i>"
-
-    def __post_init__(self) -> None:
-        if not (self.weight > 0 and math.isfinite(self.weight)):
-            raise ValueError(f"dataset {self.name!r}: weight must be positive and finite, got {self.weight}")
-        if not self.shards:
-            raise ValueError(f"dataset {self.name!r}: shards is empty")
-
-
-@dataclass
-class DataConfig:
-    """Everything that decides which samples come out, in which order and shape."""
-
-    datasets: list[DatasetSpec] = field(default_factory=list)  # the mixture; dicts are converted
-    image_size: int = 256  # buckets hold about image_size**2 pixels; official stages: 256, then 512
-    # Aspect ratios (W/H) of the resolution buckets; images go to the bucket of nearest log-ratio.
-    aspect_ratios: tuple[float, ...] = (1 / 2, 9 / 16, 2 / 3, 3 / 4, 1.0, 4 / 3, 3 / 2, 16 / 9, 2.0)
-    buckets: list[tuple[int, int]] | None = None  # explicit (H, W) buckets; None derives them from above
-    bucket_multiple: int = 16  # bucket sides are multiples of this (VAE stride 8 x patch 2)
-    batch_size: int = 8  # samples per batch, per rank; every batch holds one bucket
-    caption_drop_prob: float = 0.1  # chance a sample's caption text becomes "" (CFG); placeholders stay
-    shuffle_buffer: int = 500  # samples mixed per worker slot across shard boundaries; 0 disables
-    loop: bool = True  # True: endless stream, each dataset restarts with a new epoch when exhausted;
-    # False: one epoch of every dataset (set_epoch picks which), then partial batches are flushed
-    num_workers: int = 4  # DataLoader worker processes per rank
-    prefetch_factor: int = 2  # batches prefetched per worker
-    seed: int = 0  # base seed of every random choice in the pipeline
-
-    def __post_init__(self) -> None:
-        self.datasets = [
-            DatasetSpec(**d) if isinstance(d, dict) else d for d in self.datasets
-        ]  # JSON-loaded configs arrive as dicts
-        for i, spec in enumerate(self.datasets):
-            spec.name = spec.name or f"dataset{i}"
-        if self.image_size % self.bucket_multiple:
-            raise ValueError(f"image_size must be a multiple of {self.bucket_multiple}, got {self.image_size}")
-        if not 0 <= self.caption_drop_prob <= 1:
-            raise ValueError(f"caption_drop_prob must be in [0, 1], got {self.caption_drop_prob}")
-        if self.batch_size < 1 or self.num_workers < 0 or self.shuffle_buffer < 0:
-            raise ValueError(
-                f"need batch_size >= 1, num_workers >= 0, shuffle_buffer >= 0; got "
-                f"{self.batch_size}, {self.num_workers}, {self.shuffle_buffer}"
-            )
-        if self.buckets is not None:
-            self.buckets = [tuple(b) for b in self.buckets]
-            bad = [b for b in self.buckets if b[0] % self.bucket_multiple or b[1] % self.bucket_multiple]
-            if bad or not self.buckets:
-                raise ValueError(f"buckets must be non-empty (H, W) multiples of {self.bucket_multiple}: {bad}")
-
-    def resolved_buckets(self) -> list[tuple[int, int]]:
-        """The (H, W) buckets in use."""
-        return self.buckets or make_buckets(self.image_size, self.aspect_ratios, multiple=self.bucket_multiple)
-
-
 def drop_caption_text(caption: str) -> str:
     """Keep only the image placeholders: "a <image_0> b <image_1>" -> "<image_0><image_1>"."""
     return "".join(m.group(0) for m in PLACEHOLDER_RE.finditer(caption))
-
-
-def expand_shards(shards: str | list[str]) -> list[str]:
-    """Shard URLs of a spec: brace patterns expanded, directories listed (sorted *.tar)."""
-    out: list[str] = []
-    for entry in [shards] if isinstance(shards, str) else shards:
-        if entry.startswith("pipe:"):
-            out.append(entry)
-            continue
-        for url in braceexpand.braceexpand(entry):
-            if "://" not in url and Path(url).is_dir():
-                out += sorted(str(p) for p in Path(url).glob("*.tar"))
-            else:
-                out.append(url)
-    return out
-
-
-def open_shard(url: str) -> IO[bytes]:
-    """Binary stream of one shard: local file, `pipe:` command (exit status checked on close) or URL."""
-    if url.startswith("pipe:"):
-        return webdataset.gopen(url, "rb")
-    if "://" not in url:
-        return open(url, "rb", buffering=1 << 20)
-    return fsspec.open(url, "rb").open()
-
-
-def _seed(*parts: Any) -> int:
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
 
 
 class _CounterRNG:
@@ -144,36 +49,10 @@ class _CounterRNG:
     def uniform(self, i: int) -> float:
         chunk = i // self.CHUNK
         if chunk != self._chunk:
-            rng = random.Random(_seed(*self.key, chunk))
+            rng = random.Random(seed_of(*self.key, chunk))
             self._values = [rng.random() for _ in range(self.CHUNK)]
             self._chunk = chunk
         return self._values[i % self.CHUNK]
-
-
-class _ShuffleBuffer:
-    """Seeded reservoir shuffle: holds up to `size` items, emits a random one per push once full."""
-
-    def __init__(self, size: int, seed: int) -> None:
-        self.size = size
-        self.rng = random.Random(seed)
-        self.items: list = []
-
-    def push(self, item: Any) -> Any | None:
-        if self.size == 0:
-            return item
-        if len(self.items) < self.size:
-            self.items.append(item)
-            return None
-        j = self.rng.randrange(self.size)
-        out, self.items[j] = self.items[j], item
-        return out
-
-    def pop(self) -> Any | None:
-        if not self.items:
-            return None
-        j = self.rng.randrange(len(self.items))
-        self.items[j], self.items[-1] = self.items[-1], self.items[j]
-        return self.items.pop()
 
 
 @dataclass
@@ -184,144 +63,6 @@ class _Ref:
     url: str
     key: str
     dropped: bool  # whether caption dropout hit it
-
-
-@dataclass
-class _Cursor:
-    """Where an epoch's generator stands: next shard and sample in it, samples seen, buffer contents."""
-
-    shard: int = 0  # position in the slot's shard list
-    ordinal: int = 0  # next sample within that shard
-    seen: int = 0  # samples read this epoch before the slot filter (for the sample split)
-    buffer: list = field(default_factory=list)
-    rng_state: tuple | None = None
-
-
-class _DatasetStream:
-    """Raw samples of one dataset for one worker slot, epoch after epoch, positioned by (epoch, taken)."""
-
-    def __init__(self, index: int, urls: list[str], cfg: DataConfig, slot: int, num_slots: int, stats: dict) -> None:
-        self.index, self.urls, self.cfg, self.stats = index, urls, cfg, stats
-        self.slot, self.num_slots = slot, num_slots
-        self.epoch, self.taken, self.done = 0, 0, False
-        self._it: Iterator[tuple[str, Any]] | None = None
-        self._cursor = _Cursor()
-
-    def position(self) -> dict:
-        return {"epoch": self.epoch, "taken": self.taken, "done": self.done}
-
-    def seek(self, epoch: int, taken: int = 0, done: bool = False) -> None:
-        """Position the stream after the first `taken` samples of `epoch`.
-
-        With a verified warmup index for every shard involved, the shuffle buffer is replayed on sample
-        numbers and only the samples still buffered are read (by byte offset); otherwise the epoch prefix
-        is re-read without decoding.
-        """
-        self.epoch, self.taken, self.done = epoch, 0, done
-        index = self._index(epoch) if taken else None
-        if index is None:
-            self._it = self._epoch_items(epoch)
-        else:
-            counts = lambda url, skip: ((url, o) for o in range(skip, index[url]["count"]))  # noqa: E731
-            sim = self._epoch_items(epoch, read=counts)
-            for _ in range(taken):
-                next(sim)
-            c = self._cursor
-            c.buffer = [(url, _read_at(url, index[url]["offsets"][o])) for url, o in c.buffer]
-            self._it = self._epoch_items(epoch, start=c, offsets={u: e["offsets"] for u, e in index.items()})
-            self.taken = taken
-            log.debug("fast seek of %s to epoch %d sample %d", self.cfg.datasets[self.index].name, epoch, taken)
-            return
-        for _ in range(taken):
-            if next(self._it, None) is None:
-                break
-            self.taken += 1
-
-    def next(self) -> tuple[str, RawSample] | None:
-        """Next (url, raw sample); None when one-pass mode has finished this dataset."""
-        if self.done:
-            return None
-        if self._it is None:
-            self.seek(self.epoch)
-        for _ in range(2):  # a fresh epoch that yields nothing means the dataset has no readable data
-            item = next(self._it, None)
-            if item is not None:
-                self.taken += 1
-                return item
-            if not self.cfg.loop:
-                self.done = True
-                return None
-            empty = self.taken == 0
-            self.seek(self.epoch + 1)
-            if empty:
-                break
-        raise RuntimeError(f"dataset {self.cfg.datasets[self.index].name!r}: no readable samples in any shard")
-
-    def _shards(self, epoch: int) -> tuple[list[str], bool]:
-        order = random.Random(_seed("shards", self.cfg.seed, self.index, epoch)).sample(self.urls, len(self.urls))
-        # Enough shards: each slot reads its own; too few: every slot reads all and keeps every n-th sample.
-        by_shard = len(order) >= self.num_slots
-        return (order[self.slot :: self.num_slots] if by_shard else order), by_shard
-
-    def _index(self, epoch: int) -> dict[str, dict] | None:
-        """Warmup index entries of this epoch's shards, or None unless every one is local and verified."""
-        urls, _ = self._shards(epoch)
-        if any(u.startswith("pipe:") or "://" in u for u in urls):
-            return None
-        index: dict[str, dict] = {}
-        for parent in {str(Path(u).parent) for u in urls}:
-            index.update(load_index(parent))
-        index = {str(Path(u)): index.get(str(Path(u))) for u in urls}
-        return None if None in index.values() else {u: index[str(Path(u))] for u in urls}
-
-    def _epoch_items(
-        self,
-        epoch: int,
-        *,
-        read: Callable[[str, int], Iterator] | None = None,
-        start: _Cursor | None = None,
-        offsets: dict[str, list[int]] | None = None,
-    ) -> Iterator[tuple[str, Any]]:
-        """(url, raw sample) of this slot's epoch, shuffled; `read(url, skip)` replaces shard reading."""
-        urls, by_shard = self._shards(epoch)
-        buffer = _ShuffleBuffer(self.cfg.shuffle_buffer, _seed("buffer", self.cfg.seed, self.index, epoch, self.slot))
-        c = start or _Cursor()
-        if start is not None:
-            buffer.items, self._cursor = list(start.buffer), _Cursor(start.shard, start.ordinal, start.seen)
-            buffer.rng.setstate(start.rng_state)
-        read = read or (lambda url, skip: ((url, raw) for raw in self._read_shard(url, offsets, skip)))
-        seen = c.seen
-        for si in range(c.shard, len(urls)):
-            ordinal = c.ordinal if si == c.shard else 0
-            for item in read(urls[si], ordinal):
-                ordinal, seen = ordinal + 1, seen + 1
-                if not by_shard and (seen - 1) % self.num_slots != self.slot:
-                    continue
-                out = buffer.push(item)
-                if out is not None:
-                    self._cursor = _Cursor(si, ordinal, seen, buffer.items, buffer.rng.getstate())
-                    yield out
-        while (out := buffer.pop()) is not None:
-            self._cursor = _Cursor(len(urls), 0, seen, buffer.items, buffer.rng.getstate())
-            yield out
-
-    def _read_shard(self, url: str, offsets: dict[str, list[int]] | None, skip: int) -> Iterator[RawSample]:
-        try:
-            with open_shard(url) as f:
-                if skip:  # only after a fast seek, which guarantees a local file with known offsets
-                    if skip >= len(offsets[url]):
-                        return
-                    f.seek(offsets[url][skip])
-                yield from iter_raw_samples(f)
-        except Exception as e:  # missing file, truncated tar, bad member, failing pipe: skip the rest
-            self.stats["shard_errors"] += 1
-            log.warning("skipping rest of shard %s: %s: %s", url, type(e).__name__, e)
-
-
-def _read_at(url: str, offset: int) -> RawSample:
-    with open(url, "rb") as f:
-        f.seek(offset)
-        return next(iter_raw_samples(f))
 
 
 @dataclass
@@ -392,9 +133,7 @@ class _WorkerRun:
             "shard_errors": 0,
             "per_dataset": [0] * len(cfg.datasets),
         }
-        self.streams = [
-            _DatasetStream(i, urls, cfg, self.slot, num_slots, self.stats) for i, urls in enumerate(ds.urls)
-        ]
+        self.streams = [DatasetStream(i, urls, cfg, self.slot, num_slots, self.stats) for i, urls in enumerate(ds.urls)]
         self.weights = [spec.weight for spec in cfg.datasets]
         self.mix_rng = _CounterRNG("mix", cfg.seed, self.slot)
         self.pending: dict[Bucket, list[tuple[Sample, _Ref]]] = {}

@@ -7,9 +7,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from nextstep.eval.shapes import GenerateFn, Prompt, reference_fn
 from nextstep.model.vae import load_vae, pil_to_pixels, pixels_to_pil
 from nextstep.sampling.pipeline import Pipeline
+from nextstep.shapes.evaluate import GenerateFn, reference_fn
+from nextstep.shapes.prompts import Prompt
 
 
 def pipeline_generate_fn(model_dir: Path, *, seed: int = 0, edit_options: dict | None = None, **options) -> GenerateFn:
@@ -55,6 +56,6 @@ def _shapes_fn(model_dir: Path, *, reference: list[Prompt] | None = None, **opti
 
 def main_shapes(argv: list[str] | None = None) -> int:
     """`nextstep eval shapes [--model DIR] [--split in|heldout] [--n N] [--ceiling]`."""
-    from nextstep.eval.shapes import main
+    from nextstep.shapes.evaluate import main
 
     return main(argv, _shapes_fn)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nextstep.data.wds import DataConfig
+from nextstep.data.config import DataConfig
 from nextstep.model.config import NextStepConfig
 
 INIT_KINDS = ("scratch", "pretrained", "lm")

@@ -1,21 +1,26 @@
 """Training metrics: FLOP accounting for MFU, device peaks, the rank-0 sinks (metrics.jsonl, optional wandb
-and TensorBoard, imported only when enabled), and sample images from the inference pipeline."""
+and TensorBoard, imported only when enabled), the per-step log (`StepLog`: what a step reports, averaged
+over ranks once per logging window) and sample images from the inference pipeline."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from tqdm import tqdm
 
 from nextstep.model.config import NextStepConfig
 from nextstep.model.nextstep import NextStep
-from nextstep.train.config import TrainConfig
+from nextstep.train.config import TrainConfig, to_dict
 from nextstep.train.lora import apply_lora, merge_lora
 
 log = logging.getLogger(__name__)
@@ -147,6 +152,104 @@ class MetricsWriter:
             self._wandb.finish()
         if self._tb is not None:
             self._tb.close()
+
+
+@dataclass
+class StepOutput:
+    """What one optimizer step reports; the metric tensors stay on the device until the log reads them."""
+
+    metrics: dict[str, torch.Tensor]  # name -> 0-dim tensor, this rank's value; the same names every step
+    lr: float  # base learning rate of the step (before per-module multipliers)
+    tokens: int  # sequence tokens this rank trained on
+    flops: float  # model FLOPs this rank spent (train_flops)
+    data_wait: float  # host seconds blocked on the loader
+
+
+def _all_mean(t: torch.Tensor) -> list:
+    """Mean over ranks, as Python numbers (the one host sync of a logging window)."""
+    if dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.tolist()
+
+
+class StepLog:
+    """The training log: step metrics are kept on the device and read once per `logging.log_steps` window,
+    averaged over ranks into `history` and written (rank 0) with throughput, MFU, peak memory and the data
+    stats; a progress bar shows the steps."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        rank: int,
+        world: int,
+        device: torch.device,
+        start_step: int,
+        data_stats: Callable[[], dict],
+    ) -> None:
+        out_dir = Path(cfg.training.output_dir)
+        self.writer = MetricsWriter(
+            out_dir,
+            enabled=rank == 0,
+            run_name=cfg.logging.run_name or out_dir.name,
+            config=to_dict(cfg),
+            wandb=cfg.logging.wandb,
+            wandb_project=cfg.logging.wandb_project,
+            tensorboard=cfg.logging.tensorboard,
+        )
+        self.every, self.last = cfg.logging.log_steps, cfg.training.max_steps
+        self.world, self.device, self.data_stats = world, device, data_stats
+        self.peak = peak_flops(device, cfg.logging.peak_tflops)
+        self.bar = tqdm(total=self.last, initial=start_step, disable=rank != 0 or not cfg.logging.progress)
+        self.history: list[dict[str, float]] = []
+        self.pending: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, metric values) not yet read
+        self.keys: list[str] = []  # metric names of the pending steps
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        self._new_window()
+
+    def _new_window(self) -> None:
+        self.start, self.tokens, self.flops, self.wait = time.perf_counter(), 0, 0.0, 0.0
+
+    def record(self, step: int, out: StepOutput) -> None:
+        """Keep step `step`'s report; at the end of a window (or of training) read and write the window."""
+        self.keys = list(out.metrics)
+        self.pending.append((step, out.lr, torch.stack([v.float() for v in out.metrics.values()])))
+        self.tokens += out.tokens
+        self.flops += out.flops
+        self.wait += out.data_wait
+        self.bar.update(1)
+        if step % self.every == 0 or step == self.last:
+            self._flush(step, out.lr)
+
+    def _flush(self, step: int, lr: float) -> None:
+        window = _all_mean(torch.stack([v for _, _, v in self.pending]))  # (steps, metrics)
+        for (s, lr_s, _), values in zip(self.pending, window, strict=True):
+            self.history.append({"step": s, **dict(zip(self.keys, values, strict=True)), "lr": lr_s})
+        self.pending = []
+        n = len(window)
+        metrics = {k: sum(h[k] for h in self.history[-n:]) / n for k in self.keys}
+        metrics["lr"] = lr
+        elapsed = time.perf_counter() - self.start
+        tokens, flops = _all_mean(torch.tensor([self.tokens, self.flops], dtype=torch.float64, device=self.device))
+        metrics["tokens_per_s"] = tokens * self.world / elapsed
+        metrics["steps_per_s"] = n / elapsed
+        metrics["data_wait_frac"] = self.wait / elapsed  # host time blocked on the loader (rank 0)
+        if self.peak:
+            metrics["mfu"] = flops / elapsed / self.peak
+        if self.device.type == "cuda":
+            metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        for k, v in self.data_stats().items():
+            if isinstance(v, int):
+                metrics[f"data/{k}"] = v
+        self.writer.log(step, metrics)
+        self.bar.set_postfix({k: f"{metrics[k]:.4f}" for k in self.keys if k != "grad_norm"})
+        self._new_window()
+
+    def close(self) -> None:
+        self.bar.close()
+        self.writer.close()
 
 
 def sampling_copy(model: nn.Module, cfg: TrainConfig, dtype: torch.dtype, device: torch.device) -> NextStep | None:

@@ -1,10 +1,12 @@
 """Parallelism applied to a plain NextStep model from outside: activation checkpointing, per-layer
-torch.compile and FSDP2 sharding, composed in `parallelize` (the torchtitan order: AC, compile, FSDP).
+torch.compile and FSDP2 sharding, composed in `parallelize` (the torchtitan order: AC, compile, FSDP);
+`setup_distributed` joins the process group first.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 import torch.distributed as dist
@@ -70,6 +72,29 @@ def init_single_process_group(device: torch.device) -> None:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def setup_distributed(cfg: ParallelConfig) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device): joins the torchrun process group when launched by torchrun, or a
+    one-rank group when one process asks for FSDP2 mixed precision."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local)
+        dist.init_process_group(cfg.backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not cfg.fsdp:
+        raise ValueError("parallel.fsdp=false with more than one process: only FSDP2 is supported")
+    if cfg.param_dtype != "float32" and cfg.fsdp:
+        init_single_process_group(device)  # mixed precision comes from FSDP2, also in one process
+    elif cfg.param_dtype != "float32":
+        raise ValueError(f"parallel.param_dtype={cfg.param_dtype} needs parallel.fsdp=true")
+    return rank, world, device
 
 
 def parallelize(model: NextStep, cfg: ParallelConfig, device: torch.device) -> nn.Module:

@@ -13,10 +13,11 @@ from PIL import Image
 
 from nextstep.cli import main as cli_main
 from nextstep.data.buckets import resize_center_crop
+from nextstep.data.config import DataConfig, DatasetSpec
 from nextstep.data.format import Sample, decode_latent, encode_latent, encode_sample, read_shard, write_shards
 from nextstep.data.latents import encode_latents
 from nextstep.data.tools import gen_meta
-from nextstep.data.wds import DataConfig, DatasetSpec, build_dataloader
+from nextstep.data.wds import build_dataloader
 from nextstep.model.vae import AutoEncoder, VAEConfig, load_vae, pil_to_pixels, save_vae
 from nextstep.train import loop
 from nextstep.train.config import apply_overrides

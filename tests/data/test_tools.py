@@ -8,17 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from nextstep.data.config import DataConfig, DatasetSpec
 from nextstep.data.format import read_shard
-from nextstep.data.tools import (
-    build_wds,
-    gen_meta,
-    load_index,
-    main_build_wds,
-    main_gen_meta,
-    main_warmup,
-    warmup_index,
-)
-from nextstep.data.wds import DataConfig, DatasetSpec, build_dataloader
+from nextstep.data.index import load_index
+from nextstep.data.tools import build_wds, gen_meta, main_build_wds, main_gen_meta, main_warmup, warmup_index
+from nextstep.data.wds import build_dataloader
 
 
 def _png(path, seed, size=(20, 12)):

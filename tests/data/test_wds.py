@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 from nextstep.data.buckets import make_buckets, nearest_bucket, normalize_pixels, resize_center_crop, to_tensor
+from nextstep.data.config import DataConfig, DatasetSpec
 from nextstep.data.format import Sample, write_shards
-from nextstep.data.wds import DataConfig, DatasetSpec, build_dataloader, drop_caption_text
+from nextstep.data.wds import build_dataloader, drop_caption_text
 
 SIZES = [(32, 32), (48, 24), (24, 48)]  # (W, H): square, landscape, portrait
 
@@ -219,7 +220,7 @@ def test_fast_resume_with_warmup_index(tmp_path, caplog, per_shard, cut):
     resumed = build_dataloader(cfg)
     resumed.load_state_dict(loader.state_dict())
     cfg0 = _cfg([DatasetSpec(shards=a)], loop=False, batch_size=2, shuffle_buffer=6, num_workers=0)
-    with caplog.at_level(logging.DEBUG, logger="nextstep.data.wds"):
+    with caplog.at_level(logging.DEBUG, logger="nextstep.data.stream"):
         tail = list(resumed)
         # Same fast path in-process, where the log is visible.
         solo = build_dataloader(cfg0)

@@ -16,9 +16,9 @@ gr = pytest.importorskip("gradio")
 pytest.importorskip("fastapi")
 
 from nextstep.assets import builtin_model_dir  # noqa: E402
-from nextstep.data.synthetic import make_sample  # noqa: E402
 from nextstep.sampling.pipeline import EDIT_DEFAULTS, Pipeline, read_defaults  # noqa: E402
 from nextstep.serve.demo import build_demo, main_demo, theme  # noqa: E402
+from nextstep.shapes.synth import make_sample  # noqa: E402
 from tests.serve.test_api import model_dir  # noqa: E402, F401  (the shared model fixture)
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -11,7 +11,8 @@ from nextstep.model.nextstep import NextStep
 from nextstep.model.tokenizer import TextTokenizer
 from nextstep.train import config as C
 from nextstep.train.config import TrainConfig, apply_overrides, diff, from_dict, load_preset, to_dict
-from nextstep.train.loop import lr_factor, resolve_arch, set_trainable
+from nextstep.train.init import resolve_arch, set_trainable
+from nextstep.train.optim import lr_factor
 
 PRESETS = [
     "debug",

@@ -10,8 +10,11 @@ from safetensors.torch import save_file
 
 from nextstep.model.checkpoint import build_model
 from nextstep.model.config import NextStepConfig
+from nextstep.model.tokenizer import TextTokenizer
 from nextstep.train import loop
 from nextstep.train.config import apply_overrides
+from nextstep.train.init import init_model, resolve_arch, set_trainable
+from nextstep.train.optim import build_optimizer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_loop import ARCH, latent_batches, one_thread, tiny_cfg  # noqa: E402, F401
@@ -27,8 +30,8 @@ def test_init_from_lm_dir_strips_prefix_and_keeps_image_modules_fresh(tmp_path):
     save_file(state, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text("{}")
     cfg = apply_overrides(tiny_cfg(tmp_path / "run"), ["model.init=lm", f"model.path={tmp_path}"])
-    arch = loop.resolve_arch(cfg, loop.TextTokenizer(cfg.model.tokenizer_dir))
-    model = loop.init_model(cfg, arch)
+    arch = resolve_arch(cfg, TextTokenizer(cfg.model.tokenizer_dir))
+    model = init_model(cfg, arch)
     assert model.embed_tokens.weight.shape[0] == 448
     torch.testing.assert_close(model.embed_tokens.weight[:400], lm.embed_tokens.weight)
     torch.testing.assert_close(model.layers[1].mlp.down_proj.weight, lm.layers[1].mlp.down_proj.weight)
@@ -37,7 +40,7 @@ def test_init_from_lm_dir_strips_prefix_and_keeps_image_modules_fresh(tmp_path):
 
     bad = apply_overrides(cfg, ["model.arch.hidden_size=64", "model.arch.intermediate_size=64"])
     with pytest.raises(ValueError, match="LM parameter 'embed_tokens.weight' has shape \\(400, 32\\)"):
-        loop.init_model(bad, bad.model.arch)
+        init_model(bad, bad.model.arch)
 
 
 def test_train_modules_freeze_the_rest_and_module_lr_groups(tmp_path):
@@ -49,17 +52,17 @@ def test_train_modules_freeze_the_rest_and_module_lr_groups(tmp_path):
             'optim.module_lr={"image_head": 10}',
         ],
     )
-    arch = loop.resolve_arch(cfg, loop.TextTokenizer(cfg.model.tokenizer_dir))
-    model = loop.init_model(cfg, arch)
-    loop.set_trainable(model, cfg.training.train_modules)
-    opt = loop.build_optimizer(model, cfg)
+    arch = resolve_arch(cfg, TextTokenizer(cfg.model.tokenizer_dir))
+    model = init_model(cfg, arch)
+    set_trainable(model, cfg.training.train_modules)
+    opt = build_optimizer(model, cfg)
     assert sorted({g["lr_mult"] for g in opt.param_groups}) == [1.0, 10.0]
     assert not model.embed_tokens.weight.requires_grad and model.image_head.net.parameters().__next__().requires_grad
     with pytest.raises(ValueError, match="names no module"):
-        loop.set_trainable(model, ["image_heads"])
+        set_trainable(model, ["image_heads"])
     with pytest.raises(ValueError, match="'layers.0.self_atn' names no module"):  # below the top level too
-        loop.set_trainable(model, ["layers.0.self_atn"])
-    loop.set_trainable(model, ["layers.0.self_attn", "norm.weight"])  # sub-modules and single parameters
+        set_trainable(model, ["layers.0.self_atn"])
+    set_trainable(model, ["layers.0.self_attn", "norm.weight"])  # sub-modules and single parameters
     trained = sorted(n for n, p in model.named_parameters() if p.requires_grad)
     assert trained == [
         "layers.0.self_attn.k_proj.bias",
@@ -71,9 +74,9 @@ def test_train_modules_freeze_the_rest_and_module_lr_groups(tmp_path):
         "layers.0.self_attn.v_proj.weight",
         "norm.weight",
     ]
-    loop.set_trainable(model, cfg.training.train_modules)
+    set_trainable(model, cfg.training.train_modules)
     with pytest.raises(ValueError, match="match no trainable parameter"):
-        loop.build_optimizer(model, apply_overrides(cfg, ['optim.module_lr={"layers": 2}']))
+        build_optimizer(model, apply_overrides(cfg, ['optim.module_lr={"layers": 2}']))
 
     before = {k: v.clone() for k, v in build_model(arch, seed=0).state_dict().items()}
     loop.train(cfg, data=latent_batches(4, 2))

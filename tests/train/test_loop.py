@@ -14,8 +14,8 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
+from nextstep.data.config import DataConfig, DatasetSpec
 from nextstep.data.format import Sample, write_shards
-from nextstep.data.wds import DataConfig, DatasetSpec
 from nextstep.model.checkpoint import from_pretrained
 from nextstep.model.config import NextStepConfig
 from nextstep.model.vae import AutoEncoder, VAEConfig, save_vae
@@ -30,6 +30,10 @@ from nextstep.train.config import (
     apply_overrides,
 )
 from nextstep.train.export import export
+from nextstep.train.init import init_model
+from nextstep.train.metrics import MetricsWriter
+from nextstep.train.optim import lr_factor
+from nextstep.train.step import image_targets, train_step
 from tests.refs import ROOT
 
 TINY = ROOT / "nextstep11-tiny"
@@ -101,7 +105,7 @@ def test_two_process_fsdp_matches_one_process(tmp_path):
     more = loop.train(resume, data=latent_batches(2, 4))
     assert [h["step"] for h in more] == [5, 6]
     # The schedule continues at step 4 (a fresh one would restart the warm-up at 1.5e-3).
-    assert [h["lr"] for h in more] == pytest.approx([loop.lr_factor(s, resume) * 3e-3 for s in (4, 5)])
+    assert [h["lr"] for h in more] == pytest.approx([lr_factor(s, resume) * 3e-3 for s in (4, 5)])
 
 
 def test_overfits_one_batch(tmp_path):
@@ -148,17 +152,17 @@ def test_kill_and_resume_reproduces_losses(shard_run, tmp_path, monkeypatch):
     metrics = [json.loads(line) for line in (tmp_path / "full/metrics.jsonl").read_text().splitlines()]
     assert max(m["data/shard_errors"] for m in metrics) >= 1  # the corrupt shard was skipped and counted
 
-    real_log = loop.MetricsWriter.log
+    real_log = MetricsWriter.log
 
     def crash_at_5(self, step, values):
         if step == 5:
             raise KeyboardInterrupt("simulated kill")
         real_log(self, step, values)
 
-    monkeypatch.setattr(loop.MetricsWriter, "log", crash_at_5)
+    monkeypatch.setattr(MetricsWriter, "log", crash_at_5)
     with pytest.raises(KeyboardInterrupt):
         loop.train(shard_run)
-    monkeypatch.setattr(loop.MetricsWriter, "log", real_log)
+    monkeypatch.setattr(MetricsWriter, "log", real_log)
     assert (tmp_path / "run/checkpoints/step-00000004").is_dir()
     assert not list((tmp_path / "run/checkpoints").glob("*.tmp"))
     resumed = loop.train(apply_overrides(shard_run, ["training.resume=true"]))
@@ -168,7 +172,7 @@ def test_kill_and_resume_reproduces_losses(shard_run, tmp_path, monkeypatch):
     ckpts = sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir())
     assert ckpts == ["step-00000002", "step-00000004", "step-00000006"]  # keep_last=3
 
-    ref = loop.init_model(shard_run, shard_run.model.arch)
+    ref = init_model(shard_run, shard_run.model.arch)
     from nextstep.train.checkpoint import load_model_weights
 
     load_model_weights(tmp_path / "run/checkpoints/step-00000006", ref)
@@ -188,7 +192,7 @@ def test_signal_saves_and_stops_then_resume_matches(shard_run, tmp_path, monkeyp
     cfg = apply_overrides(shard_run, ["data.num_workers=2", "training.save_steps=0"])
     full = loop.train(apply_overrides(cfg, [f"training.output_dir={tmp_path / 'full'}", "logging.profile_steps=1"]))
     assert "aten::" in (tmp_path / "full/profile/ops.txt").read_text()
-    real_log = loop.MetricsWriter.log
+    real_log = MetricsWriter.log
 
     def signal_at_3(self, step, values):
         real_log(self, step, values)
@@ -202,9 +206,9 @@ def test_signal_saves_and_stops_then_resume_matches(shard_run, tmp_path, monkeyp
             assert all(w.is_alive() for w in workers)
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(loop.MetricsWriter, "log", signal_at_3)
+    monkeypatch.setattr(MetricsWriter, "log", signal_at_3)
     stopped = loop.train(cfg)
-    monkeypatch.setattr(loop.MetricsWriter, "log", real_log)
+    monkeypatch.setattr(MetricsWriter, "log", real_log)
     assert [h["step"] for h in stopped] == [1, 2, 3]
     assert [p.name for p in (tmp_path / "run/checkpoints").iterdir()] == ["step-00000003"]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after train()
@@ -283,7 +287,7 @@ def test_torchrun_cli_runs_a_preset_and_rejects_bad_overrides(shard_run, tmp_pat
 def test_image_targets_are_in_placeholder_order_across_shape_groups():
     """Images of two bucket shapes, interleaved in the sequence: the targets follow placeholder order."""
     from nextstep.model.nextstep import patchify
-    from nextstep.train.tokenize import TrainBatch
+    from nextstep.train.sequences import TrainBatch
 
     g = torch.Generator().manual_seed(0)
     wide, tall = torch.randn(4, 16, 4, 6, generator=g), torch.randn(3, 16, 6, 4, generator=g)
@@ -293,9 +297,9 @@ def test_image_targets_are_in_placeholder_order_across_shape_groups():
     for idx, x in groups:
         for j, i in enumerate(idx):
             want[i] = patchify(x, 2)[j]
-    torch.testing.assert_close(loop.image_targets(batch, None, 2), torch.cat(want), rtol=0, atol=0)
+    torch.testing.assert_close(image_targets(batch, None, 2), torch.cat(want), rtol=0, atol=0)
     one = TrainBatch(None, None, None, None, [([0, 1, 2, 3], wide)], list(range(4)), [6] * 4, 0, [], 4)
-    torch.testing.assert_close(loop.image_targets(one, None, 2), patchify(wide, 2).reshape(24, 64), rtol=0, atol=0)
+    torch.testing.assert_close(image_targets(one, None, 2), patchify(wide, 2).reshape(24, 64), rtol=0, atol=0)
 
 
 def test_elastic_resume_with_another_worker_count(shard_run, tmp_path, caplog):
@@ -333,3 +337,24 @@ def test_image_input_noise_noises_the_inputs_not_the_targets(tmp_path, monkeypat
     assert plain[0]["loss"] != pytest.approx(noisy[0]["loss"], rel=1e-6)
     with pytest.raises(ValueError, match="image_input_noise must be in \\[0, 10\\], got -1"):
         TrainingConfig(image_input_noise=-1)
+
+
+def test_another_step_keeps_build_checkpoint_and_log(tmp_path):
+    """A training mode replaces the step (here the NextStep step plus a metric of its own) and keeps the
+    loop's build, log and checkpoints; the same batches give the same losses as the default step."""
+    calls = []
+
+    def step(run):
+        calls.append(run.step)
+        out = train_step(run)
+        out.metrics["double_loss"] = 2 * out.metrics["loss"]
+        return out
+
+    own = loop.train(tiny_cfg(tmp_path / "own", max_steps=3, save_steps=2), data=latent_batches(3, 2), step_fn=step)
+    plain = loop.train(tiny_cfg(tmp_path / "plain", max_steps=3, save_steps=2), data=latent_batches(3, 2))
+    assert calls == [0, 1, 2]
+    assert [h["loss"] for h in own] == [h["loss"] for h in plain]
+    assert [h["double_loss"] for h in own] == pytest.approx([2 * h["loss"] for h in own])
+    logged = [json.loads(line) for line in (tmp_path / "own/metrics.jsonl").read_text().splitlines()]
+    assert [m["double_loss"] for m in logged] == pytest.approx([2 * m["loss"] for m in logged])
+    assert sorted(p.name for p in (tmp_path / "own/checkpoints").iterdir()) == ["step-00000002", "step-00000003"]

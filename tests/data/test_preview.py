@@ -12,7 +12,7 @@ from PIL import Image
 from nextstep.data.format import Sample, write_shards
 from nextstep.data.tools import gen_meta
 
-APP = str(Path(__file__).parents[2] / "nextstep" / "serve" / "preview.py")
+APP = str(Path(__file__).parents[2] / "nextstep" / "data" / "preview.py")
 
 
 def _shards(root: Path, name: str, n: int = 6) -> Path:
@@ -31,8 +31,8 @@ def _shards(root: Path, name: str, n: int = 6) -> Path:
 
 
 def test_helpers(tmp_path):
-    from nextstep.data.wds import DataConfig, DatasetSpec
-    from nextstep.serve.preview import histogram, load_samples, mixture_table, resolution_counts, sample_kind
+    from nextstep.data.config import DataConfig, DatasetSpec
+    from nextstep.data.preview import histogram, load_samples, mixture_table, resolution_counts, sample_kind
 
     a, b = _shards(tmp_path, "alpha"), _shards(tmp_path, "beta", 3)
     samples, errors = load_samples([str(p) for p in sorted(a.glob("*.tar"))] + [str(tmp_path / "x.tar")], 100)

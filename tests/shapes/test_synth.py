@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 
 from nextstep.data.format import placeholder_indices, read_shard
-from nextstep.data.synthetic import main, make_sample, write_synthetic
-from nextstep.eval.scenes import (
+from nextstep.shapes.scenes import (
     COLORS,
     HELDOUT_PAIRS,
     HELDOUT_RELATIONS,
@@ -19,6 +18,7 @@ from nextstep.eval.scenes import (
     relation_holds,
     render,
 )
+from nextstep.shapes.synth import main, make_sample, write_synthetic
 
 N = 600  # in-memory samples for the distribution tests
 

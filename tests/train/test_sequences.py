@@ -8,7 +8,7 @@ from nextstep.data.format import Sample
 from nextstep.model.checkpoint import build_model
 from nextstep.model.config import NextStepConfig
 from nextstep.model.tokenizer import EOS, IMAGE_AREA, TextTokenizer
-from nextstep.train.tokenize import IGNORE, SequenceBuilder, collate, special_ids
+from nextstep.train.sequences import IGNORE, SequenceBuilder, collate, special_ids
 from tests.refs import ROOT
 
 TINY = ROOT / "nextstep11-tiny"

@@ -1,6 +1,6 @@
 """The synthetic shapes world: palette, shapes, held-out split, placement, rendering and the phrases for them.
 
-The training generator (`nextstep.data.synthetic`) and the exact scorer (`nextstep.eval.shapes`) both use
+The training generator (`nextstep.shapes.synth`) and the exact scorer (`nextstep.shapes.score`) both use
 these definitions, so a caption, a prompt and a score always mean the same scene. Coordinates are
 fractions of the image side, origin top left, y down.
 """

@@ -4,7 +4,7 @@ Sample `i` depends only on (seed, i), so output is the same for any number of wo
 
     nextstep data synth-shapes OUT --n 1000000 --seed 0 --workers 16
 
-Held-out color-shape pairs and relations (`nextstep.eval.scenes.HELDOUT_*`) never appear here.
+Held-out color-shape pairs and relations (`nextstep.shapes.scenes.HELDOUT_*`) never appear here.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from nextstep.data.format import Sample, ShardWriter, shard_path
-from nextstep.eval.scenes import (
+from nextstep.io import write_json
+from nextstep.shapes.scenes import (
     COLORS,
     INVERSE,
     REGION_PHRASES,
@@ -44,7 +45,6 @@ from nextstep.eval.scenes import (
     place,
     render,
 )
-from nextstep.io import write_json
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Streamlit data preview: samples of a shard folder or data config, caption/resolution histograms, mixture.
 
 nextstep data preview shards/ --port 8501
-streamlit run nextstep/serve/preview.py --server.port 8501 -- shards/   # same thing
+streamlit run nextstep/data/preview.py --server.port 8501 -- shards/   # same thing
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from nextstep.data.config import DataConfig
 from nextstep.data.format import Sample, caption_segments, read_shard
-from nextstep.data.tools import META_NAME
-from nextstep.data.wds import DataConfig, expand_shards
+from nextstep.data.index import META_NAME
+from nextstep.data.stream import expand_shards
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nextstep.data.synthetic import make_sample
-from nextstep.eval.scenes import (
+from nextstep.shapes.evaluate import evaluate, main, reference_fn
+from nextstep.shapes.prompts import CATEGORIES, Prompt, Want, build_prompts, reference_scene, source_image
+from nextstep.shapes.scenes import (
     COLORS,
     HELDOUT_PAIRS,
     INVERSE,
@@ -21,20 +22,8 @@ from nextstep.eval.scenes import (
     place,
     render,
 )
-from nextstep.eval.shapes import (
-    CATEGORIES,
-    Prompt,
-    Want,
-    build_prompts,
-    classify,
-    evaluate,
-    main,
-    parse_scene,
-    reference_fn,
-    reference_scene,
-    score_image,
-    source_image,
-)
+from nextstep.shapes.score import classify, parse_scene, score_image
+from nextstep.shapes.synth import make_sample
 
 
 @pytest.mark.parametrize("split", ["in", "heldout"])
@@ -74,9 +63,9 @@ def test_circles_and_hexagons_stay_apart_through_the_vae():
     import torch
 
     from nextstep.assets import builtin_model_dir
-    from nextstep.eval.scenes import SIZES
-    from nextstep.eval.shapes import random_background
     from nextstep.model.vae import load_vae, pil_to_pixels, pixels_to_pil
+    from nextstep.shapes.scenes import SIZES
+    from nextstep.shapes.synth import random_background
 
     rng = random.Random(3)
     truth, images = [], []
@@ -252,7 +241,7 @@ def test_default_model_is_the_builtin_one_and_results_stay_out_of_the_package(tm
 
 
 def test_parse_prompt_reads_counts_colors_regions_and_group_relations():
-    from nextstep.eval.shapes import parse_prompt
+    from nextstep.shapes.prompts import parse_prompt
 
     p = parse_prompt("Two red circles above a blue star.")
     assert [(w.shape, w.color) for w in p.objects] == [("circle", "red"), ("circle", "red"), ("star", "blue")]
@@ -279,7 +268,7 @@ def test_parse_prompt_reads_counts_colors_regions_and_group_relations():
 def test_prompt_option_scores_one_batch_of_the_prompt(tmp_path, capsys):
     """A drawing of the wanted scene passes and one with a circle below the star fails, by the same rules
     as the prompt sets; all --n samples come from one generate call."""
-    from nextstep.eval.shapes import random_background
+    from nextstep.shapes.synth import random_background
 
     def scene(circle_y, star_y):
         objs = [Obj("circle", "red", "small", 0.25, circle_y), Obj("circle", "red", "small", 0.75, circle_y)]

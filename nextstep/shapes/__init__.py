@@ -1,0 +1,2 @@
+"""The synthetic shapes world: scenes (drawing and sampling), synth (training shards), prompts, score (the
+exact scorer) and evaluate (`nextstep eval shapes`)."""

@@ -1,0 +1,199 @@
+"""Shapes eval prompts: the categories, the prompt sets (in-distribution and held-out), a parser for
+free-text shapes prompts and the reference scene that answers a prompt correctly."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field, replace
+
+from PIL import Image
+
+from nextstep.shapes.scenes import (
+    COLORS,
+    HELDOUT_PAIRS,
+    HELDOUT_RELATIONS,
+    INVERSE,
+    NUMBERS,
+    REGION_PHRASES,
+    RELATION_PHRASES,
+    RELATIONS,
+    SHAPES,
+    SIZES,
+    TRAIN_PAIRS,
+    Edit,
+    Obj,
+    Scene,
+    apply_edit,
+    edit_text,
+    is_heldout_relation,
+    noun_phrase,
+    place,
+    plural,
+    render,
+)
+from nextstep.shapes.synth import random_background, sample_edit
+
+CATEGORIES = (
+    "single_object",
+    "two_objects",
+    "counting",
+    "colors",
+    "position",
+    "color_attribution",
+    "editing",
+)
+
+
+@dataclass
+class Want:
+    """One object a prompt asks for; None fields are free."""
+
+    shape: str
+    color: str | None = None
+    region: str | None = None  # absolute region it must lie in (loose test)
+    near: tuple[float, float] | None = None  # center it must keep (edit: unchanged objects)
+    away: tuple[float, float] | None = None  # center it must leave (edit: moved object)
+
+
+@dataclass
+class Prompt:
+    """An eval prompt and what a correct image contains: exactly `objects`, with `relations` between them.
+
+    For editing, `text` is the instruction, `source` the input scene and the wanted objects follow from
+    the objects parsed from the input image and `edit` (so `objects` stays empty).
+    """
+
+    category: str
+    text: str
+    objects: list[Want] = field(default_factory=list)
+    relations: list[tuple[int, str, int]] = field(default_factory=list)  # (i, rel, j): objects[i] rel [j]
+    source: dict | None = None  # editing: Scene.to_json of the input image
+    edit: dict | None = None  # editing: asdict(Edit)
+    size: int = 128  # image side the source is rendered at
+
+
+def source_image(prompt: Prompt) -> Image.Image | None:
+    """The input image of an editing prompt, None for text-to-image prompts."""
+    return None if prompt.source is None else render(Scene.from_json(prompt.source), size=prompt.size)
+
+
+def _pair(rng: random.Random, pairs, *, show_color: bool, other_than: str | None = None) -> Want:
+    color, shape = rng.choice([p for p in pairs if p[1] != other_than])
+    return Want(shape, color if show_color else None)
+
+
+def _phrase(want: Want, count: int = 1) -> str:
+    return noun_phrase(want.shape, color=want.color, count=count)
+
+
+def _build(category: str, rng: random.Random, heldout: bool) -> Prompt:
+    pairs = tuple(sorted(HELDOUT_PAIRS)) if heldout else TRAIN_PAIRS
+    maybe = heldout or rng.random() < 0.5  # color-free prompts only in-distribution (held-out needs a color)
+    if category in ("single_object", "colors"):
+        a = _pair(rng, pairs, show_color=category == "colors" or maybe)
+        return Prompt(category, _phrase(a), [a])
+    if category == "counting":
+        a, count = _pair(rng, pairs, show_color=maybe), rng.randint(2, 4)
+        return Prompt(category, _phrase(a, count), [a] * count)
+    if category in ("two_objects", "color_attribution"):
+        show = category == "color_attribution" or maybe
+        a = _pair(rng, pairs, show_color=show)
+        b = _pair(
+            rng,
+            pairs if category == "color_attribution" else TRAIN_PAIRS,
+            show_color=show,
+            other_than=a.shape,
+        )
+        return Prompt(category, f"{_phrase(a)} and {_phrase(b)}", [a, b])
+    if category == "position":
+        while True:
+            if heldout:
+                sa, rel, sb = rng.choice(sorted(HELDOUT_RELATIONS))
+                if rng.random() < 0.5:
+                    sa, rel, sb = sb, INVERSE[rel], sa
+            else:
+                sa, sb = rng.sample(SHAPES, 2)
+                rel = rng.choice(RELATIONS)
+            if heldout == is_heldout_relation(sa, rel, sb):
+                break
+        show = rng.random() < 0.5
+        a = _pair(rng, [p for p in TRAIN_PAIRS if p[1] == sa], show_color=show)
+        b = _pair(rng, [p for p in TRAIN_PAIRS if p[1] == sb], show_color=show)
+        return Prompt(category, f"{_phrase(a)} {RELATION_PHRASES[rel][0]} {_phrase(b)}", [a, b], [(0, rel, 1)])
+    ops = ("recolor", "add") if heldout else ("recolor", "move", "add", "remove")
+    src, edit, _ = sample_edit(rng, new_pairs=pairs, ops=ops)
+    return Prompt(category, edit_text(edit), source=src.to_json(128), edit=asdict(edit))
+
+
+MAX_PROMPT_OBJECTS = 8  # a 128 px scene holds four objects comfortably; more cannot be drawn apart
+
+
+def _noun_wants(phrase: str, text: str) -> list[Want]:
+    """ "two small red circles" -> two Wants (sizes are read but not scored, as in the categories)."""
+    words = phrase.split()
+    counts = {word: k for k, word in NUMBERS.items()} | {"an": 1, "one": 1}
+    if len(words) < 2 or words[0] not in counts:
+        raise ValueError(f"cannot read {phrase!r} in prompt {text!r}: a phrase starts with a, an or a number")
+    count, rest = counts[words[0]], words[1:]
+    if rest[0] in SIZES:
+        rest = rest[1:]
+    color = rest[0] if len(rest) == 2 and rest[0] in COLORS else None
+    noun = rest[-1] if len(rest) == 1 + (color is not None) else None
+    shapes = {(plural(sh) if count > 1 else sh): sh for sh in SHAPES}
+    if noun not in shapes:
+        raise ValueError(
+            f"cannot read {phrase!r} in prompt {text!r}: expected [size] [color] shape, with colors "
+            f"{', '.join(COLORS)} and shapes {', '.join(SHAPES)} (plural after a number above one)"
+        )
+    return [Want(shapes[noun], color) for _ in range(count)]
+
+
+def parse_prompt(text: str) -> Prompt:
+    """A Prompt (category "prompt") from a shapes-domain description, scored like the eval's own:
+    noun phrases joined by commas or "and", each optionally followed by a region ("a red circle on the
+    left"), or two phrases joined by a relation ("two red circles above a blue star": every circle above the
+    star). ValueError naming the part it cannot read."""
+    clean = " ".join(text.lower().strip().rstrip(".").split())
+    relations: list[tuple[int, str, int]] = []
+    phrases = sorted(((ph, rel) for rel, ps in RELATION_PHRASES.items() for ph in ps), key=lambda x: -len(x[0]))
+    hit = next(((ph, rel) for ph, rel in phrases if f" {ph} " in clean), None)
+    if hit is not None:
+        left, right = clean.split(f" {hit[0]} ", 1)
+        a, b = _noun_wants(left, text), _noun_wants(right, text)
+        wants = a + b
+        relations = [(i, hit[1], len(a) + j) for i in range(len(a)) for j in range(len(b))]
+    else:
+        wants = []
+        for part in clean.replace(" and ", ", ").split(", "):
+            region = next((r for r, ph in REGION_PHRASES.items() if part.endswith(f" {ph}")), None)
+            if region is not None:
+                part = part[: -len(REGION_PHRASES[region]) - 1]
+            wants += [replace(w, region=region) for w in _noun_wants(part, text)]
+    if len(wants) > MAX_PROMPT_OBJECTS:
+        raise ValueError(f"prompt {text!r} asks for {len(wants)} objects, at most {MAX_PROMPT_OBJECTS}")
+    return Prompt("prompt", text, wants, relations)
+
+
+def build_prompts(split: str, n: int, seed: int = 0) -> list[Prompt]:
+    """`n` prompts per category of CATEGORIES, grouped by category. split "in" draws from the training
+    distribution; "heldout" makes every prompt use a held-out color-shape pair or relation."""
+    if split not in ("in", "heldout"):
+        raise ValueError(f"split must be 'in' or 'heldout', got {split!r}")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    rng = random.Random(f"shapes-eval:{split}:{seed}")
+    return [_build(category, rng, split == "heldout") for category in CATEGORIES for _ in range(n)]
+
+
+def reference_scene(prompt: Prompt, rng: random.Random) -> Scene:
+    """A scene a perfect model could draw for `prompt` (free colors, sizes and places sampled from
+    `rng`); rendered, it is the scorer's self-test and the eval's upper bound."""
+    while True:
+        if prompt.edit is not None:
+            scene = apply_edit(Scene.from_json(prompt.source), Edit(**prompt.edit), rng)
+            if scene is not None:
+                return scene
+            continue
+        objs = [Obj(w.shape, w.color or rng.choice(list(COLORS)), rng.choice(tuple(SIZES))) for w in prompt.objects]
+        if place(objs, rng, regions=[w.region for w in prompt.objects], relations=prompt.relations):
+            return Scene(objs, random_background(rng))
