@@ -25,6 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from nextstep.data.buckets import normalize_pixels
+from nextstep.hub import resolve_model_dir
 from nextstep.io import write_text
 from nextstep.model.checkpoint import build_model, from_pretrained, load_state_dict, weight_files
 from nextstep.model.config import NextStepConfig
@@ -385,6 +386,8 @@ def train(cfg: TrainConfig, *, data: Iterable | None = None) -> list[dict[str, f
     if t_cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     out_dir = Path(t_cfg.output_dir)
+    if cfg.model.path:  # a Hub id or zoo name becomes its cached checkpoint directory
+        cfg.model.path = str(resolve_model_dir(cfg.model.path))
     tok_dir = cfg.model.resolved_tokenizer_dir
     tokenizer = TextTokenizer(tok_dir) if tok_dir else None
     if tokenizer is None:
