@@ -178,7 +178,11 @@ def with_vae(snapshot: Path, vae: Path) -> Path:
 
     out = Path(constants.HF_HOME) / "nextstep" / snapshot.parent.parent.name / snapshot.name
     entries = [p for p in snapshot.iterdir() if p.name != "vae"]
-    if (out / "vae").resolve() == vae.resolve() and all((out / p.name).exists() for p in entries):
+
+    def linked(d: Path) -> bool:
+        return (d / "vae").resolve() == vae.resolve() and all((d / p.name).exists() for p in entries)
+
+    if linked(out):
         return out
     tmp = out.with_name(f".{out.name}.{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -186,11 +190,11 @@ def with_vae(snapshot: Path, vae: Path) -> Path:
     for p in entries:
         (tmp / p.name).symlink_to(p.absolute())
     (tmp / "vae").symlink_to(vae.absolute(), target_is_directory=True)
-    shutil.rmtree(out, ignore_errors=True)
-    try:
-        tmp.rename(out)
-    except OSError:  # another process made it first
-        shutil.rmtree(tmp, ignore_errors=True)
+    if not linked(out):  # another rank may have made it meanwhile: keep theirs
+        shutil.rmtree(out, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            tmp.rename(out)
+    shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -17,7 +17,10 @@ from huggingface_hub import constants
 import nextstep
 from nextstep.assets import builtin_model_dir
 from nextstep.hub import HubRef, main_download, main_models, parse_hub_ref, resolve_model_dir
+from nextstep.train import loop
+from nextstep.train.config import apply_overrides
 from tests.refs import ROOT
+from tests.train.test_loop import latent_batches, tiny_cfg
 
 TINY11 = ROOT / "nextstep11-tiny"
 TINY1 = ROOT / "nextstep-tiny"
@@ -141,3 +144,11 @@ def test_cli_offline_error_is_one_line_exit_2(hub):
         assert r.returncode == 2, r.stderr
         assert r.stderr.startswith("nextstep: error: ") and r.stderr.count("\n") == 1
         assert "nextstep download stepfun-ai/NextStep-1-Large" in r.stderr
+
+
+def test_training_model_path_takes_a_zoo_name(hub, tmp_path):
+    cfg = tiny_cfg(tmp_path / "run", max_steps=1, save_steps=1)
+    cfg = apply_overrides(cfg, ["model.init=pretrained", "model.path=nextstep-1.1", "model.tokenizer_dir="])
+    loop.train(cfg, data=latent_batches(1, 2))
+    assert cfg.model.path == str(hub / "models--stepfun-ai--NextStep-1.1" / "snapshots" / COMMIT)  # tokenizer too
+    assert (tmp_path / "run" / "checkpoints" / "step-00000001").is_dir()
