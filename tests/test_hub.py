@@ -137,9 +137,13 @@ def test_models_marks_cached_and_download_prints_the_directory(hub, capsys):
     assert capsys.readouterr().out.strip() == str(hub / "models--stepfun-ai--NextStep-1.1" / "snapshots" / COMMIT)
 
 
-def test_cli_offline_error_is_one_line_exit_2(hub):
+def test_cli_offline_error_is_one_line_exit_2(hub, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    for args in (["generate", "a cat", "--model", "nextstep-1-large"], ["download", "nextstep-1-large"]):
+    for args in (
+        ["generate", "a cat", "--model", "nextstep-1-large"],
+        ["download", "nextstep-1-large"],
+        ["download", "nextstep-1-large", str(tmp_path / "ckpt")],
+    ):
         r = subprocess.run([sys.executable, "-m", "nextstep.cli", *args], capture_output=True, text=True, env=env)
         assert r.returncode == 2, r.stderr
         assert r.stderr.startswith("nextstep: error: ") and r.stderr.count("\n") == 1
