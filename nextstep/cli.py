@@ -30,6 +30,8 @@ FORWARDED = {
     ("eval", "gen-images"): "nextstep.eval.gen_images:main",
     ("serve",): "nextstep.serve.api:main_serve",
     ("demo",): "nextstep.serve.demo:main_demo",
+    ("models",): "nextstep.hub:main_models",
+    ("download",): "nextstep.hub:main_download",
 }
 
 
@@ -45,7 +47,7 @@ def size_arg(text: str) -> tuple[int, int]:
 def _add_sampling_args(p: argparse.ArgumentParser, *, edit: bool) -> None:
     p.add_argument("prompt", help="instruction" if edit else "text prompt")
     p.add_argument("-o", "--output", default="out.png", help="output PNG; with --n > 1, name_0.png, name_1.png, ...")
-    p.add_argument("--model", default=None, help="checkpoint directory (default: the built-in model)")
+    p.add_argument("--model", default=None, help="directory, Hugging Face id[@rev] or zoo name (default: built in)")
     p.add_argument("--size", type=size_arg, default=None, help="WIDTHxHEIGHT in pixels, multiples of 16")
     p.add_argument("--steps", type=int, default=None, help="flow-matching head steps per token")
     p.add_argument("--cfg", type=float, default=None, help="text guidance scale (1 = off)")
@@ -100,17 +102,6 @@ def build_parser() -> argparse.ArgumentParser:
             target = groups[part]
         target.add_parser(path[-1], add_help=False)
     return parser
-
-
-def resolve_model_dir(model: str | None) -> Path:
-    if model is not None:
-        return Path(model)
-    from nextstep.assets import builtin_model_dir
-
-    path = builtin_model_dir()
-    if path is None:
-        raise ValueError("no built-in model is installed: pass a checkpoint directory with --model DIR")
-    return path
 
 
 def _options(args: argparse.Namespace) -> dict:

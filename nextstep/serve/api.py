@@ -418,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main_serve(argv: list[str] | None = None) -> int:
     import uvicorn
 
-    from nextstep.cli import resolve_model_dir
+    from nextstep.hub import resolve_model_dir
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main_demo(argv: list[str] | None = None) -> int:
-    from nextstep.cli import resolve_model_dir
+    from nextstep.hub import resolve_model_dir
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

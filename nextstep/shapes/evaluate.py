@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from nextstep.assets import builtin_model_dir
+from nextstep.hub import resolve_model_dir
 from nextstep.io import write_bytes
 from nextstep.shapes.prompts import Prompt, build_prompts, parse_prompt, reference_scene, source_image
 from nextstep.shapes.scenes import render
@@ -158,13 +158,13 @@ def main(argv: list[str] | None, generate_fn_factory: Callable[..., GenerateFn])
     else:
         prompts = build_prompts(args.split, args.n, args.seed)
     name = "shapes_prompt" if args.prompt is not None else f"shapes_{args.split}" + ("_ceiling" if args.ceiling else "")
-    if args.model is None:  # the built-in model: results go under the working directory, not the package
-        args.model = builtin_model_dir()
-        if args.model is None:
-            p.error("this install has no built-in model: give --model DIR")
-        out = args.out or Path("eval") / args.model.name / name
-    else:
-        out = args.out or args.model / "eval" / name
+    local = args.model is not None and args.model.is_dir()  # else built in or Hub: results go under ./eval
+    try:
+        model_dir = resolve_model_dir(args.model)
+    except (ValueError, FileNotFoundError) as e:
+        p.error(str(e))
+    out = args.out or (model_dir / "eval" / name if local else Path("eval") / (args.model or model_dir).name / name)
+    args.model = model_dir
     if args.ceiling:
         options["reference"] = prompts
     results = evaluate(generate_fn_factory(args.model, **options), prompts, out, batch_size=args.batch_size)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from nextstep.hub import resolve_model_dir
 from nextstep.model.tokenizer import TextTokenizer
 from nextstep.model.vae import AutoEncoder, load_vae
 from nextstep.train import checkpoint as ckpt
@@ -61,6 +62,8 @@ def build_run(cfg: TrainConfig, *, data: Iterable | None = None) -> Run:
     if t_cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     out_dir = Path(t_cfg.output_dir)
+    if cfg.model.path:  # a Hub id or zoo name becomes its cached checkpoint directory
+        cfg.model.path = str(resolve_model_dir(cfg.model.path))
     tok_dir = cfg.model.resolved_tokenizer_dir
     tokenizer = TextTokenizer(tok_dir) if tok_dir else None
     if tokenizer is None:
