@@ -67,7 +67,7 @@ class GenerateOptions:
     # token): for models trained with training.image_input_noise. One extra (B, D) draw per fed-back token.
     context_noise: float = option(0.0, "noise std on tokens read back (image-input-noise models)", low=0, high=10)
     seed: int | None = option(0, "random seed (same seed, same image); None draws one", low=0, high=MAX_SEED, api=True)
-    n: int = option(1, "images per prompt", low=0, open_low=True, high=MAX_BATCH, label="n (images per prompt)")
+    n: int = option(1, "images per prompt", low=1, high=MAX_BATCH, label="n (images per prompt)")
     positive_prompt: str = option("", "text appended to each prompt", task="generate")
     negative_prompt: str = option("", "text of the unconditional branch", api=True)
     progress: bool = option(False, "tqdm bar over image tokens", cli=False)
@@ -111,7 +111,10 @@ def check_value(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise OptionError(name, f"{label} must be a number, got {value!r}")
     if not math.isfinite(value) or not (value > low if meta["open_low"] else value >= low) or value > high:
-        span = f"> {low} and <= {high}" if meta["open_low"] else f"in [{low}, {high}]"
+        if meta["open_low"]:
+            span = f"> {low} and <= {high}"
+        else:
+            span = f"from {low} to {high}" if FIELDS[name].type.startswith("int") else f"in [{low}, {high}]"
         raise OptionError(name, f"{label} must be {span}, got {value}")
 
 
