@@ -29,7 +29,6 @@ from fastapi.responses import JSONResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from nextstep.io import MAX_PIXELS, open_image
 from nextstep.sampling.options import (
@@ -43,6 +42,7 @@ from nextstep.sampling.options import (
 )
 from nextstep.sampling.pipeline import Pipeline
 from nextstep.serve.batching import Batcher, BatchKey, Job, QueueFull, run_batch
+from nextstep.serve.middleware import ApiError, BodyLimit, CountResponses
 
 log = logging.getLogger(__name__)
 
@@ -76,19 +76,6 @@ class ServeConfig:
                 f"need max_wait_ms >= 0, timeout_s > 0, stall_s > 0, got {self.max_wait_ms}, {self.timeout_s}, "
                 f"{self.stall_s}"
             )
-
-
-class ApiError(Exception):
-    """A request the server refuses, answered as OpenAI does: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, message: str, param: str | None = None, *, status: int = 400, kind: str | None = None):
-        super().__init__(message)
-        self.message, self.status, self.param = message, status, param
-        self.kind = kind or ("invalid_request_error" if status < 500 else "server_error")
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
-        return JSONResponse(body, status_code=self.status)
 
 
 class OpenAIRequest(BaseModel):
@@ -299,43 +286,6 @@ def png_base64(image: Image.Image) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-class BodyLimit:
-    """ASGI middleware answering 413 to bodies over `max_bytes`, by Content-Length or as they stream in."""
-
-    def __init__(self, app: ASGIApp, *, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        too_big = ApiError(f"request body exceeds the limit of {self.max_bytes} bytes", status=413)
-        length = dict(scope["headers"]).get(b"content-length", b"0")
-        if not length.isdigit():
-            return await ApiError("bad Content-Length header").response()(scope, receive, send)
-        if int(length) > self.max_bytes:
-            return await too_big.response()(scope, receive, send)
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_bytes:
-                return await too_big.response()(scope, receive, send)
-            more = message.get("more_body", False)
-        replayed = False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-
-        await self.app(scope, replay, send)
-
-
 def build_app(pipe: Pipeline, config: ServeConfig | None = None) -> FastAPI:
     """The FastAPI app; its lifespan starts and stops the batcher."""
     server = Server(pipe, config or ServeConfig())
@@ -349,18 +299,9 @@ def build_app(pipe: Pipeline, config: ServeConfig | None = None) -> FastAPI:
     # no /docs or /redoc: their pages load scripts from a CDN; /openapi.json stays
     app = FastAPI(title="nextstep", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = server
+    paths: set[str] = set()  # the routes, filled in below: /metrics counts any other path as "other"
     app.add_middleware(BodyLimit, max_bytes=server.config.max_body_bytes)
-
-    @app.middleware("http")
-    async def count_responses(request: Request, call_next):
-        try:
-            response = await call_next(request)
-        except Exception as e:  # a bug: still one JSON answer, and counted
-            log.error("unhandled error on %s", request.url.path, exc_info=e)
-            response = ApiError(f"internal error: {type(e).__name__}", status=500).response()
-        path = request.url.path if request.url.path in routes else "other"  # bounded keys whatever clients send
-        server.responses[(path, response.status_code)] += 1
-        return response
+    app.add_middleware(CountResponses, counts=server.responses, paths=paths)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
@@ -442,7 +383,7 @@ def build_app(pipe: Pipeline, config: ServeConfig | None = None) -> FastAPI:
             image = await asyncio.to_thread(image.resize, (size[1], size[0]), Image.BICUBIC)
         return await server.serve(server.job(req, size=size, image=image), request)
 
-    routes = {route.path for route in app.routes}
+    paths.update(route.path for route in app.routes)
     return app
 
 

@@ -23,8 +23,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("multipart")
 
 from nextstep.assets import builtin_model_dir  # noqa: E402
-from nextstep.sampling.pipeline import Pipeline  # noqa: E402
 from nextstep.cli import main as cli_main  # noqa: E402
+from nextstep.sampling.pipeline import Pipeline  # noqa: E402
 from nextstep.serve.api import ServeConfig, build_app  # noqa: E402
 from nextstep.serve.batching import Batcher, BatchKey, Job, QueueFull, run_batch  # noqa: E402
 from tests.refs import ROOT  # noqa: E402
