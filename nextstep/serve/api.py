@@ -104,11 +104,10 @@ def api_options(task: str) -> list[str]:
 
 
 def _request_model(name: str, task: str) -> type[OpenAIRequest]:
+    """A request body: the OpenAI fields and, each optional, the API's GenerateOptions. A field left out takes
+    the checkpoint's default; `seed` left out draws a random seed, returned in the response."""
     types = {"int": int, "float": float, "str": str}
-    fields = {
-        option: (types[FIELDS[option].type.split(" ")[0]] | None, None)  # None: the checkpoint's default
-        for option in api_options(task)
-    }  # seed None: a random seed, returned in the response
+    fields = {option: (types[FIELDS[option].type.split(" ")[0]] | None, None) for option in api_options(task)}
     return create_model(name, __base__=OpenAIRequest, __doc__=f"POST body of the {task} route", **fields)
 
 
