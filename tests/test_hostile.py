@@ -5,6 +5,7 @@ refused, and a request nobody waits for any more stops its generation instead of
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("multipart")
 
+from nextstep.io import open_image  # noqa: E402
 from nextstep.sampling.pipeline import Pipeline  # noqa: E402
 from nextstep.serve.api import ServeConfig, build_app  # noqa: E402
 from tests.serve.test_api import running  # noqa: E402
@@ -278,3 +280,20 @@ def test_hostile_bodies_get_400_json_and_are_counted(pipe, bombs):
         assert r.status_code == 500 and r.json()["error"]["message"] == "internal error: RuntimeError"
         counts = {(e["path"], e["status"]): e["count"] for e in c.get("/metrics").json()["responses"]}
         assert counts[(GEN, 400)] == 2 and counts[("/v1/images/edits", 400)] == 2 and counts[(GEN, 500)] == 1
+
+
+def test_open_image_takes_paths_bytes_and_files_and_names_what_is_wrong(tmp_path, bombs):
+    """The one reader of untrusted images (CLI, server, demo; next the data tools) and its messages."""
+    good = tmp_path / "good.png"
+    Image.new("RGB", (40, 24), "red").save(good)
+    data = good.read_bytes()
+    for source in (good, str(good), data, io.BytesIO(data)):
+        assert open_image(source).size == (40, 24)
+    with pytest.raises(ValueError, match=r"is 40x24 \(960 pixels\), more than the limit of 959 pixels"):
+        open_image(data, max_pixels=959)
+    with pytest.raises(ValueError, match="cannot decode image"):
+        open_image(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="not an image format we read"):
+        open_image(b"GIF89a but not really")
+    with pytest.raises(ValueError, match=r"has 900000000 pixels, more than the limit of 16777216 pixels"):
+        open_image(bombs[30000])
