@@ -85,8 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-
-
 def output_paths(output: str, n: int) -> list[Path]:
     out = Path(output)
     if out.suffix.lower() != ".png":
