@@ -21,8 +21,8 @@ import torch
 from nextstep.model.config import NextStepConfig
 from nextstep.model.nextstep import NextStep
 from nextstep.sampling import head_kernels
-from nextstep.sampling.engine import Engine, apply_quantization, guidance_table
-from nextstep.sampling.flow import FlowSettings, guidance_rows
+from nextstep.sampling.engine import Engine, apply_quantization
+from nextstep.sampling.flow import FlowSettings, guidance_rows, guidance_table
 from nextstep.sampling.head_kernels import MAX_ROWS
 from nextstep.sampling.pipeline import GenerateOptions, Pipeline
 

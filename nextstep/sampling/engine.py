@@ -9,7 +9,6 @@ On CPU the same code runs eagerly (no graphs); that is what CI compares with the
 from __future__ import annotations
 
 import gc
-import math
 import weakref
 from dataclasses import dataclass
 from functools import partial
@@ -22,59 +21,12 @@ from nextstep.model.backbone import KVCache, apply_rope, build_attention_mask, r
 from nextstep.model.head import AdaLNMLP
 from nextstep.model.nextstep import NextStep
 from nextstep.sampling import head_kernels as head_kernels_mod
-from nextstep.sampling.flow import FlowSettings, combine_guidance, guidance_rows, guidance_scale, timesteps
+from nextstep.sampling.flow import FlowSettings, combine_guidance, guidance_rows, guidance_table, plan_steps
 
 QUANTIZE = ("none", "int8", "fp8")
 
 
-# ---- the flow-matching loop in affine form -----------------------------------------------------
-@dataclass(frozen=True)
-class StepPlan:
-    """Every update rule of flow.sample_token is affine: x' = a x + b v + c eps with (a, b, c) fixed by
-    the time grid, so the coefficients are computed once and the captured loop is two kernels per step."""
-
-    t: torch.Tensor  # (S,) float32 times at which the velocity is evaluated, one per step
-    coef: tuple[tuple[float, float, float], ...]  # (a, b, c) per step
-    num_eps: int  # the first num_eps steps each draw one eps (B, D), after the initial noise
-
-    @property
-    def num_draws(self) -> int:
-        """(B, D) draws per token in the eager order: initial noise, then one per noisy step."""
-        return 1 + self.num_eps
-
-
-def plan_steps(s: FlowSettings) -> StepPlan:
-    """Coefficients of flow.sample_token's updates, in float64 from the same float32 grid."""
-    grid = timesteps(s)
-    ts = grid.double().tolist()
-    coef = []
-    if s.family == "nextstep1":
-        for t, t_next in zip(ts[:-1], ts[1:], strict=True):
-            dt = t_next - t
-            if s.rule == "ode":
-                coef.append((1.0, dt, 0.0))
-                continue
-            den = (1 - t) ** 2 + t * (1 - t)  # score = (t v - x) / den; drift = v + (1 - t) score
-            coef.append((1 - (1 - t) * dt / den, (1 + (1 - t) * t / den) * dt, math.sqrt(2 * (1 - t) * dt)))
-        coef.append((1.0, s.last_step_size, 0.0))  # deterministic last step at ts[-1], no draw
-        return StepPlan(grid, tuple(coef), 0 if s.rule == "ode" else len(coef) - 1)
-    sigma_max = ts[-2]
-    for t, t_next in zip(ts[:-1], ts[1:], strict=True):
-        dt = t_next - t
-        if s.rule == "ode":
-            coef.append((1.0, dt, 0.0))
-        elif s.rule == "sde":
-            sigma = 1 - t
-            std = math.sqrt(sigma / (1 - (sigma_max if sigma == 1 else sigma))) * s.noise_level
-            k = std**2 * dt / (2 * sigma)  # the drift correction applied to x0 = x - v t
-            coef.append((1 - k, dt + k * t, std * math.sqrt(dt)))
-        else:
-            std = (1 - t_next) * math.sin(s.noise_level * math.pi / 2)
-            keep = math.sqrt(max((1 - t_next) ** 2 - std**2, 0.0))
-            coef.append((keep + t_next, -t * keep + (1 - t) * t_next, std))
-    return StepPlan(grid[:-1], tuple(coef), 0 if s.rule == "ode" else len(coef))
-
-
+# ---- the flow head at decode time ----------------------------------------------------------------
 def head_modulations(net: AdaLNMLP, t_embed: torch.Tensor, cond: torch.Tensor) -> list[tuple]:
     """adaLN shift/scale/gate of every block for every step at once, each (S, R, W).
 
@@ -462,19 +414,6 @@ class Engine:
                 st.slot.fill_(n_prefix + k)
                 st.decode_graph(n_prefix + k)()
         return out
-
-
-def guidance_table(family: str, opts, n_tokens: int) -> torch.Tensor:
-    """(n_tokens, 2) float32 (cfg, cfg_img) per token, as the eager loop computes them."""
-    return torch.tensor(
-        [
-            [
-                guidance_scale(family, opts.cfg_schedule, opts.cfg, k, n_tokens),
-                guidance_scale(family, opts.cfg_schedule, opts.cfg_img, k, n_tokens),
-            ]
-            for k in range(n_tokens)
-        ]
-    )
 
 
 _ENGINES: weakref.WeakKeyDictionary[NextStep, Engine] = weakref.WeakKeyDictionary()

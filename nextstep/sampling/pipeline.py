@@ -23,7 +23,7 @@ from nextstep.model.checkpoint import check_model_dir, from_pretrained
 from nextstep.model.nextstep import NextStep, patchify, unpatchify
 from nextstep.model.tokenizer import BOI, EOI, IMAGE_AREA, IMAGE_PLACEHOLDER, TextTokenizer
 from nextstep.model.vae import AutoEncoder, load_vae, pil_to_pixels, pixels_to_pil
-from nextstep.sampling.flow import FlowSettings, guidance_rows, guidance_scale, sample_token
+from nextstep.sampling.flow import FlowSettings, guidance_rows, guidance_table, plan_steps, sample_token
 
 MAX_PROMPT_TOKENS = 1024  # longest prompt text accepted, in tokens (source-image placeholders not counted)
 MAX_BATCH = 64  # most images one call may make
@@ -361,16 +361,17 @@ class Pipeline:
             def velocity(x, t, c):
                 return net(x.to(dtype), t.to(dtype), c).float()
 
+            plan = plan_steps(settings)
+            plan = replace(plan, t=plan.t.to(device))
+            scales = guidance_table(self.family, opts, n_tokens).tolist()
             out = torch.empty(r // rows, n_tokens, cfg.token_dim, device=device)  # (B, h*w, D) float32
             for k in tqdm(range(n_tokens), desc="image tokens", disable=not opts.progress, leave=False):
-                scale = guidance_scale(self.family, opts.cfg_schedule, opts.cfg, k, n_tokens)
-                scale_img = guidance_scale(self.family, opts.cfg_schedule, opts.cfg_img, k, n_tokens)
                 token = sample_token(
                     velocity,
                     cond,
-                    settings,
-                    cfg=scale,
-                    cfg_img=scale_img,
+                    plan,
+                    cfg=scales[k][0],
+                    cfg_img=scales[k][1],
                     normalize=opts.cfg_normalize,
                     rows=rows,
                     token_dim=cfg.token_dim,

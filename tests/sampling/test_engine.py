@@ -15,9 +15,8 @@ from nextstep.sampling.engine import (
     apply_quantization,
     engine_for,
     generate_tokens_fast,
-    plan_steps,
 )
-from nextstep.sampling.flow import FlowSettings, sample_token
+from nextstep.sampling.flow import FlowSettings
 from nextstep.sampling.pipeline import GenerateOptions, Pipeline
 from tests.refs import ROOT
 
@@ -99,27 +98,6 @@ def test_engine_reuses_state_across_prompt_lengths():
         torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-4)
         state = engine._state
     assert engine._state is state and state.key.max_len % engine.kv_block == 0
-
-
-@pytest.mark.parametrize("family,rule", [("nextstep11", "sde"), ("nextstep11", "cps"), ("nextstep1", "sde")])
-def test_plan_matches_sample_token(family, rule):
-    """The affine step coefficients reproduce flow.sample_token for a velocity that depends on x."""
-    s = FlowSettings(family=family, num_steps=7, shift=2.5, rule=rule)
-    plan = plan_steps(s)
-    noise = torch.randn(plan.num_draws, 3, 8, dtype=torch.float64)
-    it = iter(noise)
-
-    def velocity(x, t, c):
-        return torch.sin(x * 1.3 + t[:, None]) + c
-
-    cond = torch.randn(3, 8, dtype=torch.float64)
-    ref = sample_token(velocity, cond, s, token_dim=8, draw=lambda shape: next(it))
-    x = noise[0]
-    for i, (a, b, c) in enumerate(plan.coef):
-        v = velocity(x, plan.t[i].double().expand(3), cond)
-        x = a * x + b * v + (c * noise[1 + i] if i < plan.num_eps else 0)
-    torch.testing.assert_close(x, ref, rtol=1e-6, atol=1e-6)
-    assert next(it, None) is None, "the plan must consume exactly the eager draws"
 
 
 @pytest.mark.parametrize("mode", ["int8", "fp8"])
