@@ -21,10 +21,11 @@ import torch
 from nextstep.model.config import NextStepConfig
 from nextstep.model.nextstep import NextStep
 from nextstep.sampling import head_kernels
-from nextstep.sampling.engine import Engine, apply_quantization
+from nextstep.sampling.engine import Engine
 from nextstep.sampling.flow import FlowSettings, guidance_rows, guidance_table
 from nextstep.sampling.head_kernels import MAX_ROWS
 from nextstep.sampling.pipeline import GenerateOptions, Pipeline
+from nextstep.sampling.quantize import apply_quantization
 
 SHAPES = {
     "14b": dict(hidden_size=5120, num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8,

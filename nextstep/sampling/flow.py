@@ -165,6 +165,24 @@ def plan_steps(s: FlowSettings) -> StepPlan:
     return StepPlan(grid[:-1], tuple(coef), 0 if s.rule == "ode" else len(coef))
 
 
+def guided_update(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    scales,
+    eps: torch.Tensor | None,
+    a: float,
+    b: float,
+    *,
+    rows: int,
+    normalize: bool,
+) -> torch.Tensor:
+    """One step of a plan: x (B, D) -> a x + b guide(v) (+ eps, already times c), v (rows * B, D) the branch
+    velocities, scales this token's (cfg, cfg_img). head_kernels fuses the same arithmetic in one kernel."""
+    g = combine_guidance(v, scales[0], scales[1], rows, normalize=normalize)
+    x = x * a if eps is None else torch.add(eps, x, alpha=a)
+    return x.add_(g, alpha=b)
+
+
 def sample_token(
     velocity: VelocityFn,
     cond: torch.Tensor,
@@ -194,8 +212,6 @@ def sample_token(
     x = draw((b, token_dim)) if noise is None else noise  # (B, D)
     for i, (a, b_, c) in enumerate(plan.coef):
         v = velocity(x.repeat(rows, 1), ts[i].expand(rows * b).to(x.dtype), cond)
-        v = combine_guidance(v, cfg, cfg_img, rows, normalize=normalize)
-        x = x * a + v * b_
-        if i < plan.num_eps:
-            x = x + draw(tuple(x.shape)) * c
+        eps = draw(tuple(x.shape)) * c if i < plan.num_eps else None
+        x = guided_update(x, v, (cfg, cfg_img), eps, a, b_, rows=rows, normalize=normalize)
     return x

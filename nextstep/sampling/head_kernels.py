@@ -261,11 +261,10 @@ def gated_linear(a: torch.Tensor, linear: torch.nn.Linear, gate: torch.Tensor, r
     return out
 
 
-def head_velocity_fused(net, x: torch.Tensor, mods: list[tuple], i: int, rows: int) -> torch.Tensor:
-    """engine.head_velocity with fused kernels: (B, D) tokens -> (rows * B, D) in the head's dtype.
-
-    The input projection writes the guidance rows directly; each block is 2 kernels, the final layer 1.
-    """
+def velocity(net, x: torch.Tensor, mods: list[tuple], rows: int) -> torch.Tensor:
+    """engine.head_velocity (net.trunk over the input projection) with fused kernels: (B, D) tokens and one
+    step's modulations -> (rows * B, D) in the head's dtype. The input projection writes the guidance rows
+    directly; each block is 2 kernels, the final layer 1."""
     bsz, d = x.shape
     r = rows * bsz
     width = net.input_proj.out_features
@@ -275,30 +274,27 @@ def head_velocity_fused(net, x: torch.Tensor, mods: list[tuple], i: int, rows: i
     k_pow2 = triton.next_power_of_2(d)
     _input_rows[grid](x, net.input_proj.weight, net.input_proj.bias, h, bsz, r, d, width, K_POW2=k_pow2, **meta)
     for block, (shift, scale1, gate) in zip(net.res_blocks, mods, strict=False):
-        act = modulated_linear(h, block.in_ln, scale1[i], shift[i], block.mlp[0], silu=True)
-        h = gated_linear(act, block.mlp[2], gate[i], h)
+        act = modulated_linear(h, block.in_ln, scale1, shift, block.mlp[0], silu=True)
+        h = gated_linear(act, block.mlp[2], gate, h)
     shift, scale1 = mods[-1]
     final = net.final_layer
-    return modulated_linear(h, final.norm_final, scale1[i], shift[i], final.linear, silu=False)
+    return modulated_linear(h, final.norm_final, scale1, shift, final.linear, silu=False)
 
 
-def head_step(
-    net,
+def guided_update(
     x: torch.Tensor,
-    mods: list[tuple],
-    i: int,
-    rows: int,
+    v: torch.Tensor,
     scales: torch.Tensor,
     eps: torch.Tensor | None,
     a: float,
     b: float,
     *,
+    rows: int,
     normalize: bool,
 ) -> torch.Tensor:
-    """One step of the engine's head loop, x (B, D) fp32 -> (eps +) a x + b guide(net(x, t_i)), with the
-    guidance merge and update as one kernel: 2 kernels per block plus 3 per step."""
+    """flow.guided_update as one kernel: x (B, D) fp32 -> (eps +) a x + b guide(v), v (rows * B, D),
+    scales (2,) this token's (cfg, cfg_img) on the device."""
     bsz, d = x.shape
-    v = head_velocity_fused(net, x, mods, i, rows)  # (R, D)
     out = torch.empty_like(x)
     _guided_update[(bsz,)](
         x,

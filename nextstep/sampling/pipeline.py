@@ -145,7 +145,7 @@ class Pipeline:
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         model = from_pretrained(path, dtype=dtype, device=device)
         if quantize != "none":
-            from nextstep.sampling.engine import apply_quantization
+            from nextstep.sampling.quantize import apply_quantization
 
             apply_quantization(model, quantize)
         vae = load_vae(path / "vae", dtype=dtype, device=device)

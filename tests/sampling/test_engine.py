@@ -9,15 +9,10 @@ from PIL import Image
 
 from nextstep.model.nextstep import NextStep
 from nextstep.model.vae import pil_to_pixels
-from nextstep.sampling.engine import (
-    Engine,
-    QuantLinear,
-    apply_quantization,
-    engine_for,
-    generate_tokens_fast,
-)
+from nextstep.sampling.engine import Engine, engine_for, generate_tokens_fast
 from nextstep.sampling.flow import FlowSettings
 from nextstep.sampling.pipeline import GenerateOptions, Pipeline
+from nextstep.sampling.quantize import QuantLinear, apply_quantization
 from tests.refs import ROOT
 
 REFERENCE = ROOT
