@@ -10,6 +10,7 @@ Random bf16 weights built directly on the GPU. One JSON line per result:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import statistics
@@ -20,7 +21,6 @@ import torch
 
 from nextstep.model.config import NextStepConfig
 from nextstep.model.nextstep import NextStep
-from nextstep.sampling import head_kernels
 from nextstep.sampling.engine import Engine
 from nextstep.sampling.flow import FlowSettings, guidance_rows, guidance_table
 from nextstep.sampling.head_kernels import MAX_ROWS
@@ -226,7 +226,7 @@ def main() -> None:
         engine = Engine(model, compile=args.compile, head_kernels=head_impl == "fused")
         t = time_engine(engine, model, batch, rows, settings, opts, n_tokens, w, offsets)
         head_impl = "fused" if engine._state.head_kernels else "torch"  # more rows than MAX_ROWS: torch
-        tuned = dict(head_kernels.current_config()) if head_impl == "fused" else None
+        tuned = dataclasses.asdict(engine._state.launch) if head_impl == "fused" else None
         del engine
         gc.collect()  # the engine's state and graphs form a cycle; free them before the next batch
         torch.cuda.empty_cache()

@@ -7,8 +7,8 @@ model's own forward) replayed as CUDA graphs, or called directly without graphs 
 
 from __future__ import annotations
 
+import contextlib
 import gc
-import weakref
 from dataclasses import dataclass
 from functools import partial
 
@@ -100,8 +100,9 @@ class _State:
         self.coef_eps = torch.tensor([c for _, _, c in plan.coef[: plan.num_eps]], device=dev)[:, None, None]
         self.head_kernels = engine.use_head_kernels(r)
         if self.head_kernels:
-            head_kernels_mod.tune(model.image_head.net, r, dev)
-            self.velocity, self.update = head_kernels_mod.velocity, head_kernels_mod.guided_update
+            self.launch = engine.launch_config(r)
+            self.velocity = partial(head_kernels_mod.velocity, config=self.launch)
+            self.update = head_kernels_mod.guided_update
         else:
             compiled = torch.compile(head_velocity, dynamic=False) if engine.compile else head_velocity
             self.velocity, self.update = compiled, guided_update
@@ -163,10 +164,9 @@ class Engine:
         self.model = model
         self.graphs = dev.type == "cuda" if graphs is None else graphs  # capture CUDA graphs
         self.compile = compile  # torch.compile the decoder layer and the torch head before capture
-        if compile:  # one decode graph per cache bucket and batch: more specialisations than the default 8
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         # Fused Triton head blocks (head_kernels.py); None: on wherever Triton can run them.
         self.head_kernels = head_kernels_mod.available(dev) if head_kernels is None else head_kernels
+        self._launch: dict[int, head_kernels_mod.LaunchConfig] = {}  # tuned per row count, kept across states
         self.kv_block = kv_block  # cache length granularity: one decode graph per kv_block slots
         self._state: _State | None = None  # one at a time: a batch-32 cache is ~14 GB at 14B
         fuse_projections(model.layers)  # one GEMM for q/k/v and one for gate/up (a no-op when quantised)
@@ -175,6 +175,20 @@ class Engine:
         """Fused head kernels for `rows` guidance rows x images (small batches, where launches dominate)."""
         return self.head_kernels and rows <= head_kernels_mod.MAX_ROWS
 
+    def launch_config(self, rows: int) -> head_kernels_mod.LaunchConfig:
+        """The fused kernels' launch configuration for `rows`, tuned on first use (CUDA)."""
+        if rows not in self._launch:
+            dev = self.model.embed_tokens.weight.device
+            self._launch[rows] = head_kernels_mod.tune(self.model.image_head.net, rows, dev)
+        return self._launch[rows]
+
+    def compiling(self):
+        """Scope for compiled calls: one decode specialisation per cache bucket and batch needs more than
+        dynamo's default 8 recompiles; the setting is restored on exit."""
+        if not self.compile:
+            return contextlib.nullcontext()
+        return torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, 64))
+
     def state(self, key: _Key) -> _State:
         if self._state is None or self._state.key != key:
             self._state = None
@@ -182,7 +196,8 @@ class Engine:
                 gc.collect()  # a state and its graphs form a reference cycle: free its cache and pools now
                 torch.cuda.empty_cache()
             try:
-                self._state = _State(self, key)
+                with self.compiling():
+                    self._state = _State(self, key)
             finally:
                 self.model.clear_caches()
         return self._state
@@ -236,7 +251,8 @@ class Engine:
         draw((B, D)) is called that many times in that order."""
         try:
             st, n_prefix = self.start(input_ids, attention_mask, image_tokens, settings, opts, n_tokens=n_tokens)
-            return self._loop(st, n_prefix, opts, n_tokens, seed, draw, on_token)
+            with self.compiling():
+                return self._loop(st, n_prefix, opts, n_tokens, seed, draw, on_token)
         finally:
             self.model.clear_caches()
 
@@ -259,42 +275,3 @@ class Engine:
                 st.slot.fill_(n_prefix + k)
                 st.decode_graph(n_prefix + k)()
         return out
-
-
-_ENGINES: weakref.WeakKeyDictionary[NextStep, Engine] = weakref.WeakKeyDictionary()
-
-
-def engine_for(model: NextStep, *, compile: bool = False) -> Engine:
-    """The model's cached Engine; asking for the other `compile` setting replaces it (one state at a time)."""
-    if model not in _ENGINES or _ENGINES[model].compile != compile:
-        _ENGINES.pop(model, None)
-        gc.collect()
-        _ENGINES[model] = Engine(model, compile=compile)
-    return _ENGINES[model]
-
-
-def generate_tokens_fast(
-    pipe,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    image_tokens: torch.Tensor,
-    settings: FlowSettings,
-    opts,
-    *,
-    seed: int,
-    draw=None,
-    on_token=None,
-) -> torch.Tensor:
-    """Drop-in for Pipeline.generate_tokens (no trace): same rows, prefill, guidance and draws."""
-    n_tokens = (opts.size[0] // pipe.down_factor) * (opts.size[1] // pipe.down_factor)
-    return engine_for(pipe.model, compile=opts.engine == "compiled").generate(
-        input_ids,
-        attention_mask,
-        image_tokens,
-        settings,
-        opts,
-        n_tokens=n_tokens,
-        seed=seed,
-        draw=draw,
-        on_token=on_token,
-    )

@@ -8,6 +8,7 @@ edited = pipe.edit(Image.open("in.png"), "make the sky blue")
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -23,6 +24,7 @@ from nextstep.model.checkpoint import check_model_dir, from_pretrained
 from nextstep.model.nextstep import NextStep, patchify, unpatchify
 from nextstep.model.tokenizer import BOI, EOI, IMAGE_AREA, IMAGE_PLACEHOLDER, TextTokenizer
 from nextstep.model.vae import AutoEncoder, load_vae, pil_to_pixels, pixels_to_pil
+from nextstep.sampling.engine import Engine
 from nextstep.sampling.flow import FlowSettings, guidance_rows, guidance_table, plan_steps, sample_token
 
 MAX_PROMPT_TOKENS = 1024  # longest prompt text accepted, in tokens (source-image placeholders not counted)
@@ -129,6 +131,7 @@ class Pipeline:
         defaults = dict(defaults or {})
         self.edit_defaults = {**EDIT_DEFAULTS, **defaults.pop("edit", {})}  # editing: official, then checkpoint
         self.defaults = defaults
+        self._engine: Engine | None = None  # built on first use by engine(); holds the KV cache and graphs
 
     @classmethod
     def from_pretrained(
@@ -277,10 +280,9 @@ class Pipeline:
         latents = self.encode_images(pixels)
         seed = opts.seed if opts.seed is not None else int(torch.randint(0, 2**31 - 1, (1,)).item())
         if self.use_engine(opts) and trace is None:
-            from nextstep.sampling.engine import generate_tokens_fast
-
-            tokens = generate_tokens_fast(
-                self, input_ids, attn, latents, settings, opts, seed=seed, draw=draw, on_token=on_token
+            n_tokens = (opts.size[0] // self.down_factor) * (opts.size[1] // self.down_factor)
+            tokens = self.engine(opts).generate(
+                input_ids, attn, latents, settings, opts, n_tokens=n_tokens, seed=seed, draw=draw, on_token=on_token
             )
         else:
             tokens = self.generate_tokens(
@@ -295,6 +297,16 @@ class Pipeline:
         if opts.engine == "auto":
             return self.model.embed_tokens.weight.is_cuda
         return opts.engine in ("fast", "compiled")
+
+    def engine(self, opts: GenerateOptions) -> Engine:
+        """This pipeline's engine for opts.engine, kept between calls; one at a time (its state holds the KV
+        cache), so asking for the other compile setting replaces it."""
+        compile = opts.engine == "compiled"
+        if self._engine is None or self._engine.compile != compile:
+            self._engine = None
+            gc.collect()  # a state and its graphs form a reference cycle: free them before the next one
+            self._engine = Engine(self.model, compile=compile)
+        return self._engine
 
     def encode_images(self, pixels: list[torch.Tensor]) -> torch.Tensor:
         """Source images (each (1, 3, H, W) in [-1, 1]) -> their image tokens in order (N, D)."""

@@ -9,7 +9,7 @@ from PIL import Image
 
 from nextstep.model.nextstep import NextStep
 from nextstep.model.vae import pil_to_pixels
-from nextstep.sampling.engine import Engine, engine_for, generate_tokens_fast
+from nextstep.sampling.engine import Engine
 from nextstep.sampling.flow import FlowSettings
 from nextstep.sampling.pipeline import GenerateOptions, Pipeline
 from nextstep.sampling.quantize import QuantLinear, apply_quantization
@@ -32,6 +32,12 @@ def load(family: str, device: str = "cpu") -> Pipeline:
 def replay(seed: int, device: str = "cpu"):
     gen = torch.Generator(device=device).manual_seed(seed)
     return lambda shape: torch.randn(shape, generator=gen, device=device)
+
+
+def fast(pipe: Pipeline, ids, mask, latents, settings, opts: GenerateOptions, **kw) -> torch.Tensor:
+    """The pipeline's engine on the same rows, prefill, guidance and draws as Pipeline.generate_tokens."""
+    n_tokens = (opts.size[0] // pipe.down_factor) * (opts.size[1] // pipe.down_factor)
+    return pipe.engine(opts).generate(ids, mask, latents, settings, opts, n_tokens=n_tokens, **kw)
 
 
 def inputs(pipe: Pipeline, opts: GenerateOptions, captions: list[str], edit: bool = False):
@@ -77,20 +83,20 @@ def test_engine_equals_eager_cpu(family, sampler, extra, edit, replayed):
     assert (mask == 0).any(), "prompts must differ in length to test left padding"
     draw = (lambda: replay(5)) if replayed else (lambda: None)
     eager = pipe.generate_tokens(ids, mask, latents, settings, opts, seed=5, draw=draw())
-    fast = generate_tokens_fast(pipe, ids, mask, latents, settings, opts, seed=5, draw=draw())
-    assert fast.shape == eager.shape == (len(captions) * opts.n, 16, pipe.model.config.token_dim)
-    torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-4)
+    got = fast(pipe, ids, mask, latents, settings, opts, seed=5, draw=draw())
+    assert got.shape == eager.shape == (len(captions) * opts.n, 16, pipe.model.config.token_dim)
+    torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-4)
 
 
 def test_engine_reuses_state_across_prompt_lengths():
     pipe = load("nextstep11")
     opts = GenerateOptions(size=(64, 64), steps=4)
-    engine = engine_for(pipe.model)
+    engine = pipe.engine(opts)
     for captions in (["short"], ["a somewhat longer prompt than the first one"]):
         ids, mask, latents, settings = inputs(pipe, opts, captions)
         eager = pipe.generate_tokens(ids, mask, latents, settings, opts, seed=1)
-        fast = generate_tokens_fast(pipe, ids, mask, latents, settings, opts, seed=1)
-        torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-4)
+        got = fast(pipe, ids, mask, latents, settings, opts, seed=1)
+        torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-4)
         state = engine._state
     assert engine._state is state and state.key.max_len % engine.kv_block == 0
 
@@ -129,24 +135,29 @@ def test_engine_graphs_match_eager_gpu(family):
     opts = GenerateOptions(size=(64, 64), steps=8, cfg=3.0, sampler="sde")
     ids, mask, latents, settings = inputs(pipe, opts, ["a fox", "a longer prompt about a red fox in snow"])
     eager = pipe.generate_tokens(ids, mask, latents, settings, opts, seed=0, draw=replay(0, "cuda"))
-    engine = engine_for(pipe.model)
-    fast = generate_tokens_fast(pipe, ids, mask, latents, settings, opts, seed=0, draw=replay(0, "cuda"))
+    engine = pipe.engine(opts)
+    got = fast(pipe, ids, mask, latents, settings, opts, seed=0, draw=replay(0, "cuda"))
     assert engine.graphs and engine._state.head.graph is not None
-    err = ((fast - eager).norm() / eager.norm()).item()
-    first = ((fast[:, 0] - eager[:, 0]).norm() / eager[:, 0].norm()).item()
+    err = ((got - eager).norm() / eager.norm()).item()
+    first = ((got[:, 0] - eager[:, 0]).norm() / eager[:, 0].norm()).item()
     assert first < 2e-2 and err < 5e-2, (first, err)
-    again = generate_tokens_fast(pipe, ids, mask, latents, settings, opts, seed=0, draw=replay(0, "cuda"))
-    torch.testing.assert_close(again, fast, rtol=0, atol=0)  # replays are deterministic
+    again = fast(pipe, ids, mask, latents, settings, opts, seed=0, draw=replay(0, "cuda"))
+    torch.testing.assert_close(again, got, rtol=0, atol=0)  # replays are deterministic
 
 
-def test_engine_for_switches_compile_setting():
-    """`--engine compiled` gets a compiling engine; asking again without compile replaces it."""
+def test_pipeline_engine_switches_compile_setting():
+    """`--engine compiled` gets a compiling engine; asking again without compile replaces it. The engine is the
+    pipeline's: another pipeline on the same model has its own, and compiling leaves dynamo's settings alone."""
     pipe = load("nextstep11")
-    plain = engine_for(pipe.model)
-    assert engine_for(pipe.model) is plain and not plain.compile
-    compiled = engine_for(pipe.model, compile=True)
+    limit = torch._dynamo.config.recompile_limit
+    plain = pipe.engine(GenerateOptions())
+    assert pipe.engine(GenerateOptions(engine="fast")) is plain and not plain.compile
+    compiled = pipe.engine(GenerateOptions(engine="compiled"))
     assert compiled is not plain and compiled.compile
-    assert engine_for(pipe.model, compile=True) is compiled
-    assert not engine_for(pipe.model).compile
+    assert pipe.engine(GenerateOptions(engine="compiled")) is compiled
+    assert not pipe.engine(GenerateOptions()).compile
+    other = Pipeline(pipe.model, pipe.vae, pipe.tokenizer)
+    assert other.engine(GenerateOptions()) is not pipe.engine(GenerateOptions())
+    assert torch._dynamo.config.recompile_limit == limit
     with pytest.raises(ValueError, match="engine must be one of auto, fast, compiled, eager, got 'turbo'"):
         pipe.generate("a fox", size=(32, 32), steps=2, engine="turbo")
