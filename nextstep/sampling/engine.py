@@ -14,6 +14,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from nextstep.model.backbone import build_attention_mask, fuse_projections
 from nextstep.model.head import AdaLNMLP
@@ -212,9 +213,10 @@ class Engine:
         opts,
         *,
         n_tokens: int,
+        trace=None,
     ) -> tuple[_State, int]:
         """Prefill the cache with the prompt rows (R, L) and set the first head condition; leaves the
-        state's caches attached to the model (generate detaches them)."""
+        state's caches attached to the model (generate detaches them). trace: a pipeline.Trace to fill."""
         model = self.model
         dev = model.embed_tokens.weight.device
         rows = guidance_rows(opts.cfg, opts.cfg_img)
@@ -230,6 +232,9 @@ class Engine:
         embeds = model.embed(input_ids.to(dev), image_tokens.to(dev))
         hidden = model.forward_hidden(embeds, position_ids=pos.expand(r, -1), mask=mask, slots=pos)
         st.cond.copy_(model.head_condition(hidden[:, -1]))
+        if trace is not None:
+            trace.input_ids, trace.attention_mask = input_ids.cpu(), attention_mask.cpu()
+            trace.inputs_embeds, trace.prefill_hidden = embeds.float().cpu(), hidden.float().cpu()
         return st, n_prefix
 
     @torch.inference_mode()
@@ -245,29 +250,39 @@ class Engine:
         seed: int,
         draw=None,
         on_token=None,
+        trace=None,
     ) -> torch.Tensor:
-        """Tokens (B, n_tokens, D) float32. Draws: per token, one (num_draws, B, D) normal fill in plan
-        order (initial noise, one eps per stochastic step, the context noise); with `draw` given,
-        draw((B, D)) is called that many times in that order."""
+        """Tokens (B, n_tokens, D) float32, as fed back (after use_norm).
+
+        Draws: per token, one (num_draws, B, D) normal fill in plan order (initial noise, one eps per
+        stochastic step, the context noise); with `draw` given, draw((B, D)) is called that many times in
+        that order. on_token(k, tokens (B, k + 1, D)) after each token; trace: a pipeline.Trace to fill.
+        """
         try:
-            st, n_prefix = self.start(input_ids, attention_mask, image_tokens, settings, opts, n_tokens=n_tokens)
+            st, n_prefix = self.start(
+                input_ids, attention_mask, image_tokens, settings, opts, n_tokens=n_tokens, trace=trace
+            )
             with self.compiling():
-                return self._loop(st, n_prefix, opts, n_tokens, seed, draw, on_token)
+                return self._loop(st, n_prefix, opts, n_tokens, seed, draw, on_token, trace)
         finally:
             self.model.clear_caches()
 
-    def _loop(self, st: _State, n_prefix: int, opts, n_tokens: int, seed: int, draw, on_token) -> torch.Tensor:
+    def _loop(self, st: _State, n_prefix: int, opts, n_tokens: int, seed: int, draw, on_token, trace):
         scales = guidance_table(st.key.settings.family, opts, n_tokens).to(st.noise.device)
         if draw is None:
             gen = torch.Generator(device=st.noise.device).manual_seed(seed)
         out = torch.empty(st.key.batch, n_tokens, st.token.shape[-1], device=st.noise.device)
-        for k in range(n_tokens):
+        for k in tqdm(range(n_tokens), desc="image tokens", disable=not opts.progress, leave=False):
             if draw is None:
                 st.noise.normal_(generator=gen)  # one call: the draws of this token, in order
             else:
                 st.noise.copy_(torch.stack([draw(tuple(st.token.shape)) for _ in range(len(st.noise))]))
             st.scales.copy_(scales[k])
+            if trace is not None:
+                trace.conditions.append(st.cond.to("cpu", torch.float32, copy=True))  # (R, d)
             st.head()
+            if trace is not None:
+                trace.raw_tokens.append(st.raw.to("cpu", copy=True))  # (B, D)
             out[:, k].copy_(st.token)
             if on_token is not None:
                 on_token(k, out[:, : k + 1])
