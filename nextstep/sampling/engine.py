@@ -32,8 +32,8 @@ def step_modulations(net: AdaLNMLP, t_embed: torch.Tensor, cond: torch.Tensor) -
     """
     y = t_embed[:, None] + net.cond_embed(cond)[None]  # (S, R, W)
     # chunk() gives strided views; contiguous copies (once per token) keep each step's slices dense.
-    mods = [tuple(m.contiguous() for m in mod) for mod in net.modulations(y)]
-    return [[tuple(m[i] for m in mod) for mod in mods] for i in range(y.shape[0])]
+    steps = [[m.contiguous().unbind(0) for m in mod] for mod in net.modulations(y)]  # one view call per tensor
+    return [[tuple(m[i] for m in mod) for mod in steps] for i in range(y.shape[0])]
 
 
 def head_velocity(net: AdaLNMLP, x: torch.Tensor, mods: list[tuple], rows: int) -> torch.Tensor:

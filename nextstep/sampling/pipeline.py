@@ -1,4 +1,4 @@
-"""Text-to-image and editing pipelines with the official prompt templates (eager, KV-cached).
+"""Text-to-image and editing pipelines with the official prompt templates, decoding on the pipeline's engine.
 
 pipe = nextstep.load("path/to/checkpoint")
 images = pipe.generate("a red fox in the snow", size=(512, 512), seed=0)

@@ -45,6 +45,8 @@ def apply_quantization(model: NextStep, mode: str) -> NextStep:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, got {mode!r}")
     if mode == "none":
         return model
+    for layer in model.layers:  # fuse_projections' copies would bypass the quantised weights
+        layer.self_attn.qkv_weight = layer.self_attn.qkv_bias = layer.mlp.gate_up_weight = None
     for root in (model.layers, model.image_head.net):
         for module in list(root.modules()):
             for name, child in list(module.named_children()):

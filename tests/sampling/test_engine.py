@@ -183,8 +183,11 @@ def test_quantized_engine_runs():
     if not path.is_dir():
         pytest.skip("reference checkpoint not found")
     pipe = Pipeline.from_pretrained(path, device="cpu")
+    Engine(pipe.model)  # fuses q/k/v and gate/up copies of the float weights
+    assert pipe.model.layers[0].mlp.gate_up_weight is not None
     apply_quantization(pipe.model, "int8")
     assert not any(isinstance(m, torch.nn.Linear) for m in pipe.model.layers.modules())
+    assert all(layer.mlp.gate_up_weight is None and layer.self_attn.qkv_weight is None for layer in pipe.model.layers)
     opts = GenerateOptions(size=(32, 32), steps=3)
     ids, mask, latents, settings = inputs(pipe, opts, ["a fox"])
     out = Engine(pipe.model).generate(ids, mask, latents, settings, opts, n_tokens=4, seed=0)
