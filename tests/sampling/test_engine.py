@@ -39,8 +39,9 @@ def replay(seed: int, device: str = "cpu"):
 
 
 def fast(pipe: Pipeline, ids, mask, latents, settings, opts: GenerateOptions, **kw) -> torch.Tensor:
-    """The pipeline's engine on the same rows, prefill, guidance and draws as Pipeline.generate_tokens."""
+    """The pipeline's fast engine on the same rows, prefill, guidance and draws as Pipeline.generate_tokens."""
     n_tokens = (opts.size[0] // pipe.down_factor) * (opts.size[1] // pipe.down_factor)
+    opts = dataclasses.replace(opts, engine="fast")
     return pipe.engine(opts).generate(ids, mask, latents, settings, opts, n_tokens=n_tokens, **kw)
 
 
@@ -156,16 +157,18 @@ def test_engine_equals_reference_loop_cpu(family, sampler, extra, edit, replayed
 
 
 def test_engine_reuses_state_across_prompt_lengths():
+    """Prompts of different lengths fit the same cache bucket: one state (cache, graphs) serves both."""
     pipe = load("nextstep11")
-    opts = GenerateOptions(size=(64, 64), steps=4)
-    engine = pipe.engine(opts)
+    opts = GenerateOptions(size=(64, 64), steps=4, engine="fast")
+    states = []
     for captions in (["short"], ["a somewhat longer prompt than the first one"]):
         ids, mask, latents, settings = inputs(pipe, opts, captions)
-        eager = pipe.generate_tokens(ids, mask, latents, settings, opts, seed=1)
+        eager = reference_tokens(pipe, ids, mask, latents, settings, opts, replay(1))
         got = fast(pipe, ids, mask, latents, settings, opts, seed=1)
         torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-4)
-        state = engine._state
-    assert engine._state is state and state.key.max_len % engine.kv_block == 0
+        states.append(pipe.engine(opts)._state)
+    engine = pipe.engine(opts)
+    assert states[0] is states[1] is engine._state and engine._state.key.max_len % engine.kv_block == 0
 
 
 @pytest.mark.parametrize("mode", ["int8", "fp8"])
