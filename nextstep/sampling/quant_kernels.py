@@ -171,6 +171,7 @@ def row_bucket(m: int) -> int:
 
 
 # (block_n, block_k, num_warps, num_stages) tried per shape; split_k follows from the SM count.
+_DEFAULT_TILE = (32, 256, 4, 4)  # used untimed during CUDA-graph capture
 _TILES = (
     (16, 256, 4, 4),
     (16, 512, 4, 3),
@@ -193,12 +194,17 @@ def _split_for(n: int, k: int, block_n: int, block_k: int, sms: int) -> int:
 def candidates(n: int, k: int, sms: int) -> list[LaunchConfig]:
     """The launch configurations the tuner times for an (N, K) weight on a GPU with `sms` SMs."""
     out = []
-    for block_n, block_k, warps, stages in _TILES:
-        block_k = min(block_k, max(16, triton.next_power_of_2(k)))
-        config = LaunchConfig(block_n, block_k, _split_for(n, k, block_n, block_k, sms), warps, stages)
+    for tile in _TILES:
+        config = _config(tile, n, k, sms)
         if config not in out:
             out.append(config)
     return out
+
+
+def _config(tile: tuple[int, int, int, int], n: int, k: int, sms: int) -> LaunchConfig:
+    block_n, block_k, warps, stages = tile
+    block_k = min(block_k, max(16, triton.next_power_of_2(k)))  # no K step wider than K itself
+    return LaunchConfig(block_n, block_k, _split_for(n, k, block_n, block_k, sms), warps, stages)
 
 
 class Tuner:
@@ -215,10 +221,10 @@ class Tuner:
         key = (props.name, str(weight.dtype).removeprefix("torch."), row_bucket(x.shape[0]), n, k)
         if key in self.table:
             return self.table[key]
-        found = candidates(n, k, props.multi_processor_count)
+        sms = props.multi_processor_count
         if torch.cuda.is_current_stream_capturing():  # no timing inside a capture: a fair default, not kept
-            return found[2]
-        self.table[key] = _fastest(found, x, weight)
+            return _config(_DEFAULT_TILE, n, k, sms)
+        self.table[key] = _fastest(candidates(n, k, sms), x, weight)
         return self.table[key]
 
 
