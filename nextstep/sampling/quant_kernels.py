@@ -170,17 +170,15 @@ def row_bucket(m: int) -> int:
     return max(16, 1 << (m - 1).bit_length())
 
 
-# (block_n, block_k, num_warps, num_stages) tried per shape; split_k follows from the SM count.
-_DEFAULT_TILE = (32, 256, 4, 4)  # used untimed during CUDA-graph capture
-_TILES = (
-    (16, 256, 4, 4),
-    (16, 512, 4, 3),
-    (32, 256, 4, 4),
-    (32, 512, 4, 3),
-    (64, 128, 4, 4),
-    (64, 256, 8, 3),
-    (128, 128, 8, 3),
-)
+# (block_n, block_k, num_warps, num_stages) tried per shape, by row bucket; split_k follows from the SM
+# count. Memory bound: each tile streams 8-32 KB of weight per pipeline stage; with 32-64 rows the
+# activation tile (rows x block_k bf16) grows too, so wider N tiles and shorter K steps are tried.
+_TILES = {
+    16: ((16, 512, 4, 4), (32, 256, 4, 4), (32, 512, 4, 3), (64, 256, 4, 4), (64, 512, 8, 3)),
+    32: ((32, 256, 4, 4), (64, 128, 4, 4), (64, 256, 8, 3), (128, 128, 8, 3)),
+}
+_TILES[64] = _TILES[32]
+_DEFAULT = 1  # index of the tile used untimed during CUDA-graph capture
 
 
 def _split_for(n: int, k: int, block_n: int, block_k: int, sms: int) -> int:
@@ -191,20 +189,20 @@ def _split_for(n: int, k: int, block_n: int, block_k: int, sms: int) -> int:
     return split
 
 
-def candidates(n: int, k: int, sms: int) -> list[LaunchConfig]:
-    """The launch configurations the tuner times for an (N, K) weight on a GPU with `sms` SMs."""
-    out = []
-    for tile in _TILES:
-        config = _config(tile, n, k, sms)
-        if config not in out:
-            out.append(config)
-    return out
-
-
 def _config(tile: tuple[int, int, int, int], n: int, k: int, sms: int) -> LaunchConfig:
     block_n, block_k, warps, stages = tile
     block_k = min(block_k, max(16, triton.next_power_of_2(k)))  # no K step wider than K itself
     return LaunchConfig(block_n, block_k, _split_for(n, k, block_n, block_k, sms), warps, stages)
+
+
+def candidates(n: int, k: int, bucket: int, sms: int) -> list[LaunchConfig]:
+    """The launch configurations the tuner times for an (N, K) weight, `bucket` rows, `sms` SMs."""
+    out = []
+    for tile in _TILES[bucket]:
+        config = _config(tile, n, k, sms)
+        if config not in out:
+            out.append(config)
+    return out
 
 
 class Tuner:
@@ -221,10 +219,10 @@ class Tuner:
         key = (props.name, str(weight.dtype).removeprefix("torch."), row_bucket(x.shape[0]), n, k)
         if key in self.table:
             return self.table[key]
-        sms = props.multi_processor_count
+        sms, bucket = props.multi_processor_count, key[2]
         if torch.cuda.is_current_stream_capturing():  # no timing inside a capture: a fair default, not kept
-            return _config(_DEFAULT_TILE, n, k, sms)
-        self.table[key] = _fastest(candidates(n, k, sms), x, weight)
+            return _config(_TILES[bucket][_DEFAULT], n, k, sms)
+        self.table[key] = _fastest(candidates(n, k, bucket, sms), x, weight)
         return self.table[key]
 
 

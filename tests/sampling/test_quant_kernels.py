@@ -46,9 +46,9 @@ cases = [  # (M, N, K, config): split K 1-3, K not a multiple of the block, N no
     (33, 16, 64, C(16, 16, 1, 4, 2)),
 ]
 # Every configuration the tuner may pick, for a weight whose N fills few SMs (so K is split).
-tuned = qk.candidates(48, 1100, sms=132)
-assert any(c.split_k > 1 for c in tuned) and len(tuned) > 3, tuned
-cases += [(2, 48, 1100, c) for c in tuned]
+tuned = qk.candidates(48, 1100, 16, sms=132) + qk.candidates(48, 1100, 64, sms=132)
+assert any(c.split_k > 1 for c in tuned) and len(tuned) == 9, tuned
+cases += [(2, 48, 1100, c) for c in tuned[:5]] + [(40, 48, 1100, c) for c in tuned[5:]]
 for mode in MODES:
     for i, (m, n, k, config) in enumerate(cases):
         q, scale = quantize_weight(torch.randn(n, k), mode)
@@ -71,12 +71,12 @@ def test_kernel_equals_reference_interpreted():
 def test_row_buckets_and_splits():
     assert [qk.row_bucket(m) for m in (1, 2, 16, 17, 32, 33, 64)] == [16, 16, 16, 32, 32, 64, 64]
     # A 1536-wide head layer splits K to give more of 132 SMs a program; a 27648-wide one does not.
-    head = qk.candidates(1536, 1536, sms=132)
+    head = qk.candidates(1536, 1536, 16, sms=132)
     assert any(c.split_k > 1 for c in head)
     assert all(c.split_k == 1 or 1536 // c.split_k >= 2 * c.block_k for c in head)  # >= 2 K steps per slice
-    assert all(c.split_k == 1 for c in qk.candidates(27648, 5120, sms=132))
+    assert all(c.split_k == 1 for c in qk.candidates(27648, 5120, 16, sms=132))
     # K = 64 (the head's input projection): no K step wider than K, and never an empty slice.
-    for c in qk.candidates(1536, 64, sms=132):
+    for c in qk.candidates(1536, 64, 64, sms=132):
         assert c.block_k <= 64 and c.split_k * c.block_k <= 64
 
 
@@ -110,7 +110,7 @@ def test_kernel_equals_reference_gpu(mode):
         for m in (1, 2, 17, 64):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
             check(layer(x), x, layer.weight, layer.scale, layer.bias)
-            for config in qk.candidates(n, k, sms) if m in (2, 64) else ():
+            for config in qk.candidates(n, k, qk.row_bucket(m), sms) if m in (2, 64) else ():
                 out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
                 got = qk.quant_linear(x, layer.weight, layer.scale, layer.bias, config=config, out=out)
                 check(got, x, layer.weight, layer.scale, layer.bias)
