@@ -195,6 +195,11 @@ def _config(tile: tuple[int, int, int, int], n: int, k: int, sms: int) -> Launch
     return LaunchConfig(block_n, block_k, _split_for(n, k, block_n, block_k, sms), warps, stages)
 
 
+def default_config(n: int, k: int, m: int, sms: int) -> LaunchConfig:
+    """The configuration used without timing (inside a CUDA-graph capture) for m rows."""
+    return _config(_TILES[row_bucket(m)][_DEFAULT], n, k, sms)
+
+
 def candidates(n: int, k: int, bucket: int, sms: int) -> list[LaunchConfig]:
     """The launch configurations the tuner times for an (N, K) weight, `bucket` rows, `sms` SMs."""
     out = []
@@ -219,10 +224,10 @@ class Tuner:
         key = (props.name, str(weight.dtype).removeprefix("torch."), row_bucket(x.shape[0]), n, k)
         if key in self.table:
             return self.table[key]
-        sms, bucket = props.multi_processor_count, key[2]
+        sms = props.multi_processor_count
         if torch.cuda.is_current_stream_capturing():  # no timing inside a capture: a fair default, not kept
-            return _config(_TILES[bucket][_DEFAULT], n, k, sms)
-        self.table[key] = _fastest(candidates(n, k, bucket, sms), x, weight)
+            return default_config(n, k, x.shape[0], sms)
+        self.table[key] = _fastest(candidates(n, k, key[2], sms), x, weight)
         return self.table[key]
 
 

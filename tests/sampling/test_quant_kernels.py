@@ -100,21 +100,30 @@ SHAPES = [
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("mode", MODES)
 def test_kernel_equals_reference_gpu(mode):
-    """Real shapes, fresh random inputs, poisoned outputs: the tuned layer and every candidate config."""
+    """Real shapes, fresh random inputs, poisoned outputs: the untimed default configuration of each row
+    bucket at every shape; every candidate (what the tuner may pick) at the shapes that split K; and the
+    tuned QuantizedLinear. Compiles stay in the tens (each configuration and K is one Triton compile)."""
     gen = torch.Generator(device="cuda").manual_seed(0)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     tuner = qk.Tuner()
     for n, k, has_bias in SHAPES:
         linear = torch.nn.Linear(k, n, bias=has_bias, device="cuda", dtype=torch.bfloat16)
         layer = quantize_linear(linear, mode, tuner=tuner)
-        sms = torch.cuda.get_device_properties(0).multi_processor_count
         for m in (1, 2, 17, 64):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
-            check(layer(x), x, layer.weight, layer.scale, layer.bias)
-            for config in qk.candidates(n, k, qk.row_bucket(m), sms) if m in (2, 64) else ():
+            configs = [qk.default_config(n, k, m, sms)]
+            if m == 2 and (n, k) in ((7168, 5120), (5120, 13824), (1536, 5120)):
+                configs += qk.candidates(n, k, qk.row_bucket(m), sms)
+            for config in configs:
                 out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
                 got = qk.quant_linear(x, layer.weight, layer.scale, layer.bias, config=config, out=out)
                 check(got, x, layer.weight, layer.scale, layer.bias)
-    assert len(tuner.table) == len(SHAPES) * 3  # row buckets 16, 32, 64
+        if (n, k) == (1536, 1536):  # the tuned path, through the module
+            x = torch.randn(2, 3, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+            y = layer(x)
+            assert y.shape == (2, 3, n)
+            check(y.reshape(6, n), x.reshape(6, k), layer.weight, layer.scale, layer.bias)
+    assert list(tuner.table) == [(torch.cuda.get_device_name(), str(layer.weight.dtype)[6:], 16, 1536, 1536)]
 
 
 @pytest.mark.gpu
