@@ -97,7 +97,7 @@ def main() -> None:
                     torch.cuda.synchronize()
                     first_s = time.perf_counter() - start
                     if mode != "bf16":
-                        config["launch"] = dataclasses.asdict(tuner.config(x, layers[0].weight))
+                        config["launch"] = dataclasses.asdict(tuner.config(x, first.weight, first.scale, None))
                         emit("first_call", config, first_s, "s")
                     emit("linear_rel_error", config, rel_error(y, x.float() @ base.weight.float().T), "rel")
                     emit("kernel_rel_error", config, rel_error(y, x.float() @ exact.T), "rel")

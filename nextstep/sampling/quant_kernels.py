@@ -217,8 +217,11 @@ class Tuner:
     def __init__(self):
         self.table: dict[tuple[str, str, int, int, int], LaunchConfig] = {}
 
-    def config(self, x: torch.Tensor, weight: torch.Tensor) -> LaunchConfig:
-        """The configuration for x (M, K) @ weight (N, K).T on x's GPU; times the candidates if new."""
+    def config(
+        self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+    ) -> LaunchConfig:
+        """The configuration of quant_linear(x, weight, scale, bias) for x (M, K) on x's GPU; times the
+        candidates (with these operands, so the kernels compiled are the ones then used) if new."""
         n, k = weight.shape
         props = torch.cuda.get_device_properties(x.device)
         key = (props.name, str(weight.dtype).removeprefix("torch."), row_bucket(x.shape[0]), n, k)
@@ -227,20 +230,19 @@ class Tuner:
         sms = props.multi_processor_count
         if torch.cuda.is_current_stream_capturing():  # no timing inside a capture: a fair default, not kept
             return default_config(n, k, x.shape[0], sms)
-        self.table[key] = _fastest(candidates(n, k, key[2], sms), x, weight)
+        rows = torch.randn(key[2], k, dtype=x.dtype, device=x.device)  # (bucket, K)
+        self.table[key] = _fastest(candidates(n, k, key[2], sms), rows, weight, scale, bias)
         return self.table[key]
 
 
-def _fastest(found: list[LaunchConfig], x: torch.Tensor, weight: torch.Tensor) -> LaunchConfig:
-    """The candidate with the least median time at x's row bucket (L2 flushed before each call, as
-    triton.testing.do_bench does, so weights come from HBM as they do in a decode step)."""
-    rows = torch.randn(row_bucket(x.shape[0]), x.shape[1], dtype=x.dtype, device=x.device)
-    scale = torch.ones(weight.shape[0], dtype=torch.float32, device=x.device)
+def _fastest(found: list[LaunchConfig], x, weight, scale, bias) -> LaunchConfig:
+    """The candidate with the least median time (L2 flushed before each call, as triton.testing.do_bench
+    does, so weights come from HBM as they do in a decode step)."""
     best = None
     for config in found:
         try:
             ms = triton.testing.do_bench(
-                lambda c=config: quant_linear(rows, weight, scale, None, config=c), warmup=5, rep=25
+                lambda c=config: quant_linear(x, weight, scale, bias, config=c), warmup=5, rep=25
             )
         except triton.runtime.errors.OutOfResources:  # shared memory or registers of this GPU exceeded
             continue

@@ -82,7 +82,7 @@ class QuantizedLinear(nn.Module):
         if not quant_kernels.available(rows):
             return reference_linear(x, self.weight, self.scale, self.bias)
         rows = rows.contiguous()
-        config = self.tuner.config(rows, self.weight)
+        config = self.tuner.config(rows, self.weight, self.scale, self.bias)
         y = quant_kernels.quant_linear(rows, self.weight, self.scale, self.bias, config=config)
         return y.reshape(*x.shape[:-1], self.out_features)
 
