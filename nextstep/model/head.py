@@ -20,6 +20,12 @@ def timestep_features(t: torch.Tensor, dim: int = 256, max_period: float = 10000
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+def compute_dtype(linear: nn.Module) -> torch.dtype:
+    """The dtype a linear takes its input in: its weight's, or `compute_dtype` for a linear whose weight is
+    stored in another format (weight-only fp8/int8, nextstep.sampling.quantize)."""
+    return getattr(linear, "compute_dtype", None) or linear.weight.dtype
+
+
 class TimestepEmbedder(nn.Module):
     def __init__(self, width: int, freq_dim: int = 256):
         super().__init__()
@@ -27,7 +33,7 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_features(t, self.freq_dim).to(self.mlp[0].weight.dtype))
+        return self.mlp(timestep_features(t, self.freq_dim).to(compute_dtype(self.mlp[0])))
 
 
 class ResBlock(nn.Module):

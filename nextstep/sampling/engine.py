@@ -17,10 +17,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nextstep.model.backbone import build_attention_mask, fuse_projections
-from nextstep.model.head import AdaLNMLP
+from nextstep.model.head import AdaLNMLP, compute_dtype
 from nextstep.model.nextstep import NextStep
 from nextstep.sampling import head_kernels as head_kernels_mod
 from nextstep.sampling.flow import FlowSettings, guidance_rows, guidance_table, guided_update, plan_steps
+from nextstep.sampling.quantize import is_quantized
 
 
 # ---- the flow head at decode time ----------------------------------------------------------------
@@ -39,7 +40,7 @@ def step_modulations(net: AdaLNMLP, t_embed: torch.Tensor, cond: torch.Tensor) -
 def head_velocity(net: AdaLNMLP, x: torch.Tensor, mods: list[tuple], rows: int) -> torch.Tensor:
     """net(x, t_i, cond) from step i's modulations, for tokens x (B, D) shared by the guidance rows
     -> (rows * B, D) float32. head_kernels.velocity is the same with fused kernels."""
-    h = net.input_proj(x.to(net.input_proj.weight.dtype)).repeat(rows, 1)  # (R, W)
+    h = net.input_proj(x.to(compute_dtype(net.input_proj))).repeat(rows, 1)  # (R, W)
     return net.trunk(h, mods).float()
 
 
@@ -166,7 +167,9 @@ class Engine:
         self.graphs = dev.type == "cuda" if graphs is None else graphs  # capture CUDA graphs
         self.compile = compile  # torch.compile the decoder layer and the torch head before capture
         # Fused Triton head blocks (head_kernels.py); None: on wherever Triton can run them.
-        self.head_kernels = head_kernels_mod.available(dev) if head_kernels is None else head_kernels
+        if head_kernels is None:  # they read bf16 weights: a quantised head runs its QuantizedLinears instead
+            head_kernels = head_kernels_mod.available(dev) and not is_quantized(model.image_head.net)
+        self.head_kernels = head_kernels
         self._launch: dict[int, head_kernels_mod.LaunchConfig] = {}  # tuned per row count, kept across states
         self.kv_block = kv_block  # cache length granularity: one decode graph per kv_block slots
         self._state: _State | None = None  # one at a time: a batch-32 cache is ~14 GB at 14B

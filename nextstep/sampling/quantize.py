@@ -1,6 +1,9 @@
-"""Weight-only int8/fp8 quantisation of the decoder layers and the flow head, applied from outside the model.
+"""Weight-only fp8 (e4m3) / int8 quantisation with one float32 scale per output channel: the math
+(quantise, dequantise), the reference linear that defines the result, and `QuantizedLinear`, which runs
+that linear with the fused Triton kernel (`quant_kernels`) on CUDA and as the reference elsewhere.
 
-apply_quantization(model, "int8")
+    layer = quantize_linear(nn.Linear(5120, 5120), "fp8")      # weight (N, K) float8_e4m3fn, scale (N,)
+    apply_quantization(model, "fp8")                           # every decoder, projector and head linear
 """
 
 from __future__ import annotations
@@ -10,46 +13,141 @@ import torch.nn.functional as F
 from torch import nn
 
 from nextstep.model.nextstep import NextStep
+from nextstep.sampling import quant_kernels
 
-QUANTIZE = ("none", "int8", "fp8")
+MODES = ("fp8", "int8")
+_DTYPE = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
+# Largest magnitude stored: e4m3's finite max; int8 symmetric (-128 unused, so -q is representable).
+_QMAX = {"fp8": 448.0, "int8": 127.0}
 
 
-class QuantLinear(nn.Module):
-    """Linear with int8 or fp8 (e4m3) weights and one scale per output channel; dequantised per call.
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"quantisation mode must be one of {', '.join(MODES)}, got {mode!r}")
 
-    Halves weight memory. Without a fused dequant-GEMM kernel it does not cut bytes moved per call.
+
+def quantize_weight(weight: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight (N, K) -> (W_q (N, K) fp8/int8, scale (N,) float32) with W_q * scale[:, None] ~ weight.
+
+    Per-output-channel absmax: the largest |w| of each row maps to the format's max. An all-zero row gets
+    scale 1 and W_q 0 (no division by zero). int8 rounds half to even; the e4m3 cast rounds to nearest.
+    """
+    _check_mode(mode)
+    w = weight.detach().float()
+    qmax = _QMAX[mode]
+    amax = w.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    q = (w / scale[:, None]).clamp(-qmax, qmax)  # clamp: the e4m3 cast turns out-of-range values into NaN
+    if mode == "int8":
+        q = q.round()
+    return q.to(_DTYPE[mode]), scale
+
+
+def dequantize_weight(weight_q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """W_q (N, K), scale (N,) -> W_q * scale[:, None] (N, K) in `dtype`."""
+    return (weight_q.float() * scale[:, None]).to(dtype)
+
+
+def reference_linear(
+    x: torch.Tensor, weight_q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """The definition: dequantise to x's dtype, then F.linear. x (..., K) -> (..., N)."""
+    return F.linear(x, dequantize_weight(weight_q, scale, x.dtype), bias)
+
+
+class QuantizedLinear(nn.Module):
+    """y = x @ (weight * scale[:, None]).T + bias with weight (N, K) fp8/int8 and scale (N,) float32.
+
+    Decode batches (at most quant_kernels.MAX_ROWS rows) on CUDA run the fused kernel, which reads the
+    weight as 1 byte per entry; other inputs run `reference_linear`. Quantise after moving the model to its
+    dtype: `Module.to(dtype)` converts every floating buffer, float8 weights and float32 scales included.
     """
 
-    def __init__(self, linear: nn.Linear, mode: str):
+    def __init__(
+        self,
+        weight_q: torch.Tensor,
+        scale: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        tuner: quant_kernels.Tuner | None = None,
+        compute_dtype: torch.dtype | None = None,
+    ):
         super().__init__()
-        w = linear.weight.detach().float()
-        amax = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
-        if mode == "int8":
-            scale = amax / 127
-            q = (w / scale).round().clamp(-127, 127).to(torch.int8)
-        else:
-            scale = amax / torch.finfo(torch.float8_e4m3fn).max
-            q = (w / scale).to(torch.float8_e4m3fn)
-        self.register_buffer("weight", q)
-        self.register_buffer("scale", scale[:, 0].to(linear.weight.dtype))
-        self.bias = linear.bias
+        # The dtype inputs arrive in (the original linear's weight dtype; model code reads it, not `weight`).
+        self.compute_dtype = compute_dtype or (torch.bfloat16 if bias is None else bias.dtype)
+        self.in_features, self.out_features = weight_q.shape[1], weight_q.shape[0]
+        self.register_buffer("weight", weight_q)
+        self.register_buffer("scale", scale.float())
+        self.register_buffer("bias", bias)
+        # Launch configurations, shared by all layers that `quantize_linear` was given the same tuner for.
+        self.tuner = quant_kernels.Tuner() if tuner is None else tuner
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight.to(x.dtype)) * self.scale
-        return out if self.bias is None else out + self.bias
+        rows = x.reshape(-1, self.in_features)  # (M, K)
+        if not quant_kernels.available(rows):
+            return reference_linear(x, self.weight, self.scale, self.bias)
+        rows = rows.contiguous()
+        config = self.tuner.config(rows, self.weight, self.scale, self.bias)
+        y = quant_kernels.quant_linear(rows, self.weight, self.scale, self.bias, config=config)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weight={self.weight.dtype}"
+
+
+def quantize_linear(linear: nn.Linear, mode: str, *, tuner: quant_kernels.Tuner | None = None) -> QuantizedLinear:
+    """A QuantizedLinear computing what `linear` computes, with its weight quantised per output channel
+    (mode "fp8" or "int8"); bias kept in the linear's dtype. Pass one `tuner` to every layer of a model so
+    layers of one shape share their tuned launch configuration."""
+    weight_q, scale = quantize_weight(linear.weight, mode)
+    bias = None if linear.bias is None else linear.bias.detach().clone()
+    return QuantizedLinear(weight_q, scale, bias, tuner=tuner, compute_dtype=linear.weight.dtype)
+
+
+def quantize_linears(root: nn.Module, mode: str, *, tuner: quant_kernels.Tuner) -> int:
+    """Replace every nn.Linear below `root` by quantize_linear(..., tuner=tuner), in place; the count."""
+    _check_mode(mode)
+    count = 0
+    for module in list(root.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, name, quantize_linear(child, mode, tuner=tuner))
+                count += 1
+    return count
+
+
+def concat_quantized(layers: list[QuantizedLinear]) -> QuantizedLinear:
+    """One QuantizedLinear whose output is the layers' outputs side by side (fused q/k/v or gate/up): with
+    per-output-channel scales this is a concatenation of rows."""
+    biases = [layer.bias for layer in layers]
+    if any(b is None for b in biases) and not all(b is None for b in biases):
+        raise ValueError("concat_quantized needs all layers with a bias or all without")
+    bias = None if biases[0] is None else torch.cat(biases)
+    weight = torch.cat([layer.weight for layer in layers])
+    scale = torch.cat([layer.scale for layer in layers])
+    return QuantizedLinear(weight, scale, bias, tuner=layers[0].tuner, compute_dtype=layers[0].compute_dtype)
+
+
+QUANTIZE = ("none", *MODES)  # what `--quantize` and `nextstep.load(quantize=...)` take
 
 
 def apply_quantization(model: NextStep, mode: str) -> NextStep:
-    """Swap the decoder layers' and the flow head's linears for weight-only int8/fp8 ones, in place."""
+    """Swap the decoder layers', projectors' and flow head's linears for weight-only fp8/int8 ones, in
+    place, all sharing one launch tuner. Run it after the model has its device and dtype."""
     if mode not in QUANTIZE:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, got {mode!r}")
     if mode == "none":
         return model
-    for layer in model.layers:  # fuse_projections' copies would bypass the quantised weights
+    for layer in model.layers:  # fuse_projections' bf16 copies would bypass the quantised weights
         layer.self_attn.qkv_weight = layer.self_attn.qkv_bias = layer.mlp.gate_up_weight = None
+    tuner = quant_kernels.Tuner()
     for root in (model.layers, model.image_head.net):
-        for module in list(root.modules()):
-            for name, child in list(module.named_children()):
-                if isinstance(child, nn.Linear):
-                    setattr(module, name, QuantLinear(child, mode))
+        quantize_linears(root, mode, tuner=tuner)
+    model.image_in_projector = quantize_linear(model.image_in_projector, mode, tuner=tuner)
+    model.image_out_projector = quantize_linear(model.image_out_projector, mode, tuner=tuner)
     return model
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """Whether any linear below `module` is a QuantizedLinear (the fused bf16 head kernels cannot read it)."""
+    return any(isinstance(m, QuantizedLinear) for m in module.modules())

@@ -16,7 +16,7 @@ from nextstep.model.vae import pil_to_pixels
 from nextstep.sampling.engine import Engine
 from nextstep.sampling.flow import FlowSettings, guidance_rows, guidance_table, sample_token
 from nextstep.sampling.pipeline import GenerateOptions, Pipeline
-from nextstep.sampling.quantize import QuantLinear, apply_quantization
+from nextstep.sampling.quantize import apply_quantization, quantize_linear
 from tests.refs import ROOT
 
 REFERENCE = ROOT
@@ -175,7 +175,7 @@ def test_engine_reuses_state_across_prompt_lengths():
 def test_quantized_linear_close(mode):
     lin = torch.nn.Linear(64, 32)
     x = torch.randn(5, 64)
-    q = QuantLinear(lin, mode)
+    q = quantize_linear(lin, mode)
     ref = lin(x)
     err = (q(x) - ref).norm() / ref.norm()
     assert err < (1e-2 if mode == "int8" else 5e-2)
@@ -190,6 +190,8 @@ def test_quantized_engine_runs():
     assert pipe.model.layers[0].mlp.gate_up_weight is not None
     apply_quantization(pipe.model, "int8")
     assert not any(isinstance(m, torch.nn.Linear) for m in pipe.model.layers.modules())
+    assert not any(isinstance(m, torch.nn.Linear) for m in pipe.model.image_head.net.modules())
+    assert not Engine(pipe.model).head_kernels  # the fused head kernels read bf16 weights
     assert all(layer.mlp.gate_up_weight is None and layer.self_attn.qkv_weight is None for layer in pipe.model.layers)
     opts = GenerateOptions(size=(32, 32), steps=3)
     ids, mask, latents, settings = inputs(pipe, opts, ["a fox"])
