@@ -1,7 +1,8 @@
-"""Image-token decoding speed: fast engine vs eager pipeline vs the memory-bandwidth roofline.
+"""Image-token decoding speed: fast engine vs `--engine eager` vs the memory-bandwidth roofline.
 
     PYTHONUNBUFFERED=1 python bench/decode.py                  # official 14B shape, batch 1, 8, 32
     python bench/decode.py --shape 1.5b --batches 1 --compile  # quick run
+    python bench/decode.py --batches 1 --heads fused --tokens 32 --official-eager-s 217  # engine vs eager
 
 Random bf16 weights built directly on the GPU. One JSON line per result:
 {"what", "config", "device", "number", "unit"}; ratios as their own lines.
@@ -10,6 +11,7 @@ Random bf16 weights built directly on the GPU. One JSON line per result:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import statistics
@@ -20,11 +22,11 @@ import torch
 
 from nextstep.model.config import NextStepConfig
 from nextstep.model.nextstep import NextStep
-from nextstep.sampling import head_kernels
-from nextstep.sampling.engine import Engine, apply_quantization, guidance_table
-from nextstep.sampling.flow import FlowSettings, guidance_rows
+from nextstep.sampling.engine import Engine
+from nextstep.sampling.flow import FlowSettings, guidance_rows, guidance_table
 from nextstep.sampling.head_kernels import MAX_ROWS
 from nextstep.sampling.pipeline import GenerateOptions, Pipeline
+from nextstep.sampling.quantize import apply_quantization
 
 SHAPES = {
     "14b": dict(hidden_size=5120, num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8,
@@ -143,18 +145,22 @@ def time_engine(engine: Engine, model, batch, rows, settings, opts, n_tokens, wi
 
 
 def time_eager(model, rows, settings, opts, tokens: int) -> float:
-    """Seconds per image token of Pipeline.generate_tokens (eager, batch 1) over `tokens` tokens."""
+    """Seconds per image token of `--engine eager` (Pipeline.generate_tokens: the engine's code without CUDA
+    graphs, fused kernels or compile; batch 1) over `tokens` tokens, after a 4-token warm-up. The timed call
+    includes its prefill of PROMPT_LEN tokens and attends to at most 256 cache slots."""
     pipe = Pipeline.__new__(Pipeline)
-    pipe.model, pipe.vae = model, SimpleNamespace(config=SimpleNamespace(down_factor=8))
-    small = GenerateOptions(**{**opts.__dict__, "size": (16, 16 * tokens)})
+    pipe.model, pipe.vae, pipe._engine = model, SimpleNamespace(config=SimpleNamespace(down_factor=8)), None
+    eager = dataclasses.replace(opts, engine="eager")
     ids, mask = prompt(model.config, 1, rows)
     latents = torch.zeros(0, model.config.token_dim, device=DEVICE)
-    pipe.generate_tokens(ids, mask, latents, settings, GenerateOptions(**{**opts.__dict__, "size": (16, 64)}), seed=0)
+    pipe.generate_tokens(ids, mask, latents, settings, dataclasses.replace(eager, size=(16, 64)), seed=0)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    pipe.generate_tokens(ids, mask, latents, settings, small, seed=0)
+    pipe.generate_tokens(ids, mask, latents, settings, dataclasses.replace(eager, size=(16, 16 * tokens)), seed=0)
     torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / tokens
+    seconds = (time.perf_counter() - t0) / tokens
+    assert not pipe.engine(eager).graphs  # what was timed ran without graphs
+    return seconds
 
 
 def profile_kernels(model, rows, settings, opts, n_tokens: int) -> tuple[float, float, str]:
@@ -187,7 +193,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--cfg", type=float, default=7.5)
     ap.add_argument("--window", type=int, default=32, help="timed tokens per window (3 windows)")
-    ap.add_argument("--eager-tokens", type=int, default=24, help="tokens timed on the eager path (0: skip)")
+    ap.add_argument("--tokens", type=int, default=32, help="image tokens timed on --engine eager, batch 1 (0: skip)")
+    ap.add_argument(
+        "--official-eager-s",
+        type=float,
+        default=None,
+        help="seconds per image of the official eager pipeline measured on this machine, for a ratio line",
+    )
     ap.add_argument("--quantize", default="none")
     ap.add_argument("--compile", action="store_true", help="torch.compile the layer and head step")
     ap.add_argument("--profile", action="store_true", help="kernel-time split of one token, no graphs")
@@ -225,7 +237,7 @@ def main() -> None:
         engine = Engine(model, compile=args.compile, head_kernels=head_impl == "fused")
         t = time_engine(engine, model, batch, rows, settings, opts, n_tokens, w, offsets)
         head_impl = "fused" if engine._state.head_kernels else "torch"  # more rows than MAX_ROWS: torch
-        tuned = dict(head_kernels.current_config()) if head_impl == "fused" else None
+        tuned = dataclasses.asdict(engine._state.launch) if head_impl == "fused" else None
         del engine
         gc.collect()  # the engine's state and graphs form a cycle; free them before the next batch
         torch.cuda.empty_cache()
@@ -263,17 +275,16 @@ def main() -> None:
               f"backbone {t['backbone'] * 1e3:.2f} ms roofline {floor * 1e3:.2f} ms", flush=True)  # fmt: skip
     if 1 in per_image and 32 in per_image:
         emit("ratio_images_per_s_batch32_over_batch1", base, per_image[1] / per_image[32], "x")
-    if args.eager_tokens and 1 in per_image:
-        cfg = {
-            **base,
-            "batch": 1,
-            "path": "eager Pipeline.generate_tokens",
-            "tokens_timed": args.eager_tokens,
-        }
-        eager = time_eager(model, rows, settings, opts, args.eager_tokens)
-        emit("eager_token_latency", cfg, eager * 1e3, "ms/token")
+    if args.tokens:
+        cfg = {**base, "batch": 1, "engine": "eager", "tokens_timed": args.tokens}
+        eager = time_eager(model, rows, settings, opts, args.tokens)
+        emit("eager_seconds_per_token", cfg, eager, "s/token")
         emit("eager_seconds_per_image", {**cfg, "extrapolated_to": n_tokens}, eager * n_tokens, "s/image")
-        emit("ratio_eager_over_engine", cfg, eager * n_tokens / per_image[1], "x")
+        if 1 in per_image:
+            emit("ratio_eager_over_engine", cfg, eager * n_tokens / per_image[1], "x")
+        if args.official_eager_s:
+            official = {**cfg, "official_eager_s_per_image": args.official_eager_s}
+            emit("ratio_eager_over_official_eager", official, eager * n_tokens / args.official_eager_s, "x")
     if args.profile:
         head, backbone, table = profile_kernels(model, rows, settings, opts, n_tokens)
         print(table, flush=True)

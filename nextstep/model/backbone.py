@@ -2,6 +2,8 @@
 
 Parameter names follow Hugging Face Qwen2 (`self_attn.q_proj`, `mlp.gate_proj`, `input_layernorm`, ...)
 so official checkpoints load with no renaming. Numerics follow HF: norms and RoPE tables in fp32.
+One forward serves training, prefill and decode (gpt-fast's pattern); `fuse_projections` adds the
+inference-time fused q/k/v and gate/up matrices.
 """
 
 from __future__ import annotations
@@ -20,10 +22,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # HF's arithmetic (fp32 norm, cast, then weight) with the fused norm: 4 kernels instead of 8.
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 def rope_cos_sin(
@@ -85,6 +85,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, hkv * hd, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(h * hd, d, bias=cfg.o_attention_bias)
         self.cache: KVCache | None = None
+        self.register_buffer("qkv_weight", None, persistent=False)  # ((H + 2 Hkv) D, d) from fuse_projections
+        self.register_buffer("qkv_bias", None, persistent=False)
 
     def forward(
         self,
@@ -95,15 +97,25 @@ class Attention(nn.Module):
         slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
         b, n, _ = x.shape
-        q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
-        k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, D)
-        v = self.v_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        h, hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.qkv_weight is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split([h * hd, hkv * hd, hkv * hd], dim=-1)
+        q = q.view(b, n, h, hd).transpose(1, 2)  # (B, H, L, D)
+        k = k.view(b, n, hkv, hd).transpose(1, 2)  # (B, Hkv, L, D)
+        v = v.view(b, n, hkv, hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None:
             k, v = self.cache.update(slots, k, v)  # (B, Hkv, Lmax, D)
-        if self.num_kv_heads != self.num_heads:
-            rep = self.num_heads // self.num_kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]  # only the slots the mask covers
+        if n == 1 and hkv != h:
+            # Decode: the `rep` query heads of one KV head become `rep` queries against it, so K and V
+            # are read once instead of being repeated (mask (B, 1, 1, Lk) broadcasts over them).
+            out = F.scaled_dot_product_attention(q.reshape(b, hkv, h // hkv, hd), k, v, attn_mask=mask)
+            return self.o_proj(out.reshape(b, 1, h * hd))
+        if hkv != h:
+            k, v = k.repeat_interleave(h // hkv, dim=1), v.repeat_interleave(h // hkv, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
 
@@ -115,9 +127,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(d, f, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(d, f, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(f, d, bias=cfg.mlp_bias)
+        self.register_buffer("gate_up_weight", None, persistent=False)  # (2f, d) from fuse_projections
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_weight is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -131,3 +148,25 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, mask, slots=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, slots)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def fuse_projections(layers: nn.ModuleList) -> bool:
+    """Add each layer's q/k/v and gate/up weights concatenated as non-persistent buffers, so inference runs
+    one GEMM instead of three (two). The parameters (and state_dict) are untouched; the fused copies cost
+    their memory again and are stale once the weights change (rebuild by calling this again).
+
+    False, and nothing changed, when the layers hold other modules (quantised) or an MLP bias.
+    """
+    for layer in layers:
+        a, m = layer.self_attn, layer.mlp
+        linears = (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj)
+        if any(type(lin) is not nn.Linear for lin in linears) or m.gate_proj.bias is not None:
+            return False
+    with torch.no_grad():
+        for layer in layers:
+            a, m = layer.self_attn, layer.mlp
+            qkv = (a.q_proj, a.k_proj, a.v_proj)
+            a.qkv_weight = torch.cat([p.weight for p in qkv])
+            a.qkv_bias = None if a.q_proj.bias is None else torch.cat([p.bias for p in qkv])
+            m.gate_up_weight = torch.cat([m.gate_proj.weight, m.up_proj.weight])
+    return True

@@ -37,9 +37,14 @@ class ResBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def modulation(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """adaLN (shift, 1 + scale, gate) from the (time + condition) embedding y (..., W)."""
         shift, scale, gate = self.adaLN_modulation(y).chunk(3, dim=-1)
-        return x + gate * self.mlp(self.in_ln(x) * (1 + scale) + shift)
+        return shift, 1 + scale, gate
+
+    def forward(self, x: torch.Tensor, mod: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        shift, scale1, gate = mod
+        return x + gate * self.mlp(self.in_ln(x) * scale1 + shift)
 
 
 class FinalLayer(nn.Module):
@@ -49,9 +54,13 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(width, out_dim)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def modulation(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         shift, scale = self.adaLN_modulation(y).chunk(2, dim=-1)
-        return self.linear(self.norm_final(x) * (1 + scale) + shift)
+        return shift, 1 + scale
+
+    def forward(self, x: torch.Tensor, mod: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        shift, scale1 = mod
+        return self.linear(self.norm_final(x) * scale1 + shift)
 
 
 class AdaLNMLP(nn.Module):
@@ -66,11 +75,18 @@ class AdaLNMLP(nn.Module):
         self.final_layer = FinalLayer(width, token_dim)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        y = self.time_embed(t) + self.cond_embed(cond)
-        x = self.input_proj(x)
-        for block in self.res_blocks:
-            x = block(x, y)
-        return self.final_layer(x, y)
+        return self.trunk(self.input_proj(x), self.modulations(self.time_embed(t) + self.cond_embed(cond)))
+
+    def modulations(self, y: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        """Every block's adaLN modulation, then the final layer's, from y (..., W). They depend on (t, cond)
+        only: a sampler computes them for all its steps at once (y (S, N, W)) and indexes one step."""
+        return [block.modulation(y) for block in self.res_blocks] + [self.final_layer.modulation(y)]
+
+    def trunk(self, h: torch.Tensor, mods: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
+        """velocity from the projected input h (N, W) and one step's modulations (each (N, W))."""
+        for block, mod in zip(self.res_blocks, mods, strict=False):
+            h = block(h, mod)
+        return self.final_layer(h, mods[-1])
 
     def init_weights(self) -> None:
         """Zero-init adaLN modulation and the output layer so each block starts as identity, as in DiT."""

@@ -92,18 +92,25 @@ class NextStep(nn.Module):
         self.image_head.net.init_weights()
 
     # ---- inference state -----------------------------------------------------------------------
-    def setup_caches(self, max_batch: int, max_len: int) -> None:
-        """Attach a static KV cache of (max_batch, max_len) to every layer."""
+    def setup_caches(self, max_batch: int, max_len: int) -> list[KVCache]:
+        """Attach a fresh static KV cache of (max_batch, max_len) to every layer; returned so that its
+        holder can attach it again later (use_caches)."""
         p = self.embed_tokens.weight
         c = self.config
-        for layer in self.layers:
-            layer.self_attn.cache = KVCache(
-                max_batch, max_len, c.num_key_value_heads, c.head_dim, dtype=p.dtype, device=p.device
-            )
+        caches = [
+            KVCache(max_batch, max_len, c.num_key_value_heads, c.head_dim, dtype=p.dtype, device=p.device)
+            for _ in self.layers
+        ]
+        self.use_caches(caches)
+        return caches
+
+    def use_caches(self, caches: list[KVCache] | None) -> None:
+        """Attach one cache per layer (None: none, the training forward)."""
+        for i, layer in enumerate(self.layers):
+            layer.self_attn.cache = None if caches is None else caches[i]
 
     def clear_caches(self) -> None:
-        for layer in self.layers:
-            layer.self_attn.cache = None
+        self.use_caches(None)
 
     # ---- forward -------------------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor, image_tokens: torch.Tensor | None = None) -> torch.Tensor:
@@ -124,11 +131,15 @@ class NextStep(nn.Module):
         mask: torch.Tensor | None = None,
         slots: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        layer_fn=None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Final normed hidden states (B, L, d).
 
         position_ids (B, L) default 0..L-1; mask: boolean (B, 1, L, Lk) or None for plain causal;
-        slots (L,): cache slots to write when caches are set up (see setup_caches).
+        slots (L,): cache slots to write when caches are set up (see setup_caches); then attention reads
+        the first Lk cache slots, so a decode step's mask may cover only the live prefix.
+        layer_fn(layer, x, cos, sin, mask, slots): how each layer is called, default its forward (an
+        engine passes a compiled DecoderLayer.forward).
         """
         b, n, _ = inputs_embeds.shape
         if position_ids is None:
@@ -137,7 +148,7 @@ class NextStep(nn.Module):
         x = inputs_embeds
         states = [x]
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, slots)
+            x = layer(x, cos, sin, mask, slots) if layer_fn is None else layer_fn(layer, x, cos, sin, mask, slots)
             states.append(x)
         x = self.norm(x)
         if output_hidden_states:

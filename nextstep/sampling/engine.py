@@ -1,256 +1,51 @@
-"""Fast image-token decoding: static KV cache, guidance rows in one batch, and each token's work replayed
-as two CUDA graphs (the whole flow-matching loop over all steps and branches; one backbone step).
+"""Image-token decoding with the model's static KV cache: guidance rows in one batch, the flow head's steps
+planned once, and each token's work as two functions (the whole head loop; one backbone step through the
+model's own forward) replayed as CUDA graphs, or called directly without graphs (CPU, `--engine eager`).
 
-Same semantics as `Pipeline.generate_tokens`:
-    tokens = generate_tokens_fast(pipe, input_ids, attention_mask, image_tokens, settings, opts, seed=0)
-On CPU the same code runs eagerly (no graphs); that is what CI compares with the eager pipeline.
+    tokens = Engine(model).generate(input_ids, attention_mask, image_tokens, settings, opts, n_tokens=256, seed=0)
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
-import math
-import weakref
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from tqdm import tqdm
 
-from nextstep.model.backbone import KVCache, apply_rope, build_attention_mask, rope_cos_sin
+from nextstep.model.backbone import build_attention_mask, fuse_projections
 from nextstep.model.head import AdaLNMLP
 from nextstep.model.nextstep import NextStep
 from nextstep.sampling import head_kernels as head_kernels_mod
-from nextstep.sampling.flow import FlowSettings, combine_guidance, guidance_rows, guidance_scale, timesteps
-
-QUANTIZE = ("none", "int8", "fp8")
+from nextstep.sampling.flow import FlowSettings, guidance_rows, guidance_table, guided_update, plan_steps
 
 
-# ---- the flow-matching loop in affine form -----------------------------------------------------
-@dataclass(frozen=True)
-class StepPlan:
-    """Every update rule of flow.sample_token is affine: x' = a x + b v + c eps with (a, b, c) fixed by
-    the time grid, so the coefficients are computed once and the captured loop is two kernels per step."""
-
-    t: torch.Tensor  # (S,) float32 times at which the velocity is evaluated, one per step
-    coef: tuple[tuple[float, float, float], ...]  # (a, b, c) per step
-    num_eps: int  # the first num_eps steps each draw one eps (B, D), after the initial noise
-
-    @property
-    def num_draws(self) -> int:
-        """(B, D) draws per token in the eager order: initial noise, then one per noisy step."""
-        return 1 + self.num_eps
-
-
-def plan_steps(s: FlowSettings) -> StepPlan:
-    """Coefficients of flow.sample_token's updates, in float64 from the same float32 grid."""
-    grid = timesteps(s)
-    ts = grid.double().tolist()
-    coef = []
-    if s.family == "nextstep1":
-        for t, t_next in zip(ts[:-1], ts[1:], strict=True):
-            dt = t_next - t
-            if s.rule == "ode":
-                coef.append((1.0, dt, 0.0))
-                continue
-            den = (1 - t) ** 2 + t * (1 - t)  # score = (t v - x) / den; drift = v + (1 - t) score
-            coef.append((1 - (1 - t) * dt / den, (1 + (1 - t) * t / den) * dt, math.sqrt(2 * (1 - t) * dt)))
-        coef.append((1.0, s.last_step_size, 0.0))  # deterministic last step at ts[-1], no draw
-        return StepPlan(grid, tuple(coef), 0 if s.rule == "ode" else len(coef) - 1)
-    sigma_max = ts[-2]
-    for t, t_next in zip(ts[:-1], ts[1:], strict=True):
-        dt = t_next - t
-        if s.rule == "ode":
-            coef.append((1.0, dt, 0.0))
-        elif s.rule == "sde":
-            sigma = 1 - t
-            std = math.sqrt(sigma / (1 - (sigma_max if sigma == 1 else sigma))) * s.noise_level
-            k = std**2 * dt / (2 * sigma)  # the drift correction applied to x0 = x - v t
-            coef.append((1 - k, dt + k * t, std * math.sqrt(dt)))
-        else:
-            std = (1 - t_next) * math.sin(s.noise_level * math.pi / 2)
-            keep = math.sqrt(max((1 - t_next) ** 2 - std**2, 0.0))
-            coef.append((keep + t_next, -t * keep + (1 - t) * t_next, std))
-    return StepPlan(grid[:-1], tuple(coef), 0 if s.rule == "ode" else len(coef))
-
-
-def head_modulations(net: AdaLNMLP, t_embed: torch.Tensor, cond: torch.Tensor) -> list[tuple]:
-    """adaLN shift/scale/gate of every block for every step at once, each (S, R, W).
+# ---- the flow head at decode time ----------------------------------------------------------------
+def step_modulations(net: AdaLNMLP, t_embed: torch.Tensor, cond: torch.Tensor) -> list[list[tuple]]:
+    """net.modulations for every step at once -> per step, per block, tensors (R, W).
 
     They depend on (t, cond) only, so one batched GEMM per block replaces S small ones: the head reads
     its adaLN weights (57% of its bytes) once per token instead of once per step.
     """
     y = t_embed[:, None] + net.cond_embed(cond)[None]  # (S, R, W)
-    mods = []
-    for block in net.res_blocks:
-        shift, scale, gate = block.adaLN_modulation(y).chunk(3, dim=-1)
-        # chunk() gives strided views; contiguous copies (once per token) let the S steps' addcmuls vectorise.
-        mods.append((shift.contiguous(), 1 + scale, gate.contiguous()))
-    shift, scale = net.final_layer.adaLN_modulation(y).chunk(2, dim=-1)
-    mods.append((shift.contiguous(), 1 + scale))
-    return mods
+    # chunk() gives strided views; contiguous copies (once per token) keep each step's slices dense.
+    steps = [[m.contiguous().unbind(0) for m in mod] for mod in net.modulations(y)]  # one view call per tensor
+    return [[tuple(m[i] for m in mod) for mod in steps] for i in range(y.shape[0])]
 
 
-def head_velocity(net: AdaLNMLP, x: torch.Tensor, mods: list[tuple], i: int, rows: int) -> torch.Tensor:
-    """net(x, t_i, cond) for tokens x (B, D) shared by all guidance rows -> (rows * B, D) float32."""
-    dtype = net.input_proj.weight.dtype
-    h = net.input_proj(x.to(dtype)).repeat(rows, 1)  # (R, W)
-    for block, (shift, scale1, gate) in zip(net.res_blocks, mods, strict=False):
-        h = torch.addcmul(h, gate[i], block.mlp(torch.addcmul(shift[i], block.in_ln(h), scale1[i])))
-    shift, scale1 = mods[-1]
-    final = net.final_layer
-    return final.linear(torch.addcmul(shift[i], final.norm_final(h), scale1[i])).float()
-
-
-def head_step(
-    velocity,
-    net: AdaLNMLP,
-    x: torch.Tensor,
-    mods: list[tuple],
-    i: int,
-    rows: int,
-    scales: torch.Tensor,
-    eps: torch.Tensor | None,
-    a: float,
-    b: float,
-    *,
-    normalize: bool,
-) -> torch.Tensor:
-    """One step of the head loop with torch ops: x (B, D) fp32 -> (eps +) a x + b guide(velocity(x, t_i)).
-    head_kernels.head_step is the same step as fused kernels."""
-    v = combine_guidance(velocity(net, x, mods, i, rows), scales[0], scales[1], rows, normalize=normalize)
-    x = x * a if eps is None else torch.add(eps, x, alpha=a)
-    return x.add_(v, alpha=b)
-
-
-# ---- one backbone step with the static cache ---------------------------------------------------
-def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
-    """backbone.RMSNorm's exact arithmetic (fp32 norm, cast, then weight) in 4 kernels instead of 8."""
-    return F.rms_norm(x.float(), x.shape[-1:], eps=norm.eps).to(x.dtype) * norm.weight
-
-
-def decode_layer(layer, cache: KVCache, x, cos, sin, mask, slot, kv_len: int, fused=None) -> torch.Tensor:
-    """One decoder layer for one new position per row, x (R, 1, d).
-
-    GQA without repeat_interleave: the `rep` query heads of one KV head become `rep` queries against
-    it, so K and V are read once, and only the first kv_len slots (a static bucket) are read.
-    fused: (w_qkv, b_qkv, w_gate_up) from fuse_projections, or None to call the layer's linears.
-    """
-    attn, mlp, r = layer.self_attn, layer.mlp, x.shape[0]
-    h, hkv, hd = attn.num_heads, attn.num_kv_heads, attn.head_dim
-    y = rms_norm(layer.input_layernorm, x)
-    if fused is None:
-        qkv = torch.cat([attn.q_proj(y), attn.k_proj(y), attn.v_proj(y)], dim=-1)
-    else:
-        qkv = F.linear(y, fused[0], fused[1])
-    qkv = qkv.view(r, h + 2 * hkv, 1, hd)  # (R, H + 2 Hkv, 1, D): [q heads, k heads, v heads]
-    qk = apply_rope(qkv[:, : h + hkv], cos, sin)  # rotate q and k in one pass
-    q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + hkv :]
-    cache.update(slot, k, v)
-    q = q.reshape(r, hkv, -1, hd)  # (R, Hkv, rep, D)
-    scores = (q @ cache.k[:, :, :kv_len].transpose(-1, -2)).float() * hd**-0.5  # (R, Hkv, rep, L)
-    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(x.dtype)
-    out = probs @ cache.v[:, :, :kv_len]  # (R, Hkv, rep, D)
-    x = x + attn.o_proj(out.reshape(r, 1, -1))
-    y = rms_norm(layer.post_attention_layernorm, x)
-    if fused is None:
-        return x + mlp(y)
-    gate, up = F.linear(y, fused[2]).chunk(2, dim=-1)
-    return x + mlp.down_proj(F.silu(gate) * up)
-
-
-def fuse_projections(model: NextStep) -> list[tuple] | None:
-    """Concatenate each layer's q/k/v and gate/up weights into one matrix and re-point the original
-    parameters at views of it (values unchanged, no extra memory): one GEMM instead of three (two).
-    None when the layers hold other modules (quantised) or biases the fused form does not carry."""
-    out = []
-    for layer in model.layers:
-        a, m = layer.self_attn, layer.mlp
-        if any(type(lin) is not nn.Linear for lin in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj)):
-            return None
-        if m.gate_proj.bias is not None or (a.q_proj.bias is None) != (a.v_proj.bias is None):
-            return None
-        w_qkv = _concat([a.q_proj, a.k_proj, a.v_proj], "weight")
-        b_qkv = _concat([a.q_proj, a.k_proj, a.v_proj], "bias") if a.q_proj.bias is not None else None
-        out.append((w_qkv, b_qkv, _concat([m.gate_proj, m.up_proj], "weight")))
-    return out
-
-
-def _concat(modules: list[nn.Module], name: str) -> torch.Tensor:
-    parts = [getattr(mod, name) for mod in modules]
-    whole = torch.cat([p.detach() for p in parts])
-    offset = 0
-    for mod, p in zip(modules, parts, strict=True):
-        setattr(mod, name, nn.Parameter(whole[offset : offset + p.shape[0]], requires_grad=p.requires_grad))
-        offset += p.shape[0]
-    return whole
-
-
-def decode_step(
-    model: NextStep,
-    caches: list[KVCache],
-    x: torch.Tensor,
-    slot: torch.Tensor,
-    key_valid: torch.Tensor,
-    kv_len: int,
-    layer_fn=decode_layer,
-    fused: list[tuple] | None = None,
-) -> torch.Tensor:
-    """Embeddings x (R, d) at cache slot `slot` (1,) -> final hidden (R, d), attending to kv_len slots."""
-    cfg = model.config
-    cos, sin = rope_cos_sin(slot.expand(x.shape[0], 1), cfg.head_dim, cfg.rope_theta, x.dtype)  # (R,1,1,D)
-    k_pos = torch.arange(kv_len, device=x.device)
-    mask = (key_valid[:, :kv_len] & (k_pos <= slot))[:, None, None]  # (R, 1, 1, kv_len)
-    x = x[:, None]  # (R, 1, d)
-    for i, (layer, cache) in enumerate(zip(model.layers, caches, strict=True)):
-        x = layer_fn(layer, cache, x, cos, sin, mask, slot, kv_len, None if fused is None else fused[i])
-    return rms_norm(model.norm, x)[:, 0]
-
-
-# ---- weight-only quantisation, applied from outside the model ----------------------------------
-class QuantLinear(nn.Module):
-    """Linear with int8 or fp8 (e4m3) weights and one scale per output channel; dequantised per call.
-
-    Halves weight memory. Without a fused dequant-GEMM kernel it does not cut bytes moved per call.
-    """
-
-    def __init__(self, linear: nn.Linear, mode: str):
-        super().__init__()
-        w = linear.weight.detach().float()
-        amax = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
-        if mode == "int8":
-            scale = amax / 127
-            q = (w / scale).round().clamp(-127, 127).to(torch.int8)
-        else:
-            scale = amax / torch.finfo(torch.float8_e4m3fn).max
-            q = (w / scale).to(torch.float8_e4m3fn)
-        self.register_buffer("weight", q)
-        self.register_buffer("scale", scale[:, 0].to(linear.weight.dtype))
-        self.bias = linear.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight.to(x.dtype)) * self.scale
-        return out if self.bias is None else out + self.bias
-
-
-def apply_quantization(model: NextStep, mode: str) -> NextStep:
-    """Swap the decoder layers' and the flow head's linears for weight-only int8/fp8 ones, in place."""
-    if mode not in QUANTIZE:
-        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, got {mode!r}")
-    if mode == "none":
-        return model
-    for root in (model.layers, model.image_head.net):
-        for module in list(root.modules()):
-            for name, child in list(module.named_children()):
-                if isinstance(child, nn.Linear):
-                    setattr(module, name, QuantLinear(child, mode))
-    return model
+def head_velocity(net: AdaLNMLP, x: torch.Tensor, mods: list[tuple], rows: int) -> torch.Tensor:
+    """net(x, t_i, cond) from step i's modulations, for tokens x (B, D) shared by the guidance rows
+    -> (rows * B, D) float32. head_kernels.velocity is the same with fused kernels."""
+    h = net.input_proj(x.to(net.input_proj.weight.dtype)).repeat(rows, 1)  # (R, W)
+    return net.trunk(h, mods).float()
 
 
 # ---- the engine --------------------------------------------------------------------------------
 class _Graph:
-    """`fn` (which writes static outputs) captured once as a CUDA graph, or called directly on CPU."""
+    """`fn` (which writes static outputs) captured once as a CUDA graph, or called directly."""
 
     def __init__(self, fn, *, capture: bool, pool=None):
         self.fn, self.graph = fn, None
@@ -283,37 +78,36 @@ class _Key:
 
 
 class _State:
-    """Static buffers, KV cache and captured graphs for one _Key."""
+    """Static buffers, the model's KV caches and the (captured) per-token functions for one _Key."""
 
     def __init__(self, engine: Engine, key: _Key):
         self.model, self.key = model, key = engine.model, key
         cfg, p = model.config, model.embed_tokens.weight
         dev, dtype, r = p.device, p.dtype, key.rows * key.batch
         self.plan = plan = plan_steps(key.settings)
-        self.caches = [
-            KVCache(r, key.max_len, cfg.num_key_value_heads, cfg.head_dim, dtype=dtype, device=dev)
-            for _ in model.layers
-        ]
+        self.caches = model.setup_caches(r, key.max_len)
         self.key_valid = torch.ones(r, key.max_len, dtype=torch.bool, device=dev)
+        self.slots = torch.arange(key.max_len, device=dev)
         self.slot = torch.full((1,), key.max_len - 1, dtype=torch.long, device=dev)  # harmless warm-up slot
         self.cond = torch.zeros(r, cfg.hidden_size, dtype=dtype, device=dev)  # (R, d) head condition
-        # (draws, B, D): the head's draws in the eager order, then the fed-back token's noise if any
+        # (draws, B, D): the head's draws in plan order, then the fed-back token's noise if any
         draws = plan.num_draws + (1 if key.context_noise else 0)
         self.noise = torch.zeros(draws, key.batch, cfg.token_dim, device=dev)
         self.scales = torch.ones(2, device=dev)  # this token's (cfg, cfg_img)
+        self.raw = torch.zeros(key.batch, cfg.token_dim, device=dev)  # (B, D) sampled token before use_norm
         self.token = torch.zeros(key.batch, cfg.token_dim, device=dev)  # (B, D) fed-back token
         with torch.inference_mode():
             self.t_embed = model.image_head.net.time_embed(plan.t.to(dev, dtype))  # (S, W), every token
         self.coef_eps = torch.tensor([c for _, _, c in plan.coef[: plan.num_eps]], device=dev)[:, None, None]
-        self.fused = engine.fused
         self.head_kernels = engine.use_head_kernels(r)
         if self.head_kernels:
-            head_kernels_mod.tune(model.image_head.net, r, dev)
-            self.step = head_kernels_mod.head_step
+            self.launch = engine.launch_config(r)
+            self.velocity = partial(head_kernels_mod.velocity, config=self.launch)
+            self.update = head_kernels_mod.guided_update
         else:
-            velocity = torch.compile(head_velocity, dynamic=False) if engine.compile else head_velocity
-            self.step = partial(head_step, velocity)
-        self.layer_fn = torch.compile(decode_layer, dynamic=False) if engine.compile else decode_layer
+            compiled = torch.compile(head_velocity, dynamic=False) if engine.compile else head_velocity
+            self.velocity, self.update = compiled, guided_update
+        self.layer_fn = torch.compile(type(model.layers[0]).forward, dynamic=False) if engine.compile else None
         capture, pool = engine.graphs, (torch.cuda.graph_pool_handle() if engine.graphs else None)
         # Captures run now, before any prefill: their warm-up writes only the last cache slot, which no
         # generated token attends to, and the cond/token buffers, which start() then overwrites.
@@ -325,26 +119,30 @@ class _State:
 
     @torch.inference_mode()
     def _head(self) -> None:
-        """Integrate one token per image over all steps and guidance branches -> self.token."""
+        """Integrate one token per image over all steps and guidance branches -> self.raw, self.token."""
         net, plan, key = self.model.image_head.net, self.plan, self.key
-        mods = head_modulations(net, self.t_embed, self.cond)
+        mods = step_modulations(net, self.t_embed, self.cond)
         eps = self.noise[1 : plan.num_draws] * self.coef_eps  # (num_eps, B, D): c * eps per noisy step
         x = self.noise[0]
         for i, (a, b, _) in enumerate(plan.coef):
+            v = self.velocity(net, x, mods[i], key.rows)  # (R, D)
             e = eps[i] if i < plan.num_eps else None
-            x = self.step(net, x, mods, i, key.rows, self.scales, e, a, b, normalize=key.normalize)
-        if key.use_norm:
-            x = F.layer_norm(x, x.shape[-1:], eps=1e-6)
-        self.token.copy_(x)
+            x = self.update(x, v, self.scales, e, a, b, rows=key.rows, normalize=key.normalize)
+        self.raw.copy_(x)
+        self.token.copy_(F.layer_norm(x, x.shape[-1:], eps=1e-6) if key.use_norm else x)
 
     @torch.inference_mode()
     def _decode(self, kv_len: int) -> None:
-        """Feed self.token back at self.slot -> self.cond for the next token."""
-        model = self.model
-        token = self.token + self.key.context_noise * self.noise[-1] if self.key.context_noise else self.token
-        x = model.image_in_projector(token.to(self.cond.dtype)).repeat(self.key.rows, 1)  # (R, d)
-        hidden = decode_step(model, self.caches, x, self.slot, self.key_valid, kv_len, self.layer_fn, self.fused)
-        self.cond.copy_(model.head_condition(hidden))
+        """Feed self.token back at self.slot -> self.cond for the next token, attending to kv_len slots."""
+        model, key = self.model, self.key
+        token = self.token + key.context_noise * self.noise[-1] if key.context_noise else self.token
+        x = model.image_in_projector(token.to(self.cond.dtype)).repeat(key.rows, 1)[:, None]  # (R, 1, d)
+        mask = (self.key_valid[:, :kv_len] & (self.slots[:kv_len] <= self.slot))[:, None, None]  # (R, 1, 1, kv)
+        r = x.shape[0]
+        hidden = model.forward_hidden(
+            x, position_ids=self.slot.expand(r, 1), mask=mask, slots=self.slot, layer_fn=self.layer_fn
+        )
+        self.cond.copy_(model.head_condition(hidden[:, -1]))
 
     def decode_graph(self, slot: int) -> _Graph:
         """The smallest captured bucket whose kv_len covers `slot`."""
@@ -352,7 +150,7 @@ class _State:
 
 
 class Engine:
-    """Holds one model's captured states; `generate` has Pipeline.generate_tokens' semantics."""
+    """Holds one model's decoding state; `generate` has Pipeline.generate_tokens' semantics."""
 
     def __init__(
         self,
@@ -366,33 +164,43 @@ class Engine:
         dev = model.embed_tokens.weight.device
         self.model = model
         self.graphs = dev.type == "cuda" if graphs is None else graphs  # capture CUDA graphs
-        self.compile = compile  # torch.compile the decode step (and the torch head ops) before capture
-        if compile:  # one decode graph per cache bucket and batch: more specialisations than the default 8
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        self.compile = compile  # torch.compile the decoder layer and the torch head before capture
         # Fused Triton head blocks (head_kernels.py); None: on wherever Triton can run them.
         self.head_kernels = head_kernels_mod.available(dev) if head_kernels is None else head_kernels
+        self._launch: dict[int, head_kernels_mod.LaunchConfig] = {}  # tuned per row count, kept across states
         self.kv_block = kv_block  # cache length granularity: one decode graph per kv_block slots
         self._state: _State | None = None  # one at a time: a batch-32 cache is ~14 GB at 14B
-        self.fused = fuse_projections(model)
+        fuse_projections(model.layers)  # one GEMM for q/k/v and one for gate/up (a no-op when quantised)
 
     def use_head_kernels(self, rows: int) -> bool:
         """Fused head kernels for `rows` guidance rows x images (small batches, where launches dominate)."""
         return self.head_kernels and rows <= head_kernels_mod.MAX_ROWS
 
-    def _fused_live(self) -> bool:
-        """The fused matrices still back the model's parameters (no .to() or swap since fusing)."""
-        q = self.model.layers[0].self_attn.q_proj.weight
-        return q.untyped_storage().data_ptr() == self.fused[0][0].untyped_storage().data_ptr()
+    def launch_config(self, rows: int) -> head_kernels_mod.LaunchConfig:
+        """The fused kernels' launch configuration for `rows`, tuned on first use (CUDA)."""
+        if rows not in self._launch:
+            dev = self.model.embed_tokens.weight.device
+            self._launch[rows] = head_kernels_mod.tune(self.model.image_head.net, rows, dev)
+        return self._launch[rows]
+
+    def compiling(self):
+        """Scope for compiled calls: one decode specialisation per cache bucket and batch needs more than
+        dynamo's default 8 recompiles; the setting is restored on exit."""
+        if not self.compile:
+            return contextlib.nullcontext()
+        return torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, 64))
 
     def state(self, key: _Key) -> _State:
-        if self.fused is not None and not self._fused_live():
-            self.fused, self._state = fuse_projections(self.model), None  # weights were replaced (.to, reload)
         if self._state is None or self._state.key != key:
             self._state = None
             if self.graphs:
                 gc.collect()  # a state and its graphs form a reference cycle: free its cache and pools now
                 torch.cuda.empty_cache()
-            self._state = _State(self, key)
+            try:
+                with self.compiling():
+                    self._state = _State(self, key)
+            finally:
+                self.model.clear_caches()
         return self._state
 
     @torch.inference_mode()
@@ -405,8 +213,10 @@ class Engine:
         opts,
         *,
         n_tokens: int,
+        trace=None,
     ) -> tuple[_State, int]:
-        """Prefill the cache with the prompt rows (R, L) and set the first head condition."""
+        """Prefill the cache with the prompt rows (R, L) and set the first head condition; leaves the
+        state's caches attached to the model (generate detaches them). trace: a pipeline.Trace to fill."""
         model = self.model
         dev = model.embed_tokens.weight.device
         rows = guidance_rows(opts.cfg, opts.cfg_img)
@@ -416,17 +226,15 @@ class Engine:
         st = self.state(key)
         st.key_valid.fill_(True)
         st.key_valid[:, :n_prefix] = attention_mask.to(dev).bool()
-        slots = torch.arange(max_len, device=dev)
-        pos = slots[:n_prefix]
-        mask = build_attention_mask(st.key_valid, pos, slots)
-        for layer, cache in zip(model.layers, st.caches, strict=True):
-            layer.self_attn.cache = cache
-        try:
-            embeds = model.embed(input_ids.to(dev), image_tokens.to(dev))
-            hidden = model.forward_hidden(embeds, position_ids=pos.expand(r, -1), mask=mask, slots=pos)
-        finally:
-            model.clear_caches()
+        pos = st.slots[:n_prefix]
+        mask = build_attention_mask(st.key_valid, pos, st.slots)
+        model.use_caches(st.caches)
+        embeds = model.embed(input_ids.to(dev), image_tokens.to(dev))
+        hidden = model.forward_hidden(embeds, position_ids=pos.expand(r, -1), mask=mask, slots=pos)
         st.cond.copy_(model.head_condition(hidden[:, -1]))
+        if trace is not None:
+            trace.input_ids, trace.attention_mask = input_ids.cpu(), attention_mask.cpu()
+            trace.inputs_embeds, trace.prefill_hidden = embeds.float().cpu(), hidden.float().cpu()
         return st, n_prefix
 
     @torch.inference_mode()
@@ -442,19 +250,39 @@ class Engine:
         seed: int,
         draw=None,
         on_token=None,
+        trace=None,
     ) -> torch.Tensor:
-        st, n_prefix = self.start(input_ids, attention_mask, image_tokens, settings, opts, n_tokens=n_tokens)
-        scales = guidance_table(settings.family, opts, n_tokens).to(st.noise.device)
+        """Tokens (B, n_tokens, D) float32, as fed back (after use_norm).
+
+        Draws: per token, one (num_draws, B, D) normal fill in plan order (initial noise, one eps per
+        stochastic step, the context noise); with `draw` given, draw((B, D)) is called that many times in
+        that order. on_token(k, tokens (B, k + 1, D)) after each token; trace: a pipeline.Trace to fill.
+        """
+        try:
+            st, n_prefix = self.start(
+                input_ids, attention_mask, image_tokens, settings, opts, n_tokens=n_tokens, trace=trace
+            )
+            with self.compiling():
+                return self._loop(st, n_prefix, opts, n_tokens, seed, draw, on_token, trace)
+        finally:
+            self.model.clear_caches()
+
+    def _loop(self, st: _State, n_prefix: int, opts, n_tokens: int, seed: int, draw, on_token, trace):
+        scales = guidance_table(st.key.settings.family, opts, n_tokens).to(st.noise.device)
         if draw is None:
             gen = torch.Generator(device=st.noise.device).manual_seed(seed)
         out = torch.empty(st.key.batch, n_tokens, st.token.shape[-1], device=st.noise.device)
-        for k in range(n_tokens):
+        for k in tqdm(range(n_tokens), desc="image tokens", disable=not opts.progress, leave=False):
             if draw is None:
-                st.noise.normal_(generator=gen)  # one call: the eager draws of this token, in order
+                st.noise.normal_(generator=gen)  # one call: the draws of this token, in order
             else:
                 st.noise.copy_(torch.stack([draw(tuple(st.token.shape)) for _ in range(len(st.noise))]))
             st.scales.copy_(scales[k])
+            if trace is not None:
+                trace.conditions.append(st.cond.to("cpu", torch.float32, copy=True))  # (R, d)
             st.head()
+            if trace is not None:
+                trace.raw_tokens.append(st.raw.to("cpu", copy=True))  # (B, D)
             out[:, k].copy_(st.token)
             if on_token is not None:
                 on_token(k, out[:, : k + 1])
@@ -462,59 +290,3 @@ class Engine:
                 st.slot.fill_(n_prefix + k)
                 st.decode_graph(n_prefix + k)()
         return out
-
-
-def guidance_table(family: str, opts, n_tokens: int) -> torch.Tensor:
-    """(n_tokens, 2) float32 (cfg, cfg_img) per token, as the eager loop computes them."""
-    return torch.tensor(
-        [
-            [
-                guidance_scale(family, opts.cfg_schedule, opts.cfg, k, n_tokens),
-                guidance_scale(family, opts.cfg_schedule, opts.cfg_img, k, n_tokens),
-            ]
-            for k in range(n_tokens)
-        ]
-    )
-
-
-_ENGINES: weakref.WeakKeyDictionary[NextStep, Engine] = weakref.WeakKeyDictionary()
-
-
-def engine_for(model: NextStep, *, compile: bool = False) -> Engine:
-    """The model's cached Engine; asking for the other `compile` setting replaces it (one state at a time)."""
-    if model not in _ENGINES or _ENGINES[model].compile != compile:
-        _ENGINES.pop(model, None)
-        gc.collect()
-        _ENGINES[model] = Engine(model, compile=compile)
-    return _ENGINES[model]
-
-
-def generate_tokens_fast(
-    pipe,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    image_tokens: torch.Tensor,
-    settings: FlowSettings,
-    opts,
-    *,
-    seed: int,
-    draw=None,
-    on_token=None,
-) -> torch.Tensor:
-    """Drop-in for Pipeline.generate_tokens (no trace): same rows, prefill, guidance and draws.
-
-    Draws: per token, one (num_draws, B, D) normal fill in the eager order (initial noise, then one eps
-    per stochastic step); with `draw` given, draw((B, D)) is called num_draws times in that order.
-    """
-    n_tokens = (opts.size[0] // pipe.down_factor) * (opts.size[1] // pipe.down_factor)
-    return engine_for(pipe.model, compile=opts.engine == "compiled").generate(
-        input_ids,
-        attention_mask,
-        image_tokens,
-        settings,
-        opts,
-        n_tokens=n_tokens,
-        seed=seed,
-        draw=draw,
-        on_token=on_token,
-    )

@@ -3,7 +3,8 @@
 t = 0 is noise and t = 1 is data; x_t = t * x1 + (1 - t) * noise. Two official dialects:
 "nextstep1" (NextStep-1 GitHub sampler: grid stops at 1 - last_step_size, Euler-Maruyama SDE, a
 deterministic last step) and "nextstep11" (NextStep-1.1: grid ends at 1, Flow-GRPO SDE with
-noise_level, CPS, ODE). Every random draw goes through `draw`, so a run can be replayed.
+noise_level, CPS, ODE). Both are planned once as per-step coefficients (`plan_steps`) that every
+sampling loop consumes. Every random draw goes through `draw`, so a run can be replayed.
 """
 
 from __future__ import annotations
@@ -79,6 +80,15 @@ def guidance_scale(family: str, schedule: Schedule, scale: float, done: int, tot
     return max(scale / 2, 1 + (scale - 1) * done / total)
 
 
+def guidance_table(family: str, opts, n_tokens: int) -> torch.Tensor:
+    """(n_tokens, 2) float32 (cfg, cfg_img) per token: guidance_scale over the image, computed once."""
+    scales = [
+        [guidance_scale(family, opts.cfg_schedule, s, k, n_tokens) for s in (opts.cfg, opts.cfg_img)]
+        for k in range(n_tokens)
+    ]
+    return torch.tensor(scales)
+
+
 def combine_guidance(
     v: torch.Tensor, cfg: float, cfg_img: float, rows: int, *, normalize: bool = False
 ) -> torch.Tensor:
@@ -102,66 +112,106 @@ def combine_guidance(
     return out
 
 
-def _nextstep11_step(rule: str, x, v, t, t_next, sigma_max, noise_level: float, draw: DrawFn) -> torch.Tensor:
-    x0 = x - v * t  # noise estimate
-    x1 = x + v * (1 - t)  # data estimate
-    if rule == "ode":
-        return x0 * (1 - t_next) + x1 * t_next
-    eps = draw(tuple(x.shape))
-    if rule == "sde":
-        sigma, dt = 1 - t, t_next - t
-        std = torch.sqrt(sigma / (1 - torch.where(sigma == 1, sigma_max, sigma))) * noise_level
-        return x0 * (1 - t_next) + x1 * t_next - std**2 * dt / (2 * sigma) * x0 + std * torch.sqrt(dt) * eps
-    std = (1 - t_next) * math.sin(noise_level * math.pi / 2)
-    return x0 * torch.sqrt((1 - t_next) ** 2 - std**2) + x1 * t_next + std * eps
+@dataclass(frozen=True)
+class StepPlan:
+    """Every update rule is affine in (x, v, eps): x' = a x + b v + c eps with (a, b, c) fixed by the time
+    grid, so the eager loop, the engine and the fused update all run the same coefficients."""
+
+    t: torch.Tensor  # (S,) float32 times at which the velocity is evaluated, one per step
+    coef: tuple[tuple[float, float, float], ...]  # (a, b, c) per step, in float64
+    num_eps: int  # the first num_eps steps each draw one eps (B, D), after the initial noise
+
+    @property
+    def num_draws(self) -> int:
+        """(B, D) draws per token in order: initial noise, then one per noisy step."""
+        return 1 + self.num_eps
+
+
+def plan_steps(s: FlowSettings) -> StepPlan:
+    """The update rules of both families as per-step coefficients, in float64 from the float32 grid.
+
+    NextStep-1: SDE x' = x + (v + (1 - t) score) dt + sqrt(2 (1 - t) dt) eps with
+    score = (t v - x) / ((1 - t)^2 + t (1 - t)), then one deterministic Euler step of last_step_size.
+    NextStep-1.1 (x0 = x - t v, x1 = x + (1 - t) v): ODE x0 (1 - t') + x1 t'; Flow-GRPO SDE subtracts
+    std^2 dt / (2 sigma) x0 and adds std sqrt(dt) eps; CPS keeps sqrt((1 - t')^2 - std^2) of x0.
+    """
+    grid = timesteps(s)
+    ts = grid.double().tolist()
+    coef = []
+    if s.family == "nextstep1":
+        for t, t_next in zip(ts[:-1], ts[1:], strict=True):
+            dt = t_next - t
+            if s.rule == "ode":
+                coef.append((1.0, dt, 0.0))
+                continue
+            den = (1 - t) ** 2 + t * (1 - t)
+            coef.append((1 - (1 - t) * dt / den, (1 + (1 - t) * t / den) * dt, math.sqrt(2 * (1 - t) * dt)))
+        coef.append((1.0, s.last_step_size, 0.0))  # deterministic last step at ts[-1], no draw
+        return StepPlan(grid, tuple(coef), 0 if s.rule == "ode" else len(coef) - 1)
+    sigma_max = ts[-2]
+    for t, t_next in zip(ts[:-1], ts[1:], strict=True):
+        dt = t_next - t
+        if s.rule == "ode":
+            coef.append((1.0, dt, 0.0))
+        elif s.rule == "sde":
+            sigma = 1 - t
+            std = math.sqrt(sigma / (1 - (sigma_max if sigma == 1 else sigma))) * s.noise_level
+            k = std**2 * dt / (2 * sigma)  # the drift correction applied to x0 = x - v t
+            coef.append((1 - k, dt + k * t, std * math.sqrt(dt)))
+        else:
+            std = (1 - t_next) * math.sin(s.noise_level * math.pi / 2)
+            keep = math.sqrt(max((1 - t_next) ** 2 - std**2, 0.0))
+            coef.append((keep + t_next, -t * keep + (1 - t) * t_next, std))
+    return StepPlan(grid[:-1], tuple(coef), 0 if s.rule == "ode" else len(coef))
+
+
+def guided_update(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    scales,
+    eps: torch.Tensor | None,
+    a: float,
+    b: float,
+    *,
+    rows: int,
+    normalize: bool,
+) -> torch.Tensor:
+    """One step of a plan: x (B, D) -> a x + b guide(v) (+ eps, already times c), v (rows * B, D) the branch
+    velocities, scales this token's (cfg, cfg_img). head_kernels fuses the same arithmetic in one kernel."""
+    g = combine_guidance(v, scales[0], scales[1], rows, normalize=normalize)
+    x = x * a if eps is None else torch.add(eps, x, alpha=a)
+    return x.add_(g, alpha=b)
 
 
 def sample_token(
     velocity: VelocityFn,
     cond: torch.Tensor,
-    settings: FlowSettings,
+    settings: FlowSettings | StepPlan,
     *,
-    cfg: float = 1.0,
-    cfg_img: float = 1.0,
+    cfg: float | torch.Tensor = 1.0,
+    cfg_img: float | torch.Tensor = 1.0,
     normalize: bool = False,
     rows: int | None = None,
     token_dim: int,
     draw: DrawFn,
     noise: torch.Tensor | None = None,
-    grid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Integrate one token per image from noise to data.
+    """Integrate one token per image from noise to data with the plan's coefficients.
 
     cond: (rows * B, cond_dim) head conditions, branches stacked [cond; uncond...];
     velocity(x (rows*B, D), t (rows*B,), cond) -> (rows*B, D); returns (B, D).
-    The initial noise is `noise` or draw((B, D)); stochastic rules draw (B, D) per step.
+    The initial noise is `noise` or draw((B, D)); stochastic steps draw (B, D) each.
     rows: branches stacked in `cond`; default from (cfg, cfg_img). Pass it when a guidance schedule
     can bring a scale to 1 mid-image, so the row count stays that of the batch.
+    settings: FlowSettings, or its plan_steps (with plan.t on cond's device) to skip per-token planning.
     """
+    plan = plan_steps(settings) if isinstance(settings, FlowSettings) else settings
     rows = rows or guidance_rows(cfg, cfg_img)
     b = cond.shape[0] // rows
-    ts = (timesteps(settings) if grid is None else grid).to(cond.device)
+    ts = plan.t.to(cond.device)
     x = draw((b, token_dim)) if noise is None else noise  # (B, D)
-
-    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        v = velocity(x.repeat(rows, 1), t.expand(rows * b).to(x.dtype), cond)
-        return combine_guidance(v, cfg, cfg_img, rows, normalize=normalize)
-
-    if settings.family == "nextstep1":
-        for i in range(len(ts) - 1):
-            t, dt = ts[i], ts[i + 1] - ts[i]
-            v = guided(x, t)
-            if settings.rule == "ode":
-                x = x + v * dt
-                continue
-            score = (t * v - x) / ((1 - t) ** 2 + t * (1 - t))
-            drift = v + (1 - t) * score
-            x = x + drift * dt + torch.sqrt(2 * (1 - t)) * draw(tuple(x.shape)) * torch.sqrt(dt)
-        return x + guided(x, ts[-1]) * settings.last_step_size
-
-    sigma_max = ts[-2]
-    for i in range(len(ts) - 1):
-        x = _nextstep11_step(
-            settings.rule, x, guided(x, ts[i]), ts[i], ts[i + 1], sigma_max, settings.noise_level, draw
-        )
+    for i, (a, b_, c) in enumerate(plan.coef):
+        v = velocity(x.repeat(rows, 1), ts[i].expand(rows * b).to(x.dtype), cond)
+        eps = draw(tuple(x.shape)) * c if i < plan.num_eps else None
+        x = guided_update(x, v, (cfg, cfg_img), eps, a, b_, rows=rows, normalize=normalize)
     return x

@@ -16,6 +16,7 @@ Triton's CPU interpreter (TRITON_INTERPRET=1).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -197,21 +198,24 @@ if triton is not None:
         tl.store(out_ptr + img * D + d, x + b * g, mask=m)
 
 
-# (BLOCK_N, BLOCK_K, num_warps): small N tiles give one program per SM or more for a 1536-wide layer.
-# `tune` picks one per (rows, width) before the engine captures its graphs.
-_CONFIG = {"block_n": 8, "block_k": 256, "num_warps": 4}
-_TUNED: dict[tuple, dict] = {}
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How the block kernels are launched; `tune` picks one per GPU, head width and row count, and the
+    engine that tuned it keeps it. Small N tiles give one program per SM or more for a 1536-wide layer."""
+
+    block_n: int = 8  # output columns per program
+    block_k: int = 256  # reduction tile
+    num_warps: int = 4
 
 
-def _launch_args(n: int, rows: int) -> tuple[tuple[int], dict]:
+def _launch_args(n: int, rows: int, config: LaunchConfig) -> tuple[tuple[int], dict]:
     if rows > MAX_ROWS:
         raise ValueError(f"fused head kernels take at most {MAX_ROWS} rows, got {rows}")
     block_r = triton.next_power_of_2(rows)
-    c = _CONFIG
-    grid = (triton.cdiv(n, c["block_n"]),)
-    meta = {"BLOCK_R": block_r, "BLOCK_N": c["block_n"], "BLOCK_K": c["block_k"]}
+    grid = (triton.cdiv(n, config.block_n),)
+    meta = {"BLOCK_R": block_r, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k}
     if os.environ.get("TRITON_INTERPRET") != "1":
-        meta["num_warps"] = c["num_warps"]
+        meta["num_warps"] = config.num_warps
     return grid, meta
 
 
@@ -223,13 +227,14 @@ def modulated_linear(
     linear: torch.nn.Linear,
     *,
     silu: bool,
+    config: LaunchConfig = LaunchConfig(),
 ) -> torch.Tensor:
     """(silu)(linear(ln(x) * scale1 + shift)) for x, scale1, shift (R, K) -> (R, N) in x's dtype."""
     r, k = x.shape
     n = linear.out_features
     out = torch.empty(r, n, dtype=x.dtype, device=x.device)
     affine = ln.weight is not None
-    grid, meta = _launch_args(n, r)
+    grid, meta = _launch_args(n, r, config)
     _modulated_linear[grid](
         x,
         ln.weight if affine else x,
@@ -251,54 +256,59 @@ def modulated_linear(
     return out
 
 
-def gated_linear(a: torch.Tensor, linear: torch.nn.Linear, gate: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+def gated_linear(
+    a: torch.Tensor,
+    linear: torch.nn.Linear,
+    gate: torch.Tensor,
+    residual: torch.Tensor,
+    *,
+    config: LaunchConfig = LaunchConfig(),
+) -> torch.Tensor:
     """residual + gate * linear(a) for a (R, K), gate and residual (R, N) -> (R, N)."""
     r, k = a.shape
     n = linear.out_features
     out = torch.empty(r, n, dtype=residual.dtype, device=a.device)
-    grid, meta = _launch_args(n, r)
+    grid, meta = _launch_args(n, r, config)
     _gated_linear[grid](a, linear.weight, linear.bias, gate, residual, out, r, k, n, **meta)
     return out
 
 
-def head_velocity_fused(net, x: torch.Tensor, mods: list[tuple], i: int, rows: int) -> torch.Tensor:
-    """engine.head_velocity with fused kernels: (B, D) tokens -> (rows * B, D) in the head's dtype.
-
-    The input projection writes the guidance rows directly; each block is 2 kernels, the final layer 1.
-    """
+def velocity(
+    net, x: torch.Tensor, mods: list[tuple], rows: int, *, config: LaunchConfig = LaunchConfig()
+) -> torch.Tensor:
+    """engine.head_velocity (net.trunk over the input projection) with fused kernels: (B, D) tokens and one
+    step's modulations -> (rows * B, D) in the head's dtype. The input projection writes the guidance rows
+    directly; each block is 2 kernels, the final layer 1."""
     bsz, d = x.shape
     r = rows * bsz
     width = net.input_proj.out_features
     h = torch.empty(r, width, dtype=net.input_proj.weight.dtype, device=x.device)
-    grid, meta = _launch_args(width, r)
+    grid, meta = _launch_args(width, r, config)
     meta.pop("BLOCK_K")
     k_pow2 = triton.next_power_of_2(d)
     _input_rows[grid](x, net.input_proj.weight, net.input_proj.bias, h, bsz, r, d, width, K_POW2=k_pow2, **meta)
     for block, (shift, scale1, gate) in zip(net.res_blocks, mods, strict=False):
-        act = modulated_linear(h, block.in_ln, scale1[i], shift[i], block.mlp[0], silu=True)
-        h = gated_linear(act, block.mlp[2], gate[i], h)
+        act = modulated_linear(h, block.in_ln, scale1, shift, block.mlp[0], silu=True, config=config)
+        h = gated_linear(act, block.mlp[2], gate, h, config=config)
     shift, scale1 = mods[-1]
     final = net.final_layer
-    return modulated_linear(h, final.norm_final, scale1[i], shift[i], final.linear, silu=False)
+    return modulated_linear(h, final.norm_final, scale1, shift, final.linear, silu=False, config=config)
 
 
-def head_step(
-    net,
+def guided_update(
     x: torch.Tensor,
-    mods: list[tuple],
-    i: int,
-    rows: int,
+    v: torch.Tensor,
     scales: torch.Tensor,
     eps: torch.Tensor | None,
     a: float,
     b: float,
     *,
+    rows: int,
     normalize: bool,
 ) -> torch.Tensor:
-    """One step of the engine's head loop, x (B, D) fp32 -> (eps +) a x + b guide(net(x, t_i)), with the
-    guidance merge and update as one kernel: 2 kernels per block plus 3 per step."""
+    """flow.guided_update as one kernel: x (B, D) fp32 -> (eps +) a x + b guide(v), v (rows * B, D),
+    scales (2,) this token's (cfg, cfg_img) on the device."""
     bsz, d = x.shape
-    v = head_velocity_fused(net, x, mods, i, rows)  # (R, D)
     out = torch.empty_like(x)
     _guided_update[(bsz,)](
         x,
@@ -333,21 +343,12 @@ def _graph_time(run, reps: int = 12) -> float:
     return min(triton.testing.do_bench(graph.replay, warmup=2, rep=10) for _ in range(3)) / reps
 
 
-def current_config() -> dict:
-    """The launch configuration in use (set by the last `tune`)."""
-    return _CONFIG
-
-
-def tune(net, rows: int, device: torch.device) -> dict:
-    """Pick (BLOCK_N, BLOCK_K, num_warps) for this GPU, head width and row count by timing one block's two
-    kernels; a few seconds, once per (rows, width) per process. No-op off CUDA."""
-    global _CONFIG
-    w = net.input_proj.out_features
+def tune(net, rows: int, device: torch.device) -> LaunchConfig:
+    """The fastest LaunchConfig for this GPU, head width and row count, by timing one block's two kernels
+    (a few seconds; the caller keeps the result). The default off CUDA."""
     if device.type != "cuda":
-        return _CONFIG
-    if (rows, w) in _TUNED:
-        _CONFIG = _TUNED[rows, w]
-        return _CONFIG
+        return LaunchConfig()
+    w = net.input_proj.out_features
     block = net.res_blocks[0]
     h = torch.randn(rows, w, device=device, dtype=net.input_proj.weight.dtype)
     ones, zeros = torch.ones_like(h), torch.zeros_like(h)
@@ -355,17 +356,16 @@ def tune(net, rows: int, device: torch.device) -> dict:
     for block_n in (2, 4, 8, 16):
         for block_k in (256, 512, triton.next_power_of_2(w)):
             for warps in (4, 8):
-                _CONFIG = {"block_n": block_n, "block_k": block_k, "num_warps": warps}
+                config = LaunchConfig(block_n, block_k, warps)
 
-                def run():
-                    a = modulated_linear(h, block.in_ln, ones, zeros, block.mlp[0], silu=True)
-                    return gated_linear(a, block.mlp[2], ones, h)
+                def run(config=config):
+                    a = modulated_linear(h, block.in_ln, ones, zeros, block.mlp[0], silu=True, config=config)
+                    return gated_linear(a, block.mlp[2], ones, h, config=config)
 
                 try:
                     ms = _graph_time(run)
                 except Exception:  # noqa: BLE001 - a config the compiler rejects (registers, shared memory)
                     continue
                 if best is None or ms < best[0]:
-                    best = (ms, dict(_CONFIG))
-    _CONFIG = _TUNED[rows, w] = best[1]
-    return _CONFIG
+                    best = (ms, config)
+    return best[1]

@@ -1,4 +1,4 @@
-"""Text-to-image and editing pipelines with the official prompt templates (eager, KV-cached).
+"""Text-to-image and editing pipelines with the official prompt templates, decoding on the pipeline's engine.
 
 pipe = nextstep.load("path/to/checkpoint")
 images = pipe.generate("a red fox in the snow", size=(512, 512), seed=0)
@@ -8,22 +8,21 @@ edited = pipe.edit(Image.open("in.png"), "make the sky blue")
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
-from tqdm import tqdm
 
-from nextstep.model.backbone import build_attention_mask
 from nextstep.model.checkpoint import check_model_dir, from_pretrained
 from nextstep.model.nextstep import NextStep, patchify, unpatchify
 from nextstep.model.tokenizer import BOI, EOI, IMAGE_AREA, IMAGE_PLACEHOLDER, TextTokenizer
 from nextstep.model.vae import AutoEncoder, load_vae, pil_to_pixels, pixels_to_pil
-from nextstep.sampling.flow import FlowSettings, guidance_rows, guidance_scale, sample_token
+from nextstep.sampling.engine import Engine
+from nextstep.sampling.flow import FlowSettings, guidance_rows
 
 MAX_PROMPT_TOKENS = 1024  # longest prompt text accepted, in tokens (source-image placeholders not counted)
 MAX_BATCH = 64  # most images one call may make
@@ -129,6 +128,7 @@ class Pipeline:
         defaults = dict(defaults or {})
         self.edit_defaults = {**EDIT_DEFAULTS, **defaults.pop("edit", {})}  # editing: official, then checkpoint
         self.defaults = defaults
+        self._engine: tuple[tuple[bool, bool], Engine] | None = None  # ((eager, compile), engine) from engine()
 
     @classmethod
     def from_pretrained(
@@ -145,7 +145,7 @@ class Pipeline:
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         model = from_pretrained(path, dtype=dtype, device=device)
         if quantize != "none":
-            from nextstep.sampling.engine import apply_quantization
+            from nextstep.sampling.quantize import apply_quantization
 
             apply_quantization(model, quantize)
         vae = load_vae(path / "vae", dtype=dtype, device=device)
@@ -276,25 +276,25 @@ class Pipeline:
         pixels = [pil_to_pixels(img) for row in images for img in row]
         latents = self.encode_images(pixels)
         seed = opts.seed if opts.seed is not None else int(torch.randint(0, 2**31 - 1, (1,)).item())
-        if self.use_engine(opts) and trace is None:
-            from nextstep.sampling.engine import generate_tokens_fast
-
-            tokens = generate_tokens_fast(
-                self, input_ids, attn, latents, settings, opts, seed=seed, draw=draw, on_token=on_token
-            )
-        else:
-            tokens = self.generate_tokens(
-                input_ids, attn, latents, settings, opts, seed=seed, trace=trace, draw=draw, on_token=on_token
-            )
+        tokens = self.generate_tokens(
+            input_ids, attn, latents, settings, opts, seed=seed, trace=trace, draw=draw, on_token=on_token
+        )
         h, w = opts.size[0] // self.down_factor, opts.size[1] // self.down_factor
         decoded = self.decode_tokens(tokens, h, w, trace)
         return [pixels_to_pil(x) for x in decoded]
 
-    def use_engine(self, opts: GenerateOptions) -> bool:
-        """The fast engine (static cache, CUDA graphs) runs on GPU unless eager is asked for."""
-        if opts.engine == "auto":
-            return self.model.embed_tokens.weight.is_cuda
-        return opts.engine in ("fast", "compiled")
+    def engine(self, opts: GenerateOptions) -> Engine:
+        """This pipeline's engine for opts.engine, kept between calls; one at a time (its state holds the KV
+        cache). eager: the same code without CUDA graphs or fused kernels; fast: graphs and fused kernels
+        where the device has them; compiled: fast with torch.compile; auto: fast on GPU, eager on CPU."""
+        eager = opts.engine == "eager" or (opts.engine == "auto" and not self.model.embed_tokens.weight.is_cuda)
+        kind = (eager, opts.engine == "compiled")
+        if self._engine is None or self._engine[0] != kind:
+            self._engine = None
+            gc.collect()  # a state and its graphs form a reference cycle: free them before the next one
+            off = False if eager else None  # None: wherever the device has them
+            self._engine = kind, Engine(self.model, graphs=off, compile=kind[1], head_kernels=off)
+        return self._engine[1]
 
     def encode_images(self, pixels: list[torch.Tensor]) -> torch.Tensor:
         """Source images (each (1, 3, H, W) in [-1, 1]) -> their image tokens in order (N, D)."""
@@ -326,78 +326,26 @@ class Pipeline:
         draw=None,
         on_token: OnToken | None = None,
     ) -> torch.Tensor:
-        """The autoregressive loop: prefill, then per image token sample with the head and feed back.
+        """The autoregressive loop on the engine opts.engine picks: prefill, then per image token sample with
+        the head and feed back.
 
         input_ids, attention_mask: (R, L) with R = rows * B; image_tokens (N, D) fill the placeholders.
         Returns the fed-back tokens (B, h*w, D). `draw` overrides the seeded generator (replay); `on_token`
         as in generate.
         """
-        model, cfg = self.model, self.model.config
-        device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
-        rows = guidance_rows(opts.cfg, opts.cfg_img)
-        r, n_prefix = input_ids.shape
         n_tokens = (opts.size[0] // self.down_factor) * (opts.size[1] // self.down_factor)
-        max_len = n_prefix + n_tokens
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        if draw is None:
-            gen = torch.Generator(device=device).manual_seed(seed)
-            draw = lambda shape: torch.randn(shape, generator=gen, device=device, dtype=torch.float32)  # noqa: E731
-
-        key_valid = torch.ones(r, max_len, dtype=torch.bool, device=device)
-        key_valid[:, :n_prefix] = attention_mask.bool()
-        slots = torch.arange(max_len, device=device)
-        model.setup_caches(r, max_len)
-        try:
-            embeds = model.embed(input_ids, image_tokens.to(device))
-            pos = slots[:n_prefix]
-            mask = build_attention_mask(key_valid, pos, slots)
-            hidden = model.forward_hidden(embeds, position_ids=pos.expand(r, -1), mask=mask, slots=pos)
-            if trace is not None:
-                trace.input_ids, trace.attention_mask = input_ids.cpu(), attention_mask.cpu()
-                trace.inputs_embeds, trace.prefill_hidden = embeds.float().cpu(), hidden.float().cpu()
-            cond = model.head_condition(hidden[:, -1])  # (R, d)
-            net = model.image_head.net
-
-            def velocity(x, t, c):
-                return net(x.to(dtype), t.to(dtype), c).float()
-
-            out = torch.empty(r // rows, n_tokens, cfg.token_dim, device=device)  # (B, h*w, D) float32
-            for k in tqdm(range(n_tokens), desc="image tokens", disable=not opts.progress, leave=False):
-                scale = guidance_scale(self.family, opts.cfg_schedule, opts.cfg, k, n_tokens)
-                scale_img = guidance_scale(self.family, opts.cfg_schedule, opts.cfg_img, k, n_tokens)
-                token = sample_token(
-                    velocity,
-                    cond,
-                    settings,
-                    cfg=scale,
-                    cfg_img=scale_img,
-                    normalize=opts.cfg_normalize,
-                    rows=rows,
-                    token_dim=cfg.token_dim,
-                    draw=draw,
-                )  # (B, D)
-                if trace is not None:
-                    trace.conditions.append(cond.float().cpu())
-                    trace.raw_tokens.append(token.cpu())
-                if opts.use_norm:
-                    token = F.layer_norm(token, token.shape[-1:], eps=1e-6)
-                out[:, k] = token
-                if on_token is not None:
-                    on_token(k, out[:, : k + 1])
-                if k == n_tokens - 1:
-                    break
-                slot = slots[n_prefix + k : n_prefix + k + 1]
-                if opts.context_noise:  # the backbone reads a noised copy; the image keeps `token`
-                    fed = token + opts.context_noise * draw(tuple(token.shape))
-                else:
-                    fed = token
-                step_embeds = model.image_in_projector(fed.to(dtype)).repeat(rows, 1)[:, None]  # (R, 1, d)
-                mask = build_attention_mask(key_valid, slot, slots)
-                hidden = model.forward_hidden(step_embeds, position_ids=slot.expand(r, 1), mask=mask, slots=slot)
-                cond = model.head_condition(hidden[:, -1])
-        finally:
-            model.clear_caches()
-        return out
+        return self.engine(opts).generate(
+            input_ids,
+            attention_mask,
+            image_tokens,
+            settings,
+            opts,
+            n_tokens=n_tokens,
+            seed=seed,
+            draw=draw,
+            on_token=on_token,
+            trace=trace,
+        )
 
 
 def _as_list(value: str | list[str], what: str) -> list[str]:

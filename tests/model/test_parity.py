@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nextstep.model.backbone import build_attention_mask
+from nextstep.model.backbone import build_attention_mask, fuse_projections
 from nextstep.model.checkpoint import from_pretrained
 from nextstep.model.config import load_config
 from nextstep.model.nextstep import build_attention_mask_for_padding, patchify
@@ -135,3 +135,17 @@ def test_kv_cache_decode_equals_full_forward():
         model.clear_caches()
     cached = torch.cat(out, dim=1)
     assert max_diff(cached[valid], full[valid]) < 1e-5
+
+
+def test_fused_projections_same_output_and_state_dict():
+    """fuse_projections adds inference copies only: same hidden states, same state_dict, same parameters."""
+    model = from_pretrained(reference_dirs()[0])
+    embeds = torch.randn(2, 6, model.config.hidden_size)
+    keys, params = list(model.state_dict()), [n for n, _ in model.named_parameters()]
+    with torch.no_grad():
+        plain = model.forward_hidden(embeds)
+        assert fuse_projections(model.layers)
+        fused = model.forward_hidden(embeds)
+    assert model.layers[0].self_attn.qkv_weight is not None
+    assert list(model.state_dict()) == keys and [n for n, _ in model.named_parameters()] == params
+    assert max_diff(fused, plain) < 1e-5

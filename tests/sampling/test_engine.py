@@ -1,24 +1,22 @@
-"""The fast engine equals the eager Pipeline.generate_tokens (CPU fp32; bf16 + CUDA graphs on GPU)."""
+"""The engine equals the eager Pipeline.generate_tokens and the official per-token loop (CPU fp32; bf16 + CUDA graphs
+on GPU)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from nextstep.model.backbone import build_attention_mask
 from nextstep.model.nextstep import NextStep
 from nextstep.model.vae import pil_to_pixels
-from nextstep.sampling.engine import (
-    Engine,
-    QuantLinear,
-    apply_quantization,
-    engine_for,
-    generate_tokens_fast,
-    plan_steps,
-)
-from nextstep.sampling.flow import FlowSettings, sample_token
+from nextstep.sampling.engine import Engine
+from nextstep.sampling.flow import FlowSettings, guidance_rows, guidance_table, sample_token
 from nextstep.sampling.pipeline import GenerateOptions, Pipeline
+from nextstep.sampling.quantize import QuantLinear, apply_quantization
 from tests.refs import ROOT
 
 REFERENCE = ROOT
@@ -38,6 +36,12 @@ def load(family: str, device: str = "cpu") -> Pipeline:
 def replay(seed: int, device: str = "cpu"):
     gen = torch.Generator(device=device).manual_seed(seed)
     return lambda shape: torch.randn(shape, generator=gen, device=device)
+
+
+def fast(pipe: Pipeline, ids, mask, latents, settings, opts: GenerateOptions, **kw) -> torch.Tensor:
+    """The pipeline's engine on the same rows, prefill, guidance and draws as Pipeline.generate_tokens."""
+    n_tokens = (opts.size[0] // pipe.down_factor) * (opts.size[1] // pipe.down_factor)
+    return pipe.engine(opts).generate(ids, mask, latents, settings, opts, n_tokens=n_tokens, **kw)
 
 
 def inputs(pipe: Pipeline, opts: GenerateOptions, captions: list[str], edit: bool = False):
@@ -83,43 +87,85 @@ def test_engine_equals_eager_cpu(family, sampler, extra, edit, replayed):
     assert (mask == 0).any(), "prompts must differ in length to test left padding"
     draw = (lambda: replay(5)) if replayed else (lambda: None)
     eager = pipe.generate_tokens(ids, mask, latents, settings, opts, seed=5, draw=draw())
-    fast = generate_tokens_fast(pipe, ids, mask, latents, settings, opts, seed=5, draw=draw())
-    assert fast.shape == eager.shape == (len(captions) * opts.n, 16, pipe.model.config.token_dim)
-    torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-4)
+    got = fast(pipe, ids, mask, latents, settings, opts, seed=5, draw=draw())
+    assert got.shape == eager.shape == (len(captions) * opts.n, 16, pipe.model.config.token_dim)
+    torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-4)
+
+
+def reference_tokens(pipe: Pipeline, ids, mask, latents, settings, opts: GenerateOptions, draw) -> torch.Tensor:
+    """The loop in the official per-token form: flow.sample_token over net(x, t, cond), then the model's forward
+    on the fed-back token with a full-length mask (no step batching, no cache buckets, no captured state)."""
+    model = pipe.model
+    rows = guidance_rows(opts.cfg, opts.cfg_img)
+    r, n_prefix = ids.shape
+    n_tokens = (opts.size[0] // pipe.down_factor) * (opts.size[1] // pipe.down_factor)
+    key_valid = torch.ones(r, n_prefix + n_tokens, dtype=torch.bool)
+    key_valid[:, :n_prefix] = mask.bool()
+    slots = torch.arange(n_prefix + n_tokens)
+    scales = guidance_table(pipe.family, opts, n_tokens).tolist()
+    out = []
+    model.setup_caches(r, n_prefix + n_tokens)
+    try:
+        with torch.no_grad():
+            pos = slots[:n_prefix]
+            embeds = model.embed(ids, latents)
+            hidden = model.forward_hidden(
+                embeds, position_ids=pos.expand(r, -1), mask=build_attention_mask(key_valid, pos, slots), slots=pos
+            )
+            for k in range(n_tokens):
+                cond = model.head_condition(hidden[:, -1])
+                token = sample_token(
+                    model.image_head.net,
+                    cond,
+                    settings,
+                    cfg=scales[k][0],
+                    cfg_img=scales[k][1],
+                    normalize=opts.cfg_normalize,
+                    rows=rows,
+                    token_dim=model.config.token_dim,
+                    draw=draw,
+                )
+                if opts.use_norm:
+                    token = torch.nn.functional.layer_norm(token, token.shape[-1:], eps=1e-6)
+                out.append(token)
+                if k == n_tokens - 1:
+                    break
+                fed = token + opts.context_noise * draw(tuple(token.shape)) if opts.context_noise else token
+                slot = slots[n_prefix + k : n_prefix + k + 1]
+                x = model.image_in_projector(fed).repeat(rows, 1)[:, None]  # (R, 1, d)
+                mask_k = build_attention_mask(key_valid, slot, slots)
+                hidden = model.forward_hidden(x, position_ids=slot.expand(r, 1), mask=mask_k, slots=slot)
+    finally:
+        model.clear_caches()
+    return torch.stack(out, dim=1)
+
+
+@pytest.mark.parametrize("family,sampler,extra,edit,replayed", CASES)
+def test_engine_equals_reference_loop_cpu(family, sampler, extra, edit, replayed):
+    """Eager (the engine without graphs) equals the official per-token loop built from the model's forward
+    and flow.sample_token, with the same draws."""
+    pipe = load(family)
+    opts = GenerateOptions(size=(64, 64), steps=6, sampler=sampler, engine="eager", **extra)
+    ids, mask, latents, settings = inputs(
+        pipe, opts, ["a fox", "a much longer prompt about a red fox in deep snow"], edit
+    )
+    draw = replay(5)
+    got = pipe.generate_tokens(ids, mask, latents, settings, opts, seed=5, draw=draw if replayed else None)
+    want = reference_tokens(pipe, ids, mask, latents, settings, opts, replay(5))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_engine_reuses_state_across_prompt_lengths():
     pipe = load("nextstep11")
     opts = GenerateOptions(size=(64, 64), steps=4)
-    engine = engine_for(pipe.model)
+    engine = pipe.engine(opts)
     for captions in (["short"], ["a somewhat longer prompt than the first one"]):
         ids, mask, latents, settings = inputs(pipe, opts, captions)
         eager = pipe.generate_tokens(ids, mask, latents, settings, opts, seed=1)
-        fast = generate_tokens_fast(pipe, ids, mask, latents, settings, opts, seed=1)
-        torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-4)
+        got = fast(pipe, ids, mask, latents, settings, opts, seed=1)
+        torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-4)
         state = engine._state
     assert engine._state is state and state.key.max_len % engine.kv_block == 0
-
-
-@pytest.mark.parametrize("family,rule", [("nextstep11", "sde"), ("nextstep11", "cps"), ("nextstep1", "sde")])
-def test_plan_matches_sample_token(family, rule):
-    """The affine step coefficients reproduce flow.sample_token for a velocity that depends on x."""
-    s = FlowSettings(family=family, num_steps=7, shift=2.5, rule=rule)
-    plan = plan_steps(s)
-    noise = torch.randn(plan.num_draws, 3, 8, dtype=torch.float64)
-    it = iter(noise)
-
-    def velocity(x, t, c):
-        return torch.sin(x * 1.3 + t[:, None]) + c
-
-    cond = torch.randn(3, 8, dtype=torch.float64)
-    ref = sample_token(velocity, cond, s, token_dim=8, draw=lambda shape: next(it))
-    x = noise[0]
-    for i, (a, b, c) in enumerate(plan.coef):
-        v = velocity(x, plan.t[i].double().expand(3), cond)
-        x = a * x + b * v + (c * noise[1 + i] if i < plan.num_eps else 0)
-    torch.testing.assert_close(x, ref, rtol=1e-6, atol=1e-6)
-    assert next(it, None) is None, "the plan must consume exactly the eager draws"
 
 
 @pytest.mark.parametrize("mode", ["int8", "fp8"])
@@ -137,8 +183,11 @@ def test_quantized_engine_runs():
     if not path.is_dir():
         pytest.skip("reference checkpoint not found")
     pipe = Pipeline.from_pretrained(path, device="cpu")
+    Engine(pipe.model)  # fuses q/k/v and gate/up copies of the float weights
+    assert pipe.model.layers[0].mlp.gate_up_weight is not None
     apply_quantization(pipe.model, "int8")
     assert not any(isinstance(m, torch.nn.Linear) for m in pipe.model.layers.modules())
+    assert all(layer.mlp.gate_up_weight is None and layer.self_attn.qkv_weight is None for layer in pipe.model.layers)
     opts = GenerateOptions(size=(32, 32), steps=3)
     ids, mask, latents, settings = inputs(pipe, opts, ["a fox"])
     out = Engine(pipe.model).generate(ids, mask, latents, settings, opts, n_tokens=4, seed=0)
@@ -155,25 +204,35 @@ def test_engine_graphs_match_eager_gpu(family):
     pipe = load(family, "cuda")
     opts = GenerateOptions(size=(64, 64), steps=8, cfg=3.0, sampler="sde")
     ids, mask, latents, settings = inputs(pipe, opts, ["a fox", "a longer prompt about a red fox in snow"])
-    eager = pipe.generate_tokens(ids, mask, latents, settings, opts, seed=0, draw=replay(0, "cuda"))
-    engine = engine_for(pipe.model)
-    fast = generate_tokens_fast(pipe, ids, mask, latents, settings, opts, seed=0, draw=replay(0, "cuda"))
+    eager_opts = dataclasses.replace(opts, engine="eager")
+    eager = pipe.generate_tokens(ids, mask, latents, settings, eager_opts, seed=0, draw=replay(0, "cuda"))
+    assert not pipe.engine(eager_opts).graphs
+    engine = pipe.engine(opts)
+    got = fast(pipe, ids, mask, latents, settings, opts, seed=0, draw=replay(0, "cuda"))
     assert engine.graphs and engine._state.head.graph is not None
-    err = ((fast - eager).norm() / eager.norm()).item()
-    first = ((fast[:, 0] - eager[:, 0]).norm() / eager[:, 0].norm()).item()
+    err = ((got - eager).norm() / eager.norm()).item()
+    first = ((got[:, 0] - eager[:, 0]).norm() / eager[:, 0].norm()).item()
     assert first < 2e-2 and err < 5e-2, (first, err)
-    again = generate_tokens_fast(pipe, ids, mask, latents, settings, opts, seed=0, draw=replay(0, "cuda"))
-    torch.testing.assert_close(again, fast, rtol=0, atol=0)  # replays are deterministic
+    again = fast(pipe, ids, mask, latents, settings, opts, seed=0, draw=replay(0, "cuda"))
+    torch.testing.assert_close(again, got, rtol=0, atol=0)  # replays are deterministic
 
 
-def test_engine_for_switches_compile_setting():
-    """`--engine compiled` gets a compiling engine; asking again without compile replaces it."""
+def test_pipeline_engine_switches_compile_setting():
+    """`--engine compiled` gets a compiling engine; asking again without compile replaces it. The engine is the
+    pipeline's: another pipeline on the same model has its own, and compiling leaves dynamo's settings alone."""
     pipe = load("nextstep11")
-    plain = engine_for(pipe.model)
-    assert engine_for(pipe.model) is plain and not plain.compile
-    compiled = engine_for(pipe.model, compile=True)
+    limit = torch._dynamo.config.recompile_limit
+    fast_opts = GenerateOptions(engine="fast")
+    plain = pipe.engine(fast_opts)
+    assert pipe.engine(fast_opts) is plain and not plain.compile
+    compiled = pipe.engine(GenerateOptions(engine="compiled"))
     assert compiled is not plain and compiled.compile
-    assert engine_for(pipe.model, compile=True) is compiled
-    assert not engine_for(pipe.model).compile
+    assert pipe.engine(GenerateOptions(engine="compiled")) is compiled
+    assert not pipe.engine(fast_opts).compile
+    eager = pipe.engine(GenerateOptions(engine="eager"))  # the same code without graphs or fused kernels
+    assert not (eager.graphs or eager.head_kernels or eager.compile)
+    other = Pipeline(pipe.model, pipe.vae, pipe.tokenizer)
+    assert other.engine(fast_opts) is not pipe.engine(fast_opts)
+    assert torch._dynamo.config.recompile_limit == limit
     with pytest.raises(ValueError, match="engine must be one of auto, fast, compiled, eager, got 'turbo'"):
         pipe.generate("a fox", size=(32, 32), steps=2, engine="turbo")

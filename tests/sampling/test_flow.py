@@ -10,6 +10,7 @@ from nextstep.sampling.flow import (
     FlowSettings,
     combine_guidance,
     guidance_scale,
+    plan_steps,
     sample_token,
     timesteps,
 )
@@ -151,3 +152,24 @@ def test_last_step_size_and_grid_ends():
     assert ts[0] == 0 and abs(ts[-1].item() - 0.9) < 1e-6 and len(ts) == 5
     ts = timesteps(FlowSettings(family="nextstep11", num_steps=5, shift=3.0))
     assert ts[0] == 0 and ts[-1] == 1.0 and len(ts) == 6
+
+
+@pytest.mark.parametrize("family,rule", [("nextstep11", "sde"), ("nextstep11", "cps"), ("nextstep1", "sde")])
+def test_plan_matches_sample_token(family, rule):
+    """The affine step coefficients reproduce flow.sample_token for a velocity that depends on x."""
+    s = FlowSettings(family=family, num_steps=7, shift=2.5, rule=rule)
+    plan = plan_steps(s)
+    noise = torch.randn(plan.num_draws, 3, 8, dtype=torch.float64)
+    it = iter(noise)
+
+    def velocity(x, t, c):
+        return torch.sin(x * 1.3 + t[:, None]) + c
+
+    cond = torch.randn(3, 8, dtype=torch.float64)
+    ref = sample_token(velocity, cond, s, token_dim=8, draw=lambda shape: next(it))
+    x = noise[0]
+    for i, (a, b, c) in enumerate(plan.coef):
+        v = velocity(x, plan.t[i].double().expand(3), cond)
+        x = a * x + b * v + (c * noise[1 + i] if i < plan.num_eps else 0)
+    torch.testing.assert_close(x, ref, rtol=1e-6, atol=1e-6)
+    assert next(it, None) is None, "the plan must consume exactly the eager draws"

@@ -22,7 +22,7 @@ INTERPRETED = r"""
 import sys, torch
 from nextstep.model.head import AdaLNMLP
 from nextstep.sampling import head_kernels as hk
-from nextstep.sampling.engine import Engine, head_modulations, head_velocity
+from nextstep.sampling.engine import Engine, head_velocity, step_modulations
 
 torch.manual_seed(0)
 net = AdaLNMLP(16, 40, 48, 3)  # width 48: not a multiple of the 16-column tiles
@@ -31,11 +31,11 @@ for p in net.parameters():
 with torch.no_grad():
     for batch, rows in ((1, 1), (1, 2), (3, 2), (2, 3)):
         r = batch * rows
-        mods = head_modulations(net, net.time_embed(torch.rand(5)), torch.randn(r, 40))
+        mods = step_modulations(net, net.time_embed(torch.rand(5)), torch.randn(r, 40))
         x = torch.randn(batch, 16)
         for i in (0, 4):
-            want = head_velocity(net, x, mods, i, rows)
-            got = hk.head_velocity_fused(net, x, mods, i, rows)
+            want = head_velocity(net, x, mods[i], rows)
+            got = hk.velocity(net, x, mods[i], rows)
             assert got.shape == want.shape == (r, 16), got.shape
             err = (got - want).abs().max().item()
             assert err < 1e-4 * want.abs().max().item() + 1e-5, (batch, rows, i, err)
@@ -62,7 +62,8 @@ for extra, edit in cases:
     eager = pipe.generate_tokens(ids, mask, latents, settings, opts, seed=3)
     engine = Engine(pipe.model, head_kernels=True)
     fast = engine.generate(ids, mask, latents, settings, opts, n_tokens=4, seed=3)
-    assert engine._state.head_kernels and engine._state.step is hk.head_step
+    assert engine._state.head_kernels and engine._state.velocity.func is hk.velocity
+    assert engine._state.launch == hk.LaunchConfig()  # off CUDA the engine keeps the default, untuned
     torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-4)
 print("ok")
 """
