@@ -71,6 +71,20 @@ class Prompt:
     edit: dict | None = None  # editing: asdict(Edit)
     size: int = 128  # image side the source is rendered at
 
+    def to_json(self) -> dict:
+        """Plain JSON form (as carried in rollout meta), the inverse of `from_json`."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: dict) -> Prompt:
+        """The Prompt of `to_json` output, also after a JSON round trip (tuples come back as lists)."""
+        objects = [
+            Want(**{k: tuple(v) if k in ("near", "away") and v is not None else v for k, v in w.items()})
+            for w in doc["objects"]
+        ]
+        relations = [(i, rel, j) for i, rel, j in doc["relations"]]
+        return cls(**{**doc, "objects": objects, "relations": relations})
+
 
 def source_image(prompt: Prompt) -> Image.Image | None:
     """The input image of an editing prompt, None for text-to-image prompts."""
