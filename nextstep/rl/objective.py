@@ -39,8 +39,16 @@ def _split(coef: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.
     return coef[:, 0:1], coef[:, 1:2], coef[:, 2:3]
 
 
+def _at_least_fp32(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    # A bf16 velocity would round the residual before it is squared and summed over D: the ratio of two such
+    # log-densities is noise. float64 inputs stay float64.
+    dtype = torch.promote_types(torch.result_type(*ts[:2]), torch.float32)
+    return tuple(t.to(dtype) for t in ts)
+
+
 def transition_mean(x: torch.Tensor, v: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     """Mean a x + b v of the next state. x, v: (..., S, D), e.g. (B, N, S, D); coef (S, 3). -> (..., S, D)."""
+    x, v = _at_least_fp32(x, v)
     a, b, _ = _split(coef, v)
     return a * x + b * v
 
@@ -49,8 +57,9 @@ def transition_log_prob(x: torch.Tensor, v: torch.Tensor, x_next: torch.Tensor, 
     """log N(x_next; a x + b v, c^2 I) summed over the token dimension D, differentiable in v.
 
     x, v, x_next: (..., S, D), e.g. (B, N, S, D) = (images, tokens, trained steps, token dim), or flattened
-    to (M, S, D); coef: (S, 3) from `trained_coefficients`. Returns (..., S).
+    to (M, S, D); coef: (S, 3) from `trained_coefficients`. Returns (..., S), in float32 at least.
     """
+    x, v, x_next = _at_least_fp32(x, v, x_next)
     _, _, c = _split(coef, v)
     d = x_next.shape[-1]
     resid = x_next - transition_mean(x, v, coef)  # (..., S, D)
@@ -61,7 +70,8 @@ def transition_log_prob(x: torch.Tensor, v: torch.Tensor, x_next: torch.Tensor, 
 def kl_to_reference(x: torch.Tensor, v: torch.Tensor, v_ref: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     """KL(N(mean_theta, c^2 I) || N(mean_ref, c^2 I)) = ||mean_theta - mean_ref||^2 / (2 c^2), summed over D,
     with v from the policy and v_ref from the starting model at the same states (Flow-GRPO's KL term).
-    x, v, v_ref: (..., S, D); coef (S, 3). Returns (..., S)."""
+    x, v, v_ref: (..., S, D); coef (S, 3). Returns (..., S), in float32 at least."""
+    x, v, v_ref = _at_least_fp32(x, v, v_ref)
     _, _, c = _split(coef, v)
     diff = transition_mean(x, v, coef) - transition_mean(x, v_ref, coef)  # (..., S, D)
     return (diff * diff).sum(-1) / (2 * c[:, 0] ** 2)

@@ -193,3 +193,14 @@ def unknown_words(text: str) -> list[str]:
         if (word not in KNOWN_WORDS or (word in OTHER_COLORS and not background)) and word not in out:
             out.append(word)
     return out
+
+
+def vocabulary_warning(text: str) -> str | None:
+    """The one warning line `generate` prints for the built-in model, None when it knows every word."""
+    words = unknown_words(text)
+    if not words:
+        return None
+    return (
+        f"the built-in model does not know {', '.join(map(repr, words))} and may draw something else instead; it "
+        f"knows the colors {', '.join(COLORS)} and the shapes {', '.join(SHAPES)}"
+    )

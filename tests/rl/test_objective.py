@@ -59,6 +59,10 @@ def test_log_prob_in_float32_follows_the_inputs():
     assert lp.dtype == torch.float32
     want = transition_log_prob(x.double(), v.double(), x_next.double(), coef)
     torch.testing.assert_close(lp.double(), want, rtol=1e-5, atol=1e-4)
+    bf16 = transition_log_prob(x.bfloat16(), v.bfloat16(), x_next.bfloat16(), coef)  # computed in float32
+    assert bf16.dtype == torch.float32
+    want = transition_log_prob(x.bfloat16().float(), v.bfloat16().float(), x_next.bfloat16().float(), coef)
+    torch.testing.assert_close(bf16, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(

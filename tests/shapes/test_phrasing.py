@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from nextstep.shapes.phrasing import describe, unknown_words
+from nextstep.shapes.phrasing import describe, unknown_words, vocabulary_warning
 from nextstep.shapes.prompts import Want, build_prompts, parse_prompt
 from nextstep.shapes.scenes import COLORS, INVERSE, SHAPES, Edit, edit_text
 from nextstep.shapes.synth import sample_t2i
@@ -132,6 +132,36 @@ def test_unknown_words_names_colors_and_words_outside_the_vocabulary():
     assert unknown_words("a red circle on a gray striped background") == []
     assert unknown_words("a big red circle beside a star") == ["big", "beside"]
     assert unknown_words("2 circles that are blue with a pair of stars beneath them") == []
+
+
+def test_vocabulary_warning_is_one_line_naming_the_words():
+    assert vocabulary_warning("2 red circles beneath a star") is None
+    line = vocabulary_warning("a pink oval")
+    assert "\n" not in line and line.startswith("the built-in model does not know 'pink', 'oval'")
+    assert "red, green, blue" in line and "circle, square" in line
+
+
+def test_eval_prompt_option_reads_other_phrasings(tmp_path, capsys):
+    """`nextstep eval shapes --prompt` scores a phrasing outside the templates by its meaning."""
+    import json
+
+    from nextstep.shapes.evaluate import main
+    from nextstep.shapes.prompts import Prompt, reference_scene
+    from nextstep.shapes.scenes import render
+
+    text = "a blue star with 2 circles that are red above it"
+    rng = random.Random(0)
+
+    meant = Prompt(
+        "prompt", "", [Want("circle", "red")] * 2 + [Want("star", "blue")], [(0, "above", 2), (1, "above", 2)]
+    )
+    wrong = Prompt("prompt", "", meant.objects, [(0, "below", 2), (1, "below", 2)])
+
+    def factory(model_dir):
+        return lambda items: [render(reference_scene(p, rng)) for p in (meant, meant, meant, wrong)]
+
+    assert main(["--model", str(tmp_path), "--prompt", text, "--n", "4"], factory) == 0
+    assert json.loads(capsys.readouterr().out)["correct"] == 3
 
 
 def test_every_caption_and_eval_prompt_is_known():
