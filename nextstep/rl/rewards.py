@@ -1,7 +1,8 @@
 """Rewards for RL post-training, as plain Python: `reward(images, prompts, meta) -> (B,) float tensor`.
 
-Named in a preset (`shapes`, `brightness`, `clip_preference`) or given as `module:function` (`resolve_reward`);
-`score_rewards` runs one so that a sample whose reward raises or is NaN is counted and skipped, not the run.
+Named in a preset (`shapes`, `shapes_partial`, `brightness`, `clip_preference`) or given as `module:function`
+(`resolve_reward`); `score_rewards` runs one so that a sample whose reward raises or is NaN is counted and
+skipped, not the run.
 """
 
 from __future__ import annotations
@@ -15,23 +16,49 @@ import numpy as np
 import torch
 from PIL import Image
 
-from nextstep.shapes.prompts import Prompt
-from nextstep.shapes.score import score_image
+from nextstep.shapes.prompts import Prompt, Want
+from nextstep.shapes.score import Detected, parse_scene, score_image
 
 log = logging.getLogger(__name__)
 
 RewardFn = Callable[[list[Image.Image], list[str], list[dict]], torch.Tensor]
 
 
+def _spec(meta: dict) -> Prompt:
+    if "prompt" not in meta:
+        raise ValueError(f"the shapes rewards need meta['prompt'] (the Prompt spec), got keys {sorted(meta)}")
+    return meta["prompt"] if isinstance(meta["prompt"], Prompt) else Prompt.from_json(meta["prompt"])
+
+
 def shapes_reward(images: list[Image.Image], prompts: list[str], meta: list[dict]) -> torch.Tensor:
     """1.0 where the exact shapes scorer finds the scene asked for, else 0.0. What is asked is meta[i]["prompt"]
     (a `Prompt` or its `to_json`), never a re-reading of the wording, which can be any phrasing of it."""
+    return torch.tensor([float(score_image(im, _spec(m))["correct"]) for im, m in zip(images, meta, strict=True)])
+
+
+def _found_share(found: list[Detected], wants: list[Want]) -> float:
+    # Colored wants first: a color-free one can take any leftover of its shape, so this greedy match is maximal.
+    pool = list(found)
+    matched = 0
+    for w in sorted(wants, key=lambda w: w.color is None):
+        hit = next((d for d in pool if d.shape == w.shape and w.color in (None, d.color)), None)
+        if hit is not None:
+            pool.remove(hit)
+            matched += 1
+    return matched / max(len(wants), len(found), 1)
+
+
+def shapes_partial_reward(images: list[Image.Image], prompts: list[str], meta: list[dict]) -> torch.Tensor:
+    """`shapes_reward` with partial credit below it: a wrong image earns half the share of wanted objects found
+    with their shape and color (one to one, out of the larger of the wanted and found counts; places and
+    relations unchecked), so a group whose samples are all wrong still ranks them. Edits score 1 or 0."""
     out = []
     for im, m in zip(images, meta, strict=True):
-        if "prompt" not in m:
-            raise ValueError(f"the shapes reward needs meta['prompt'] (the Prompt spec), got keys {sorted(m)}")
-        spec = m["prompt"] if isinstance(m["prompt"], Prompt) else Prompt.from_json(m["prompt"])
-        out.append(float(score_image(im, spec)["correct"]))
+        spec = _spec(m)
+        if score_image(im, spec)["correct"]:
+            out.append(1.0)
+        else:
+            out.append(0.0 if spec.edit is not None else 0.5 * _found_share(parse_scene(im), spec.objects))
     return torch.tensor(out)
 
 
@@ -78,11 +105,15 @@ class ClipPreference:
         return (self.model.logit_scale.exp() * (out.image_embeds * out.text_embeds).sum(-1)).float().cpu()
 
 
-REWARDS: dict[str, RewardFn] = {"shapes": shapes_reward, "brightness": brightness_reward}
+REWARDS: dict[str, RewardFn] = {
+    "shapes": shapes_reward,
+    "shapes_partial": shapes_partial_reward,
+    "brightness": brightness_reward,
+}
 
 
 def resolve_reward(spec: str, *, model_dir: str | Path | None = None, device: str = "cpu") -> RewardFn:
-    """The reward named `spec`: shapes, brightness, clip_preference (loaded from `model_dir`), or a
+    """The reward named `spec`: shapes, shapes_partial, brightness, clip_preference (loaded from `model_dir`), or a
     `module:function` importable here. ValueError naming the spec when it cannot be resolved."""
     if spec == "clip_preference":
         if model_dir is None:

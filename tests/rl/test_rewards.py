@@ -16,10 +16,11 @@ from nextstep.rl.rewards import (
     brightness_reward,
     resolve_reward,
     score_rewards,
+    shapes_partial_reward,
     shapes_reward,
 )
 from nextstep.shapes.prompts import Prompt, Want, build_prompts, reference_scene
-from nextstep.shapes.scenes import Background, Scene, render
+from nextstep.shapes.scenes import Background, Obj, Scene, render
 
 
 def _json_meta(prompt: Prompt) -> dict:
@@ -46,8 +47,45 @@ def test_shapes_reward_scores_the_spec_in_meta_not_the_wording():
     assert shapes_reward(
         [image], ["a blue star"], [_json_meta(Prompt("p", "x", [Want("circle", "red")]))]
     ).tolist() == [0.0]
-    with pytest.raises(ValueError, match=r"needs meta\['prompt'\]"):
+    with pytest.raises(ValueError, match=r"need meta\['prompt'\]"):
         shapes_reward([image], ["a blue star"], [{"text": "a blue star"}])
+
+
+def test_shapes_partial_reward_ranks_wrong_images_by_the_objects_found():
+    """Wanted: two red circles above a blue star. Found objects are scored one to one on shape and color."""
+    meant = Prompt("p", "", [Want("circle", "red")] * 2 + [Want("star", "blue")], [(0, "above", 2), (1, "above", 2)])
+    bg = Background()
+
+    def image(*objs):
+        return render(Scene([Obj(*o) for o in objs], bg))
+
+    images = [
+        image(
+            ("circle", "red", "small", 0.25, 0.2),
+            ("circle", "red", "small", 0.75, 0.2),
+            ("star", "blue", "small", 0.5, 0.75),
+        ),
+        image(
+            ("circle", "red", "small", 0.25, 0.8),
+            ("circle", "red", "small", 0.75, 0.8),
+            ("star", "blue", "small", 0.5, 0.25),
+        ),
+        image(("circle", "red", "small", 0.25, 0.2), ("star", "blue", "small", 0.5, 0.75)),
+        image(
+            ("circle", "red", "small", 0.2, 0.2),
+            ("circle", "red", "small", 0.5, 0.2),
+            ("circle", "green", "small", 0.8, 0.2),
+            ("star", "blue", "small", 0.5, 0.75),
+        ),
+        image(("circle", "blue", "small", 0.25, 0.2), ("heart", "red", "small", 0.5, 0.75)),
+        image(),
+    ]
+    meta = [{"prompt": meant.to_json()}] * len(images)
+    got = shapes_partial_reward(images, [""] * len(images), meta)
+    # right; relation upside down (3 of 3 found); one circle missing (2 of 3); an extra circle (3 of 4); none.
+    torch.testing.assert_close(got, torch.tensor([1.0, 0.5, 0.5 * 2 / 3, 0.5 * 3 / 4, 0.0, 0.0]))
+    assert shapes_reward(images, [""] * len(images), meta).tolist() == [1.0] + [0.0] * 5
+    assert resolve_reward("shapes_partial") is shapes_partial_reward
 
 
 def test_brightness_reward():
