@@ -3,8 +3,10 @@ head transitions, group-relative advantages, the clipped policy-ratio loss and t
 
 The math is Flow-GRPO's (Liu et al. 2025, "Flow-GRPO: Training Flow Matching Models via Online RL"): a
 stochastic sampler step x' = a x + b v + c eps is a Gaussian policy N(a x + b v, c^2 I) over x', so its
-log-density is differentiable in the velocity v; advantages and the clipped ratio loss are GRPO's (Shao et al.
-2024, "DeepSeekMath", section 4.1) on top of PPO's clipping (Schulman et al. 2017).
+log-density is differentiable in the velocity v (likewise for CPS, Wang & Yu 2025, "Coefficients-Preserving
+Sampling for RL with Flow Matching": the same Gaussian with its own a, b, c; the constant terms cancel in every
+ratio). Advantages and the clipped ratio loss are GRPO's (Shao et al. 2024, "DeepSeekMath", section 4.1) on top
+of PPO's clipping (Schulman et al. 2017).
 """
 
 from __future__ import annotations
