@@ -12,6 +12,15 @@ import logging
 import sys
 from pathlib import Path
 
+from nextstep.io import MAX_PIXELS, check_writable, open_image, save_png
+from nextstep.sampling.options import (
+    MAX_PROMPT_TOKENS,
+    GenerateOptions,
+    add_option_args,
+    check_options,
+    given_options,
+)
+
 # Subcommands implemented in their own modules, each a `main(argv) -> int`.
 FORWARDED = {
     ("train",): "nextstep.train.loop:main",
@@ -33,62 +42,34 @@ FORWARDED = {
 }
 
 
-def size_arg(text: str) -> tuple[int, int]:
-    """'512x768' (width x height, like most image tools) -> (height, width)."""
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like 512x512, got {text!r}") from None
-    return h, w
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one `nextstep: error: ...` line, like every other error."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+class UsageError(ValueError):
+    pass
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, *, edit: bool) -> None:
     p.add_argument("prompt", help="instruction" if edit else "text prompt")
     p.add_argument("-o", "--output", default="out.png", help="output PNG; with --n > 1, name_0.png, name_1.png, ...")
     p.add_argument("--model", default=None, help="checkpoint directory (default: the built-in model)")
-    p.add_argument("--size", type=size_arg, default=None, help="WIDTHxHEIGHT in pixels, multiples of 16")
-    p.add_argument("--steps", type=int, default=None, help="flow-matching head steps per token")
-    p.add_argument("--cfg", type=float, default=None, help="text guidance scale (1 = off)")
-    p.add_argument("--shift", type=float, default=None, help="timestep shift")
-    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same image)")
-    p.add_argument("--sampler", choices=("sde", "ode", "cps"), default=None, help="head update rule")
-    p.add_argument("--n", type=int, default=1, help="images to make")
-    p.add_argument("--negative-prompt", default=None, help="text of the unconditional branch")
-    p.add_argument(
-        "--use-norm",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="layer-normalise sampled tokens before feeding them back",
-    )
-    p.add_argument("--cfg-schedule", choices=("constant", "linear"), default=None)
-    p.add_argument("--cfg-normalize", action="store_true", default=None, help="norm-rescaled guidance (1.1)")
-    p.add_argument("--noise-level", type=float, default=None, help="SDE/CPS noise scale (1.1)")
-    p.add_argument(
-        "--context-noise", type=float, default=None, help="noise std on tokens read back (image-input-noise models)"
-    )
-    p.add_argument("--last-step-size", type=float, default=None, help="final deterministic step (NextStep-1)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument(
-        "--engine",
-        choices=("auto", "fast", "compiled", "eager"),  # pipeline.ENGINES (not imported: no torch at parse)
-        default="auto",
-        help="auto: CUDA-graph engine on GPU, eager on CPU; compiled: the engine with torch.compile "
-        "(fastest for large models, ~45 s to get ready at 14B)",
-    )
     p.add_argument(
         "--quantize", choices=("none", "int8", "fp8"), default="none", help="weight-only quantisation (decoder, head)"
     )
     if edit:
-        p.add_argument("--image", required=True, help="input image to edit")
-        p.add_argument("--cfg-img", type=float, default=None, help="image guidance scale")
-    else:
-        p.add_argument("--positive-prompt", default=None, help="text appended to the prompt")
+        p.add_argument("--image", required=True, help=f"input image to edit (at most {MAX_PIXELS} pixels)")
+    add_option_args(p, "edit" if edit else "generate")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nextstep", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="nextstep", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_sampling_args(sub.add_parser("generate", help="text-to-image"), edit=False)
     _add_sampling_args(sub.add_parser("edit", help="instruction-based image editing"), edit=True)
     groups: dict[str, argparse._SubParsersAction] = {}
@@ -113,27 +94,6 @@ def resolve_model_dir(model: str | None) -> Path:
     return path
 
 
-def _options(args: argparse.Namespace) -> dict:
-    names = (
-        "size",
-        "steps",
-        "cfg",
-        "cfg_img",
-        "shift",
-        "sampler",
-        "negative_prompt",
-        "positive_prompt",
-        "use_norm",
-        "cfg_schedule",
-        "cfg_normalize",
-        "noise_level",
-        "last_step_size",
-        "context_noise",
-    )
-    opts = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
-    return {**opts, "seed": args.seed, "n": args.n, "progress": True, "engine": args.engine}
-
-
 def output_paths(output: str, n: int) -> list[Path]:
     out = Path(output)
     if out.suffix.lower() != ".png":
@@ -144,25 +104,29 @@ def output_paths(output: str, n: int) -> list[Path]:
 
 
 def run_sampling(args: argparse.Namespace) -> int:
-    from PIL import Image, UnidentifiedImageError
-
+    """Check everything a user typed (options, prompt, output, input image) before loading the model, then run."""
     import nextstep
-    from nextstep.io import save_png
+    from nextstep.model.checkpoint import check_model_dir, read_down_factor
+    from nextstep.model.tokenizer import TextTokenizer
 
-    paths = output_paths(args.output, args.n)
-    source = None
+    options = given_options(args)
+    if not args.prompt.strip():
+        raise ValueError(f"prompt must be a non-empty string, got {args.prompt!r}")
+    paths = output_paths(args.output, options.get("n", 1))
+    for path in paths:
+        check_writable(path)
+    model_dir = check_model_dir(resolve_model_dir(args.model))
+    check_options(GenerateOptions(**options), read_down_factor(model_dir))  # unset options: valid defaults
+    n_text = len(TextTokenizer(model_dir).encode(args.prompt))
+    if n_text > MAX_PROMPT_TOKENS:
+        raise ValueError(f"prompt of {n_text} tokens exceeds the limit of {MAX_PROMPT_TOKENS}")
+    source = open_image(args.image, what="input image") if args.command == "edit" else None
+    pipe = nextstep.load(model_dir, device=args.device, quantize=args.quantize)
+    options = {**options, "progress": True}
     if args.command == "edit":
-        try:
-            source = Image.open(args.image)
-            source.load()
-        except (OSError, UnidentifiedImageError) as e:
-            raise ValueError(f"cannot read input image {args.image!r}: {e}") from None
-    pipe = nextstep.load(args.model, device=args.device, quantize=args.quantize)
-    opts = _options(args)
-    if args.command == "edit":
-        images = pipe.edit(source, args.prompt, **opts)
+        images = pipe.edit(source, args.prompt, **options)
     else:
-        images = pipe.generate(args.prompt, **opts)
+        images = pipe.generate(args.prompt, **options)
     for image, path in zip(images, paths, strict=True):
         save_png(image, path)
         print(path)
@@ -179,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
         return run_sampling(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: FileNotFoundError, an unreadable file, a full disk
         print(f"nextstep: error: {e}", file=sys.stderr)
         return 2
 

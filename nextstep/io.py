@@ -1,12 +1,22 @@
-"""Atomic file writes: a temp file in the target's folder, then os.replace, so readers never see a partial file."""
+"""File boundaries: atomic writes (a temp file in the target's folder, then os.replace, so readers never see a
+partial file), an up-front check that an output can be written, and untrusted images opened with a pixel limit.
+"""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
+
+from PIL import Image, UnidentifiedImageError
+
+MAX_PIXELS = 4096 * 4096  # largest input image accepted, in pixels; checked from the header, before decoding
 
 
 def atomic_write(target: str | Path, write: Callable[[str], None]) -> None:
@@ -46,3 +56,51 @@ def torch_save(obj, target: str | Path) -> None:
 def save_png(image, target: str | Path) -> None:
     """A PIL image as PNG."""
     atomic_write(target, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def check_writable(target: str | Path) -> None:
+    """ValueError unless `target` can be written as a file: not a directory, and its folder (or the nearest
+    existing one above it, which atomic_write would create the rest under) takes a new file."""
+    target = Path(target)
+    if target.is_dir():
+        raise ValueError(f"output {str(target)!r} is a directory")
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"output {str(target)!r}: {str(folder)!r} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".probe")
+    except OSError as e:
+        raise ValueError(f"output {str(target)!r} cannot be written: {e.strerror or e}") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def open_image(
+    source: str | Path | bytes | BinaryIO, *, max_pixels: int = MAX_PIXELS, what: str = "image"
+) -> Image.Image:
+    """A decoded PIL image from a path, bytes or a binary file object; its size is read from the header and
+    refused above `max_pixels` before any pixel is decoded. Every failure is one ValueError naming the source."""
+    name = repr(str(source)) if isinstance(source, str | Path) else "(upload)"
+    fp = io.BytesIO(source) if isinstance(source, bytes) else source
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies below
+            image = Image.open(fp)
+    except Image.DecompressionBombError as e:  # PIL's hard limit, far above any sane max_pixels
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        pixels = found[1] if found else "too many"
+        raise ValueError(f"{what} {name} has {pixels} pixels, more than the limit of {max_pixels} pixels") from None
+    except UnidentifiedImageError:
+        raise ValueError(f"cannot read {what} {name}: not an image format we read (PNG, JPEG, WEBP, ...)") from None
+    except OSError as e:
+        raise ValueError(f"cannot read {what} {name}: {e.strerror or e}") from None
+    w, h = image.size
+    if w * h > max_pixels:
+        raise ValueError(f"{what} {name} is {w}x{h} ({w * h} pixels), more than the limit of {max_pixels} pixels")
+    try:
+        image.load()
+    except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data; PIL raises all three
+        raise ValueError(f"cannot decode {what} {name}: {e}") from None
+    return image

@@ -8,6 +8,8 @@ import sys
 import pytest
 from PIL import Image
 
+from nextstep.cli import build_parser, main
+from nextstep.sampling.options import FIELDS
 from tests.refs import reference_dirs
 
 SMALL = ["--size", "32x32", "--steps", "2"]
@@ -65,3 +67,32 @@ def test_builtin_model_is_the_default(tmp_path):
     assert image.size == (128, 128)
     colors = image.getcolors(maxcolors=128 * 128)
     assert len(colors) > 20  # shapes on a background, not a flat fill
+
+
+def test_flags_come_from_the_option_schema():
+    """Every GenerateOptions field marked for the CLI is a flag of its task, with the schema's choices and help."""
+    sub = build_parser()._subparsers._group_actions[0].choices
+    for task in ("generate", "edit"):
+        actions = {a.dest: a for a in sub[task]._actions}
+        for name, f in FIELDS.items():
+            wanted = f.metadata["cli"] and f.metadata["task"] in (None, task)
+            assert (name in actions) == wanted, (task, name)
+            if wanted:
+                assert actions[name].choices == f.metadata["choices"]
+                assert actions[name].help.startswith(f.metadata["help"])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "the following arguments are required: command"),
+        (["generate", "a cat", "--cfg", "inf"], "cfg must be > 0 and <= 100, got inf"),
+        (["generate", "a cat", "--steps", "many"], "argument --steps: invalid int value: 'many'"),
+        (["serve", "--max-batch", "0", "--model", "{ref}"], "max_batch must be > 0, got 0"),
+    ],
+)
+def test_main_reports_every_error_as_one_line(capsys, argv, message):
+    argv = [a.format(ref=reference_dirs()[0]) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nextstep: error: ") and err.count("\n") == 1 and message in err, err

@@ -9,12 +9,13 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nextstep.io import atomic_write, write_json
 from nextstep.model.config import NextStepConfig, config_to_dict, load_config
 from nextstep.model.nextstep import NextStep
+from nextstep.model.vae import VAEConfig
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -39,14 +40,31 @@ def check_model_dir(path: str | Path) -> Path:
     return path
 
 
+def read_down_factor(path: str | Path) -> int:
+    """Pixels per image-token side (VAE downsampling x latent patch), from the config files alone: lets a
+    caller check an image size before loading any weights."""
+    path = check_model_dir(path)
+    vae_config = Path(path) / "vae" / VAE_FILES[0]
+    if not vae_config.is_file():
+        raise FileNotFoundError(f"VAE folder {vae_config.parent} has no {VAE_FILES[0]}")
+    return VAEConfig.from_json(vae_config).down_factor * load_config(path / "config.json").latent_patch_size
+
+
 def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint; an index may only name plain files inside the directory."""
     index = path / INDEX_NAME
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [path / n for n in names]
-        for f in files:
-            if not f.is_file():
-                raise FileNotFoundError(f"weight shard {f} listed in {index.name} is missing")
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index} is not a safetensors index (a 'weight_map' of names to files): {e}") from None
+        files = []
+        for name in names:
+            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+                raise ValueError(f"{index} names the shard {name!r}; shards must be files inside {path}")
+            files.append(path / name)
+            if not files[-1].is_file():
+                raise FileNotFoundError(f"weight shard {files[-1]} listed in {index.name} is missing")
         return files
     if (path / WEIGHTS_NAME).is_file():
         return [path / WEIGHTS_NAME]
@@ -56,10 +74,13 @@ def weight_files(path: Path) -> list[Path]:
 def load_state_dict(path: Path, dtype: torch.dtype | None, device: str | torch.device) -> dict[str, torch.Tensor]:
     state = {}
     for file in weight_files(path):
-        with safe_open(str(file), framework="pt", device=str(device)) as f:
-            for name in f.keys():
-                t = f.get_tensor(name)
-                state[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        try:
+            with safe_open(str(file), framework="pt", device=str(device)) as f:
+                for name in f.keys():
+                    t = f.get_tensor(name)
+                    state[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        except SafetensorError as e:
+            raise ValueError(f"cannot read {file} (truncated or not a safetensors file?): {e}") from None
     return state
 
 

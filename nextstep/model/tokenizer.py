@@ -24,7 +24,10 @@ class TextTokenizer:
         if not file.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {file}")
         self.path = file
-        self._tok = Tokenizer.from_file(str(file))
+        try:
+            self._tok = Tokenizer.from_file(str(file))
+        except Exception as e:  # the tokenizers library raises a bare Exception for any unreadable file
+            raise ValueError(f"cannot read tokenizer {file}: {e}") from None
 
     def encode(self, text: str) -> list[int]:
         """Ids of `text` with no BOS/EOS added (Qwen2 has no BOS)."""

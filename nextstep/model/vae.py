@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -76,7 +77,13 @@ class VAEConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> VAEConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        try:
+            raw = json.loads(Path(path).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path} must hold a JSON object")
+        return cls.from_dict(raw)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -298,7 +305,12 @@ def load_vae(
         if not (directory / name).is_file():
             raise FileNotFoundError(f"VAE folder {directory} has no {name}")
     cfg = VAEConfig.from_json(directory / CONFIG_NAME)
-    state = torch.load(directory / WEIGHTS_NAME, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(directory / WEIGHTS_NAME, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
+        raise ValueError(f"cannot read {directory / WEIGHTS_NAME} (truncated or not a torch file?): {e}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{directory / WEIGHTS_NAME} holds a {type(state).__name__}, not a state dict")
     with torch.device("meta"):
         model = AutoEncoder(cfg)
     expected = model.state_dict()

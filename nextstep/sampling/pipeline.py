@@ -24,38 +24,14 @@ from nextstep.model.nextstep import NextStep, patchify, unpatchify
 from nextstep.model.tokenizer import BOI, EOI, IMAGE_AREA, IMAGE_PLACEHOLDER, TextTokenizer
 from nextstep.model.vae import AutoEncoder, load_vae, pil_to_pixels, pixels_to_pil
 from nextstep.sampling.flow import FlowSettings, guidance_rows, guidance_scale, sample_token
-
-MAX_PROMPT_TOKENS = 1024  # longest prompt text accepted, in tokens (source-image placeholders not counted)
-MAX_BATCH = 64  # most images one call may make
-MAX_SIDE = 2048  # largest image side in pixels
-
-
-ENGINES = ("auto", "fast", "compiled", "eager")
-
-
-@dataclass
-class GenerateOptions:
-    size: tuple[int, int] = (512, 512)  # output (height, width) in pixels, multiples of 16
-    steps: int = 28  # flow-matching head steps per token
-    cfg: float = 7.5  # text guidance scale (1 = off)
-    cfg_img: float = 1.0  # image guidance scale for editing (1 = off)
-    cfg_schedule: str = "constant"  # guidance over tokens: constant | linear
-    cfg_normalize: bool = False  # NextStep-1.1 norm-rescaled guidance
-    shift: float = 1.0  # timestep shift
-    sampler: str = "sde"  # update rule: sde | ode | cps (1.1 only)
-    noise_level: float = 0.8  # NextStep-1.1 SDE/CPS noise scale
-    last_step_size: float = 0.04  # NextStep-1: the grid stops at 1 - this, then one deterministic step
-    use_norm: bool = False  # layer-normalise each sampled token before feeding it back
-    # Std of Gaussian noise on each sampled token as the backbone reads it back (the image keeps the clean
-    # token): for models trained with training.image_input_noise. One extra (B, D) draw per fed-back token.
-    context_noise: float = 0.0
-    seed: int | None = 0  # one generator for every draw; None draws a random seed
-    n: int = 1  # images per prompt
-    positive_prompt: str = ""  # appended to each prompt (after a space)
-    negative_prompt: str = ""  # the text of the unconditional branch
-    progress: bool = False  # tqdm bar over image tokens
-    engine: str = "auto"  # auto: CUDA-graph engine on GPU, eager on CPU | fast | compiled (fast + compile) | eager
-
+from nextstep.sampling.options import (  # noqa: F401  (re-exported: the schema's old home)
+    ENGINES,
+    MAX_BATCH,
+    MAX_PROMPT_TOKENS,
+    MAX_SIDE,
+    GenerateOptions,
+    check_options,
+)
 
 # on_token(k, tokens): called after image token k with the (B, k + 1, D) float32 tokens sampled so far.
 OnToken = Callable[[int, torch.Tensor], None]
@@ -83,27 +59,6 @@ class Trace:
     raw_tokens: list[torch.Tensor] = field(default_factory=list)  # per token (B, D) before use_norm
     final_latents: torch.Tensor | None = None  # (B, C, H, W) raw VAE latents fed to the decoder
     decoded: torch.Tensor | None = None  # (B, 3, H, W) in [-1, 1]
-
-
-def check_options(opts: GenerateOptions, down: int) -> None:
-    h, w = opts.size
-    for side in (h, w):
-        if side % down or side <= 0:
-            raise ValueError(f"image size {h}x{w} must be positive multiples of {down} px")
-        if side > MAX_SIDE:
-            raise ValueError(f"image size {h}x{w} exceeds the limit of {MAX_SIDE} px per side")
-    if opts.steps <= 0:
-        raise ValueError(f"steps must be > 0, got {opts.steps}")
-    if opts.n <= 0:
-        raise ValueError(f"n (images per prompt) must be > 0, got {opts.n}")
-    if opts.cfg <= 0 or opts.cfg_img <= 0:
-        raise ValueError(f"guidance scales must be > 0, got cfg={opts.cfg} cfg_img={opts.cfg_img}")
-    if opts.engine not in ENGINES:
-        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {opts.engine!r}")
-    if not 0 <= opts.context_noise <= 10:
-        raise ValueError(f"context_noise must be in [0, 10], got {opts.context_noise}")
-    if opts.cfg_schedule not in ("constant", "linear"):
-        raise ValueError(f"cfg schedule must be constant or linear, got {opts.cfg_schedule!r}")
 
 
 def read_defaults(path: Path) -> dict:

@@ -26,16 +26,27 @@ from dataclasses import asdict, dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, ValidationError
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
 
-from nextstep.cli import size_arg
-from nextstep.sampling.pipeline import MAX_BATCH, MAX_PROMPT_TOKENS, GenerateOptions, Pipeline
+from nextstep.io import MAX_PIXELS, open_image
+from nextstep.sampling.options import (
+    FIELDS,
+    MAX_BATCH,
+    MAX_PROMPT_TOKENS,
+    GenerateOptions,
+    OptionError,
+    check_value,
+    size_arg,
+)
+from nextstep.sampling.pipeline import Pipeline
 from nextstep.serve.batching import Batcher, BatchKey, Job, QueueFull, run_batch
+from nextstep.serve.middleware import ApiError, BodyLimit, CountResponses
 
 log = logging.getLogger(__name__)
+
+DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client is still connected
 
 
 @dataclass
@@ -50,7 +61,8 @@ class ServeConfig:
     max_steps: int = 100  # largest `steps`
     max_prompt_chars: int = 4000  # longest prompt or negative prompt, in characters
     max_body_bytes: int = 20 * 2**20  # largest request body (413 beyond)
-    max_upload_pixels: int = 4096 * 4096  # largest uploaded image, checked before decoding
+    max_upload_pixels: int = MAX_PIXELS  # largest uploaded image, checked before decoding
+    stall_s: float = 60.0  # /health answers 503 when a running batch has made no progress (image token) this long
     default_size: tuple[int, int] | None = None  # (height, width) when a request names none; None: the checkpoint's
 
     def __post_init__(self) -> None:
@@ -59,25 +71,15 @@ class ServeConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.max_batch > MAX_BATCH or self.max_n > MAX_BATCH:
             raise ValueError(f"max_batch ({self.max_batch}) and max_n ({self.max_n}) must be <= {MAX_BATCH}")
-        if self.max_wait_ms < 0 or self.timeout_s <= 0:
-            raise ValueError(f"need max_wait_ms >= 0 and timeout_s > 0, got {self.max_wait_ms}, {self.timeout_s}")
+        if self.max_wait_ms < 0 or self.timeout_s <= 0 or self.stall_s <= 0:
+            raise ValueError(
+                f"need max_wait_ms >= 0, timeout_s > 0, stall_s > 0, got {self.max_wait_ms}, {self.timeout_s}, "
+                f"{self.stall_s}"
+            )
 
 
-class ApiError(Exception):
-    """A request the server refuses, answered as OpenAI does: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, message: str, param: str | None = None, *, status: int = 400, kind: str | None = None):
-        super().__init__(message)
-        self.message, self.status, self.param = message, status, param
-        self.kind = kind or ("invalid_request_error" if status < 500 else "server_error")
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
-        return JSONResponse(body, status_code=self.status)
-
-
-class GenerationRequest(BaseModel):
-    """POST /v1/images/generations, the OpenAI fields and ours (seed, cfg, steps, shift, negative_prompt)."""
+class OpenAIRequest(BaseModel):
+    """The OpenAI fields of POST /v1/images/generations and /edits; ours come from GenerateOptions."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -90,17 +92,28 @@ class GenerationRequest(BaseModel):
     quality: str | None = None  # accepted from OpenAI clients, no effect
     style: str | None = None  # accepted from OpenAI clients, no effect
     user: str | None = None  # accepted from OpenAI clients, no effect
-    seed: int | None = None  # None: a random seed, returned in the response
-    cfg: float | None = None
-    steps: int | None = None
-    shift: float | None = None
-    negative_prompt: str | None = None
 
 
-class EditRequest(GenerationRequest):
-    """The form fields of POST /v1/images/edits besides the image file."""
+def api_options(task: str) -> list[str]:
+    """The GenerateOptions a request of `task` may set (schema fields marked api, less the OpenAI ones)."""
+    return [
+        name
+        for name, f in FIELDS.items()
+        if f.metadata["api"] and f.metadata["task"] in (None, task) and name not in OpenAIRequest.model_fields
+    ]
 
-    cfg_img: float | None = None
+
+def _request_model(name: str, task: str) -> type[OpenAIRequest]:
+    types = {"int": int, "float": float, "str": str}
+    fields = {
+        option: (types[FIELDS[option].type.split(" ")[0]] | None, None)  # None: the checkpoint's default
+        for option in api_options(task)
+    }  # seed None: a random seed, returned in the response
+    return create_model(name, __base__=OpenAIRequest, __doc__=f"POST body of the {task} route", **fields)
+
+
+GenerationRequest = _request_model("GenerationRequest", "generate")
+EditRequest = _request_model("EditRequest", "edit")
 
 
 def validation_message(e: ValidationError) -> tuple[str, str | None]:
@@ -139,16 +152,9 @@ def fit_size(width: int, height: int, *, down: int, max_side: int) -> tuple[int,
 def read_image(data: bytes, *, max_pixels: int, down: int) -> Image.Image:
     """Uploaded bytes -> RGB image; refuses non-images and oversize images before decoding them."""
     try:
-        image = Image.open(io.BytesIO(data))
-        if image.width * image.height > max_pixels:
-            raise ApiError(
-                f"image is {image.width}x{image.height}, more than the limit of {max_pixels} pixels", param="image"
-            )
-        image.load()
-    except UnidentifiedImageError:
-        raise ApiError("image: the upload is not an image format we read (PNG, JPEG, WEBP, ...)", "image") from None
-    except (OSError, Image.DecompressionBombError, ValueError) as e:
-        raise ApiError(f"image: cannot decode the upload ({e})", param="image") from None
+        image = open_image(data, max_pixels=max_pixels)
+    except ValueError as e:
+        raise ApiError(str(e), param="image") from None
     if min(image.size) < down:
         raise ApiError(f"image is {image.width}x{image.height}, smaller than {down} px", param="image")
     return image.convert("RGB")
@@ -165,7 +171,7 @@ class Server:
         if any(s % down or s > config.max_side for s in self.default_size):
             raise ValueError(f"default size {self.default_size} must be multiples of {down} within {config.max_side}")
         self.batcher = Batcher(
-            lambda jobs: run_batch(pipe, jobs),
+            lambda jobs, on_token: run_batch(pipe, jobs, on_token),
             max_batch=config.max_batch,
             max_wait_s=config.max_wait_ms / 1000,
             max_queue=config.max_queue,
@@ -202,33 +208,38 @@ class Server:
             self.check_text(req.negative_prompt, "negative_prompt", required=False)
         if req.steps is not None and not 1 <= req.steps <= cfg.max_steps:
             raise ApiError(f"steps must be from 1 to {cfg.max_steps}, got {req.steps}", param="steps")
-        for name in ("cfg", "cfg_img", "shift"):
-            value = getattr(req, name, None)
-            if value is not None and not (math.isfinite(value) and 0 < value <= 100):
-                raise ApiError(f"{name} must be > 0 and <= 100, got {value}", param=name)
-        if req.seed is not None and not 0 <= req.seed < 2**63:
-            raise ApiError(f"seed must be from 0 to 2**63 - 1, got {req.seed}", param="seed")
+        given = {name: getattr(req, name) for name in api_options("edit" if image else "generate")}
+        given = {name: value for name, value in given.items() if value is not None}  # None: the default
+        options = {name: value for name, value in given.items() if name != "seed"}
+        try:
+            for name, value in given.items():
+                check_value(name, value)
+        except OptionError as e:
+            raise ApiError(str(e), param=e.name) from None
         size = size or parse_size(
             req.size, default=self.default_size, down=self.pipe.down_factor, max_side=cfg.max_side
         )
-        extras = ("cfg", "cfg_img", "steps", "shift", "negative_prompt")
-        options = {name: getattr(req, name) for name in extras if getattr(req, name, None) is not None}
         key = BatchKey(
             kind="edit" if image is not None else "generate", options=tuple(sorted({**options, "size": size}.items()))
         )
         seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
-        return Job(key=key, prompt=req.prompt, seed=seed, n=req.n, image=image)
+        deadline = time.monotonic() + cfg.timeout_s
+        return Job(key=key, prompt=req.prompt, seed=seed, n=req.n, image=image, deadline=deadline)
 
-    async def serve(self, job: Job) -> JSONResponse:
-        """Queue a job, wait for its images, answer them as OpenAI does (plus the seed used)."""
+    async def serve(self, job: Job, request: Request) -> JSONResponse:
+        """Queue a job, wait for its images, answer them as OpenAI does (plus the seed used).
+
+        A job whose client disconnects or whose deadline passes is cancelled: it leaves the queue, and a
+        running batch stops at its next image token once all of its jobs are cancelled."""
         try:
             future = self.batcher.submit(job)
         except QueueFull as e:
             raise ApiError(f"server busy: {e}", status=429, kind="rate_limit_exceeded") from None
         try:
-            images = await asyncio.wait_for(future, self.config.timeout_s)
-        except asyncio.TimeoutError:
-            raise ApiError(f"request timed out after {self.config.timeout_s:g} s", status=504, kind="timeout") from None
+            images = await self.wait(job, request)
+        except (ApiError, asyncio.CancelledError):
+            future.cancel()
+            raise
         except ValueError as e:  # the pipeline's own validation
             raise ApiError(str(e)) from None
         except Exception as e:
@@ -236,6 +247,20 @@ class Server:
             raise ApiError(f"image generation failed: {type(e).__name__}", status=500) from None
         data = await asyncio.to_thread(lambda: [{"b64_json": png_base64(img)} for img in images])
         return JSONResponse({"created": int(time.time()), "data": data, "seed": job.seed})
+
+    async def wait(self, job: Job, request: Request) -> list[Image.Image]:
+        """The job's images; cancels it (ApiError 504 or 499) at its deadline or when its client has gone."""
+        while True:
+            left = job.deadline - time.monotonic()
+            if left <= 0:
+                job.future.cancel()
+                raise ApiError(f"request timed out after {self.config.timeout_s:g} s", status=504, kind="timeout")
+            done, _ = await asyncio.wait({job.future}, timeout=min(left, DISCONNECT_POLL_S))
+            if done:
+                return job.future.result()
+            if await request.is_disconnected():
+                job.future.cancel()
+                raise ApiError("client closed the request", status=499, kind="client_closed")
 
     def metrics(self) -> dict:
         stats = self.batcher.stats
@@ -247,6 +272,7 @@ class Server:
             "images": stats.images,
             "failed": stats.failed,
             "rejected": stats.rejected,
+            "cancelled": stats.cancelled,
             "batches": stats.batches,
             "batch_images": {str(k): v for k, v in sorted(stats.batch_images.items())},
             "batch_requests": {str(k): v for k, v in sorted(stats.batch_requests.items())},
@@ -258,43 +284,6 @@ def png_base64(image: Image.Image) -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-class BodyLimit:
-    """ASGI middleware answering 413 to bodies over `max_bytes`, by Content-Length or as they stream in."""
-
-    def __init__(self, app: ASGIApp, *, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        too_big = ApiError(f"request body exceeds the limit of {self.max_bytes} bytes", status=413)
-        length = dict(scope["headers"]).get(b"content-length", b"0")
-        if not length.isdigit():
-            return await ApiError("bad Content-Length header").response()(scope, receive, send)
-        if int(length) > self.max_bytes:
-            return await too_big.response()(scope, receive, send)
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_bytes:
-                return await too_big.response()(scope, receive, send)
-            more = message.get("more_body", False)
-        replayed = False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-
-        await self.app(scope, replay, send)
 
 
 def build_app(pipe: Pipeline, config: ServeConfig | None = None) -> FastAPI:
@@ -310,14 +299,9 @@ def build_app(pipe: Pipeline, config: ServeConfig | None = None) -> FastAPI:
     # no /docs or /redoc: their pages load scripts from a CDN; /openapi.json stays
     app = FastAPI(title="nextstep", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = server
+    paths: set[str] = set()  # the routes, filled in below: /metrics counts any other path as "other"
     app.add_middleware(BodyLimit, max_bytes=server.config.max_body_bytes)
-
-    @app.middleware("http")
-    async def count_responses(request: Request, call_next):
-        response = await call_next(request)
-        path = request.url.path if request.url.path in routes else "other"  # bounded keys whatever clients send
-        server.responses[(path, response.status_code)] += 1
-        return response
+    app.add_middleware(CountResponses, counts=server.responses, paths=paths)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
@@ -329,9 +313,15 @@ def build_app(pipe: Pipeline, config: ServeConfig | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        alive = server.batcher.alive
-        body = {"status": "ok" if alive else "batcher stopped", "model": server.config.model_name}
-        return JSONResponse({**body, "queued": server.batcher.queued}, status_code=200 if alive else 503)
+        stalled = server.batcher.stalled_s
+        if not server.batcher.alive:
+            status = "batcher stopped"
+        elif stalled > server.config.stall_s:
+            status = f"stalled: the running batch has made no progress for {stalled:.0f} s"
+        else:
+            status = "ok"
+        body = {"status": status, "model": server.config.model_name, "queued": server.batcher.queued}
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -353,6 +343,8 @@ def build_app(pipe: Pipeline, config: ServeConfig | None = None) -> FastAPI:
             body = json.loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(f"request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise ApiError("request body is nested too deeply") from None
         if not isinstance(body, dict):
             raise ApiError(f"request body must be a JSON object, got {type(body).__name__}")
         try:
@@ -360,7 +352,7 @@ def build_app(pipe: Pipeline, config: ServeConfig | None = None) -> FastAPI:
         except ValidationError as e:
             message, param = validation_message(e)
             raise ApiError(message, param=param) from None
-        return await server.serve(server.job(req))
+        return await server.serve(server.job(req), request)
 
     @app.post("/v1/images/edits")
     async def edits(request: Request) -> JSONResponse:
@@ -389,9 +381,9 @@ def build_app(pipe: Pipeline, config: ServeConfig | None = None) -> FastAPI:
         )
         if image.size != (size[1], size[0]):  # as the pipeline would; here it bounds what a queued job holds
             image = await asyncio.to_thread(image.resize, (size[1], size[0]), Image.BICUBIC)
-        return await server.serve(server.job(req, size=size, image=image))
+        return await server.serve(server.job(req, size=size, image=image), request)
 
-    routes = {route.path for route in app.routes}
+    paths.update(route.path for route in app.routes)
     return app
 
 
@@ -411,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-side", type=int, default=d.max_side, help="largest image side in px")
     p.add_argument("--max-steps", type=int, default=d.max_steps, help="largest steps a request may ask for")
     p.add_argument("--default-size", type=size_arg, default=None, help="WIDTHxHEIGHT when a request names none")
+    p.add_argument("--stall", type=float, default=d.stall_s, help="seconds without progress before /health is 503")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
 
@@ -422,23 +415,20 @@ def main_serve(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        path = resolve_model_dir(args.model)
-        config = ServeConfig(
-            model_name=args.model_name or path.resolve().name,
-            max_batch=args.max_batch,
-            max_wait_ms=args.max_wait_ms,
-            max_queue=args.max_queue,
-            timeout_s=args.timeout,
-            max_n=args.max_n,
-            max_side=args.max_side,
-            max_steps=args.max_steps,
-            default_size=args.default_size,
-        )
-        app = build_app(Pipeline.from_pretrained(path, device=args.device), config)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"nextstep serve: error: {e}", file=sys.stderr)
-        return 2
+    path = resolve_model_dir(args.model)
+    config = ServeConfig(
+        model_name=args.model_name or path.resolve().name,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        timeout_s=args.timeout,
+        max_n=args.max_n,
+        max_side=args.max_side,
+        max_steps=args.max_steps,
+        default_size=args.default_size,
+        stall_s=args.stall,
+    )
+    app = build_app(Pipeline.from_pretrained(path, device=args.device), config)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 

@@ -1,4 +1,5 @@
-"""Request batching for the image server: queued requests that share generation options run as one pipeline call.
+"""Request batching for the image server: queued requests that share generation options run as one pipeline call,
+cancelled between image tokens once every request of the batch has gone (client disconnected or deadline passed).
 
 Reproducibility: each request draws its noise from its own generator seeded with its seed, so its images do not
 depend on which requests share its batch (up to float rounding of the batch shape), and a request served alone
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from nextstep.sampling.pipeline import Pipeline
+from nextstep.sampling.pipeline import OnToken, Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,17 @@ class Job:
     n: int  # images to make
     image: Image.Image | None = None  # the source image of an edit
     arrived: float = field(default_factory=time.monotonic)  # seconds, time.monotonic clock
+    deadline: float = math.inf  # time.monotonic() after which nobody waits for the images
     future: asyncio.Future | None = None  # set by Batcher.submit; resolves to list[Image]
+
+    def gone(self) -> bool:
+        """Nobody waits for this job any more: its future was cancelled (or answered) or its deadline passed.
+        Read from the worker thread: done() only reads the future's state."""
+        return self.future.done() or time.monotonic() > self.deadline
+
+
+class Cancelled(Exception):
+    """Raised between image tokens to stop a batch whose requests have all gone."""
 
 
 class QueueFull(Exception):
@@ -56,6 +68,7 @@ class BatchStats:
     images: int = 0  # images asked for by served requests
     failed: int = 0  # requests whose pipeline call raised
     rejected: int = 0  # requests refused because the queue was full
+    cancelled: int = 0  # requests whose batch stopped early because all of its requests had gone
     batch_images: Counter = field(default_factory=Counter)  # images per pipeline call -> calls
     batch_requests: Counter = field(default_factory=Counter)  # requests per pipeline call -> calls
 
@@ -77,7 +90,7 @@ def _draws(seeds: list[int], counts: list[int], device: torch.device) -> Callabl
     return draw
 
 
-def run_batch(pipe: Pipeline, jobs: list[Job]) -> list[list[Image.Image]]:
+def run_batch(pipe: Pipeline, jobs: list[Job], on_token: OnToken | None = None) -> list[list[Image.Image]]:
     """One pipeline call for jobs of one key; returns each job's images. Blocking: run it off the event loop.
 
     Each job's rows draw from its own generator (through the pipeline's `draw` hook, which the eager loop
@@ -87,7 +100,7 @@ def run_batch(pipe: Pipeline, jobs: list[Job]) -> list[list[Image.Image]]:
     prompts = [job.prompt for job in jobs for _ in range(job.n)]
     device = pipe.model.embed_tokens.weight.device
     draw = _draws([job.seed for job in jobs], [job.n for job in jobs], device)
-    options = {**dict(key.options), "n": 1, "seed": jobs[0].seed, "draw": draw}
+    options = {**dict(key.options), "n": 1, "seed": jobs[0].seed, "draw": draw, "on_token": on_token}
     if key.kind == "edit":
         images = pipe.edit([job.image for job in jobs for _ in range(job.n)], prompts, **options)
     else:
@@ -101,14 +114,15 @@ def run_batch(pipe: Pipeline, jobs: list[Job]) -> list[list[Image.Image]]:
 
 class Batcher:
     """Collects submitted jobs of one key for up to `max_wait_s` (from the oldest one's arrival) or until
-    `max_batch` images, then runs them as one `run` call in a worker thread, one call at a time.
+    `max_batch` images, then runs them as one `run(jobs, on_token)` call in a worker thread, one call at a time.
 
-    A failed call is retried job by job, so one bad request fails alone.
+    `run` calls on_token after each image token: it records progress (for `stalled_s`) and raises Cancelled
+    when every job of the batch has gone. A failed call is retried job by job, so one bad request fails alone.
     """
 
     def __init__(
         self,
-        run: Callable[[list[Job]], list[list[Image.Image]]],
+        run: Callable[[list[Job], OnToken], list[list[Image.Image]]],
         *,
         max_batch: int,
         max_wait_s: float,
@@ -119,6 +133,21 @@ class Batcher:
         self._pending: deque[Job] = deque()
         self._arrived = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._progress: float | None = None  # time.monotonic() of the running batch's last token; None: idle
+
+    @property
+    def stalled_s(self) -> float:
+        """Seconds since the running batch last made progress (0 when idle)."""
+        progress = self._progress
+        return 0.0 if progress is None else time.monotonic() - progress
+
+    def _watch(self, batch: list[Job]) -> OnToken:
+        def on_token(k: int, tokens) -> None:
+            self._progress = time.monotonic()
+            if all(job.gone() for job in batch):
+                raise Cancelled(f"all {len(batch)} requests of the batch have gone (stopped after token {k})")
+
+        return on_token
 
     @property
     def queued(self) -> int:
@@ -195,8 +224,16 @@ class Batcher:
         stats.batch_images[sum(job.n for job in batch)] += 1
         stats.batch_requests[len(batch)] += 1
         start = time.perf_counter()
+        self._progress = time.monotonic()
         try:
-            results = await asyncio.to_thread(self.run, batch)
+            results = await asyncio.to_thread(self.run, batch, self._watch(batch))
+        except Cancelled as e:
+            log.info("%s", e)
+            stats.cancelled += len(batch)
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(e)
+            return
         except Exception as e:
             if len(batch) > 1:
                 log.warning("batch of %d requests failed (%s); retrying them one by one", len(batch), e)
@@ -208,6 +245,8 @@ class Batcher:
             if not batch[0].future.done():
                 batch[0].future.set_exception(e)
             return
+        finally:
+            self._progress = None
         log.info(
             "batch: %d requests, %d images in %.3f s",
             len(batch),

@@ -1,4 +1,5 @@
 """Gradio web demo: a text-to-image tab and an editing tab over one Pipeline, with a progress bar over image tokens.
+Its sampling controls (ranges, labels) come from the GenerateOptions schema; uploads go through io.open_image.
 
 nextstep demo --model path/to/checkpoint --host 127.0.0.1 --port 7860
 """
@@ -10,10 +11,9 @@ import logging
 import os
 import sys
 
-from PIL import Image
-
-from nextstep.cli import size_arg
-from nextstep.sampling.pipeline import GenerateOptions, Pipeline
+from nextstep.io import MAX_PIXELS, open_image
+from nextstep.sampling.options import FIELDS, GenerateOptions, size_arg
+from nextstep.sampling.pipeline import Pipeline
 from nextstep.serve.api import fit_size
 
 log = logging.getLogger(__name__)
@@ -32,8 +32,10 @@ def build_demo(
     steps: int | None = None,
     max_side: int = 1024,
     max_n: int = 4,
+    max_pixels: int = MAX_PIXELS,
 ):
-    """The gr.Blocks app. `size` (height, width) and `steps` set the controls' starting values."""
+    """The gr.Blocks app. `size` (height, width) and `steps` set the controls' starting values; uploads over
+    `max_pixels` are refused before they are decoded."""
     import gradio as gr
 
     defaults = GenerateOptions(**pipe.defaults)
@@ -56,10 +58,17 @@ def build_demo(
         except ValueError as e:
             raise gr.Error(str(e)) from None
 
-    def edit(image: Image.Image | None, instruction, seed, cfg, cfg_img, num_steps, progress=track):
-        if image is None:
+    def slider(name: str, value, **kwargs):
+        """A slider for option `name`: range and step from the schema's `ui`, label from its help."""
+        lo, hi, step = FIELDS[name].metadata["ui"]
+        label = FIELDS[name].metadata["help"]
+        return gr.Slider(lo, hi, value=value, step=step, label=label[0].upper() + label[1:], **kwargs)
+
+    def edit(path: str | None, instruction, seed, cfg, cfg_img, num_steps, progress=track):
+        if path is None:
             raise gr.Error("upload an image to edit")
         try:
+            image = open_image(path, max_pixels=max_pixels, what="uploaded image")
             return pipe.edit(
                 image,
                 instruction,
@@ -85,8 +94,8 @@ def build_demo(
                     with gr.Row():
                         seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
                         n = gr.Slider(1, max_n, value=1, step=1, label="Images")
-                    cfg = gr.Slider(1.0, 15.0, value=defaults.cfg, step=0.5, label="Guidance")
-                    num_steps = gr.Slider(1, 100, value=steps, step=1, label="Steps")
+                    cfg = slider("cfg", defaults.cfg)
+                    num_steps = slider("steps", steps)
                     run = gr.Button("Generate", variant="primary", elem_id="t2i-run")
                 gallery = gr.Gallery(label="Images", columns=2, format="png", elem_id="t2i-gallery")
             run.click(
@@ -99,21 +108,18 @@ def build_demo(
         with gr.Tab("Edit"):
             with gr.Row():
                 with gr.Column():
-                    source = gr.Image(type="pil", label="Image", sources=["upload", "clipboard"], elem_id="edit-source")
+                    source = gr.Image(  # a path, not pixels: open_image checks the size before decoding
+                        type="filepath",
+                        image_mode=None,
+                        label="Image",
+                        sources=["upload", "clipboard"],
+                        elem_id="edit-source",
+                    )
                     instruction = gr.Textbox(label="Instruction", lines=2, elem_id="edit-instruction")
                     edit_seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
-                    edit_cfg = gr.Slider(
-                        1.0,
-                        15.0,
-                        value=pipe.edit_defaults["cfg"],
-                        step=0.5,
-                        label="Guidance (text)",
-                        elem_id="edit-cfg",
-                    )
-                    edit_cfg_img = gr.Slider(
-                        1.0, 5.0, value=pipe.edit_defaults["cfg_img"], step=0.1, label="Guidance (image)"
-                    )
-                    edit_steps = gr.Slider(1, 100, value=steps, step=1, label="Steps")
+                    edit_cfg = slider("cfg", pipe.edit_defaults["cfg"], elem_id="edit-cfg")
+                    edit_cfg_img = slider("cfg_img", pipe.edit_defaults["cfg_img"])
+                    edit_steps = slider("steps", steps)
                     edit_run = gr.Button("Edit", variant="primary", elem_id="edit-run")
                 edited = gr.Gallery(label="Edited", columns=1, format="png", elem_id="edit-gallery")
             edit_run.click(
@@ -150,11 +156,7 @@ def main_demo(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        pipe = Pipeline.from_pretrained(resolve_model_dir(args.model), device=args.device)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"nextstep demo: error: {e}", file=sys.stderr)
-        return 2
+    pipe = Pipeline.from_pretrained(resolve_model_dir(args.model), device=args.device)
     demo = build_demo(pipe, size=args.size, steps=args.steps, max_side=args.max_side, max_n=args.max_n)
     demo.queue().launch(server_name=args.host, server_port=args.port, theme=theme(), ssr_mode=False, share=False)
     return 0

@@ -11,6 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from nextstep.model.checkpoint import from_pretrained, save_pretrained
 from nextstep.model.config import NextStepConfig, config_from_dict
+from nextstep.model.tokenizer import TextTokenizer
+from nextstep.model.vae import load_vae
 from tests.refs import reference_dirs
 
 
@@ -91,3 +93,31 @@ def test_hf_release_key_aliases(ref):
         raw.pop(ours)
     cfg = config_from_dict({**raw, **theirs, "genloss_type": "transport", "image_size": 64})
     assert (cfg.fm_head_dim, cfg.fm_head_layers, cfg.latent_channels, cfg.latent_patch_size) == (96, 3, 8, 1)
+
+
+@pytest.mark.parametrize("shard", ["../../../../etc/passwd", "/etc/passwd", "sub/model.safetensors", ".."])
+def test_index_shards_must_stay_inside_the_checkpoint(tmp_path, shard):
+    d = _copy(reference_dirs()[0], tmp_path)
+    index = {"weight_map": {"embed_tokens.weight": "model.safetensors", "norm.weight": shard}}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="shards must be files inside"):
+        from_pretrained(d)
+    (d / "model.safetensors.index.json").write_text('{"weight_map": ["model.safetensors"]}')
+    with pytest.raises(ValueError, match="is not a safetensors index"):
+        from_pretrained(d)
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.001, 0.9])
+def test_truncated_files_are_one_value_error(tmp_path, keep):
+    d = _copy(reference_dirs()[0], tmp_path)
+    for path in (d / "model.safetensors", d / "tokenizer.json"):
+        data = path.read_bytes()
+        path.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(ValueError, match="truncated or not a safetensors file"):
+        from_pretrained(d)
+    with pytest.raises(ValueError, match="cannot read tokenizer"):
+        TextTokenizer(d)
+    vae = d / "vae" / "checkpoint.pt"
+    vae.write_bytes(vae.read_bytes()[: int(vae.stat().st_size * keep)])
+    with pytest.raises(ValueError, match="truncated or not a torch file"):
+        load_vae(d / "vae")

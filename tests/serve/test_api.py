@@ -23,8 +23,9 @@ pytest.importorskip("fastapi")
 pytest.importorskip("multipart")
 
 from nextstep.assets import builtin_model_dir  # noqa: E402
+from nextstep.cli import main as cli_main  # noqa: E402
 from nextstep.sampling.pipeline import Pipeline  # noqa: E402
-from nextstep.serve.api import ServeConfig, build_app, main_serve  # noqa: E402
+from nextstep.serve.api import ServeConfig, build_app  # noqa: E402
 from nextstep.serve.batching import Batcher, BatchKey, Job, QueueFull, run_batch  # noqa: E402
 from tests.refs import ROOT  # noqa: E402
 
@@ -218,7 +219,7 @@ def test_busy_server_answers_429_504_and_stays_responsive(pipe):
     app = build_app(pipe, ServeConfig(max_queue=1, timeout_s=1.0, max_wait_ms=0, default_size=(32, 32)))
     release = threading.Event()
 
-    def stuck(jobs):
+    def stuck(jobs, on_token):
         release.wait(30)
         return [[Image.new("RGB", (32, 32))] * job.n for job in jobs]
 
@@ -244,7 +245,7 @@ def test_busy_server_answers_429_504_and_stays_responsive(pipe):
 def test_one_bad_request_fails_alone_in_its_batch(pipe):
     app = build_app(pipe, ServeConfig(max_wait_ms=300, default_size=(32, 32)))
 
-    def picky(jobs):
+    def picky(jobs, on_token):
         if any(job.prompt == "bad" for job in jobs):
             raise ValueError("the pipeline refuses 'bad'")
         return [[Image.new("RGB", (32, 32))] * job.n for job in jobs]
@@ -266,7 +267,7 @@ def test_batcher_groups_by_options_and_caps_images():
     a job larger than max_batch runs alone; the queue limit raises QueueFull."""
     calls = []
 
-    def run(jobs):
+    def run(jobs, on_token):
         calls.append([(j.key.options[0][1], j.n) for j in jobs])
         return [[None] * j.n for j in jobs]
 
@@ -314,6 +315,6 @@ def test_batched_draws_reproduce_lone_requests_on_the_fast_engine(pipe):
     assert diff <= 1
 
 
-def test_main_serve_reports_a_missing_model(capsys):
-    assert main_serve(["--model", "/nonexistent/model"]) == 2
-    assert "nextstep serve: error:" in capsys.readouterr().err
+def test_serve_reports_a_missing_model(capsys):
+    assert cli_main(["serve", "--model", "/nonexistent/model"]) == 2
+    assert capsys.readouterr().err.startswith("nextstep: error: model directory not found")

@@ -16,8 +16,10 @@ gr = pytest.importorskip("gradio")
 pytest.importorskip("fastapi")
 
 from nextstep.assets import builtin_model_dir  # noqa: E402
+from nextstep.cli import main as cli_main  # noqa: E402
+from nextstep.sampling.options import FIELDS  # noqa: E402
 from nextstep.sampling.pipeline import EDIT_DEFAULTS, Pipeline, read_defaults  # noqa: E402
-from nextstep.serve.demo import build_demo, main_demo, theme  # noqa: E402
+from nextstep.serve.demo import build_demo, theme  # noqa: E402
 from nextstep.shapes.synth import make_sample  # noqa: E402
 from tests.serve.test_api import model_dir  # noqa: E402, F401  (the shared model fixture)
 
@@ -131,6 +133,25 @@ def test_demo_generates_and_edits_in_headless_chromium(demo_url, model_dir, tmp_
     assert Image.open(ARTIFACTS / "demo_generate.png").size[0] > 0
 
 
-def test_main_demo_reports_a_missing_model(capsys):
-    assert main_demo(["--model", "/nonexistent/model"]) == 2
-    assert "nextstep demo: error:" in capsys.readouterr().err
+def test_demo_reports_a_missing_model(capsys):
+    assert cli_main(["demo", "--model", "/nonexistent/model"]) == 2
+    assert capsys.readouterr().err.startswith("nextstep: error: model directory not found")
+
+
+def _handler(demo, name: str):
+    return next(f.fn for f in demo.fns.values() if f.name == name)
+
+
+def test_demo_controls_come_from_the_option_schema(model_dir, tmp_path):  # noqa: F811
+    """Slider ranges and labels are GenerateOptions' `ui` and help; an oversize upload is refused from its
+    header (a 41 KB 1-bit PNG of 12000x12000), before it is decoded."""
+    demo = build_demo(Pipeline.from_pretrained(model_dir, device="cpu"))
+    sliders = {b.label: b for b in demo.blocks.values() if isinstance(b, gr.Slider)}
+    for name in ("steps", "cfg", "cfg_img"):
+        meta = FIELDS[name].metadata
+        slider = sliders[meta["help"][0].upper() + meta["help"][1:]]
+        assert (slider.minimum, slider.maximum, slider.step) == meta["ui"]
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (12000, 12000)).save(bomb, optimize=True)
+    with pytest.raises(gr.Error, match="uploaded image .* is 12000x12000 .*more than the limit of 16777216 pixels"):
+        _handler(demo, "edit")(str(bomb), "make it blue", 0, 3.0, 1.5, 2)
