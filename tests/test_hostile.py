@@ -13,13 +13,13 @@ import subprocess
 import sys
 import threading
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from tests.bombs import bomb_png
 from tests.refs import ROOT as REFERENCES
 
 httpx = pytest.importorskip("httpx")
@@ -33,20 +33,6 @@ from tests.serve.test_api import running  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 TINY = REFERENCES / "nextstep11-tiny"
 GEN = "/v1/images/generations"
-
-
-def bomb_png(path: Path, side: int) -> Path:
-    """A valid 1-bit side x side PNG of zeros: a few KB on disk, side**2 pixels once decoded."""
-    row = b"\0" * (1 + (side + 7) // 8)  # filter byte + packed bits
-    packer = zlib.compressobj(9)
-    data = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # 1-bit greyscale
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b""))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -181,7 +181,7 @@ class _WorkerRun:
 
     def _process(self, raw: RawSample, ref: _Ref) -> Sample | None:
         try:
-            sample = decode_sample(raw, load=False)
+            sample = decode_sample(raw)
             if sample.images and not isinstance(sample.images[0], torch.Tensor):  # latents keep their size
                 bucket = nearest_bucket(*sample.images[0].size, self.ds.buckets)
                 # Resized PIL images wait in the buckets: a quarter of the memory of float tensors.

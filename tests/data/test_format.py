@@ -126,5 +126,5 @@ def test_corrupt_image_raises(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    with pytest.raises(ValueError, match="sample 'k': image 0"):
+    with pytest.raises(ValueError, match="image 0 of sample 'k'"):
         list(read_shard(path))
