@@ -144,6 +144,35 @@ def test_bad_prompt_and_input_images_are_refused_before_the_model_loads(tmp_path
         assert "the limit of 16777216 pixels" in r.stderr and time.monotonic() - start < 60
 
 
+def assert_ends_in_one_error(r: subprocess.CompletedProcess, message: str) -> None:
+    """For commands that log as they work (training): exit 2, no traceback, one error line and it is the last."""
+    assert r.returncode == 2 and "Traceback" not in r.stderr, (r.returncode, r.stderr[-3000:])
+    assert r.stderr.count("nextstep: error: ") == 1, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("nextstep: error: ") and message in last, last
+
+
+def test_training_on_unreadable_data_or_another_architecture_is_one_line(tmp_path):
+    from nextstep.data.format import Sample, write_shards
+
+    images = [Image.new("RGB", (32, 32), (60 * i, 0, 0)) for i in range(4)]
+    write_shards([Sample(f"s{i}", "a red square <image_0>", [im]) for i, im in enumerate(images)], tmp_path / "ok")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "cut.tar").write_bytes((tmp_path / "ok" / "data-000000.tar").read_bytes()[:700])
+
+    def train(data: str, *args: str) -> subprocess.CompletedProcess:
+        datasets = json.dumps([{"shards": str(tmp_path / data), "name": data}])
+        common = [f"data.datasets={datasets}", "data.image_size=32", "data.batch_size=2", "logging.progress=false"]
+        common.append("training.save_steps=1")
+        return nextstep("train", "-m", "configs.debug", *common, f"training.output_dir={tmp_path / 'run'}", *args)
+
+    assert_ends_in_one_error(train("bad", "training.max_steps=1"), "dataset 'bad': no readable samples in its 1 shard")
+    r = train("ok", "training.max_steps=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = train("ok", "training.max_steps=2", "--resume", "model.arch.num_hidden_layers=3")
+    assert_ends_in_one_error(r, "was written by a model of other shapes: layers.2.")
+
+
 # ---- the server ----------------------------------------------------------------------------------------------
 
 
