@@ -173,6 +173,27 @@ def test_training_on_unreadable_data_or_another_architecture_is_one_line(tmp_pat
     assert_ends_in_one_error(r, "was written by a model of other shapes: layers.2.")
 
 
+def warnings_of(r: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in r.stderr.splitlines() if line.startswith("warning: ")]
+
+
+def test_builtin_model_states_its_limits(tmp_path):
+    """The built-in model was trained at 128x128 on the shapes edit templates (its sampling_defaults.json says
+    so): another size or another instruction is one warning line, and the image is still made."""
+    r = nextstep("generate", "a red circle", "--size", "64x128", "--steps", "1", "-o", str(tmp_path / "g.png"))
+    assert r.returncode == 0 and (tmp_path / "g.png").is_file(), r.stderr
+    assert warnings_of(r) == [
+        "warning: this model was trained at 128x128 only; at 64x128 expect noise rather than an image"
+    ]
+    Image.new("RGB", (128, 128), "white").save(tmp_path / "in.png")
+    edit = ("edit", "--image", str(tmp_path / "in.png"), "--steps", "1", "-o", str(tmp_path / "e.png"))
+    r = nextstep(*edit, "make it look like van gogh")
+    assert r.returncode == 0 and (tmp_path / "e.png").is_file(), r.stderr
+    (line,) = warnings_of(r)  # and none about the size: 128x128 is the training size
+    assert line.startswith("warning: edit instruction 'make it look like van gogh' is not one the shapes model was")
+    assert line.endswith("'add a green heart at the top'; editing anyway")
+
+
 # ---- the server ----------------------------------------------------------------------------------------------
 
 

@@ -184,6 +184,19 @@ def test_kill_and_resume_reproduces_losses(shard_run, tmp_path, monkeypatch):
         assert (out / "vae/checkpoint.pt").is_file() and (out / "tokenizer.json").is_file()
         for name, value in ref.state_dict().items():
             torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=0)
+    # The run's sampling defaults go with it: a 32 px model does not default to 512x512.
+    from nextstep.sampling.pipeline import Pipeline
+
+    buckets = shard_run.data.resolved_buckets()
+    lg = shard_run.logging
+    assert json.loads((whole / "sampling_defaults.json").read_text()) == {
+        "size": [32, 32],
+        "steps": lg.sample_head_steps,
+        "cfg": lg.sample_cfg,
+        "trained": {"sizes": [list(b) for b in buckets]},
+    }
+    pipe = Pipeline.from_pretrained(whole, device="cpu")
+    assert pipe.defaults["size"] == (32, 32) and pipe.trained.sizes == buckets
 
 
 def test_signal_saves_and_stops_then_resume_matches(shard_run, tmp_path, monkeypatch):
