@@ -1,7 +1,8 @@
 """Streamlit data preview: samples of a shard folder or data config, caption/resolution histograms, mixture.
 
-nextstep data preview shards/ --port 8501
-streamlit run nextstep/data/preview.py --server.port 8501 -- shards/   # same thing
+nextstep data preview shards/ --port 8501   # on localhost; --host 0.0.0.0 to serve other machines
+streamlit run nextstep/data/preview.py --server.port 8501 --server.address localhost \
+    --browser.gatherUsageStats false -- shards/   # same thing
 """
 
 from __future__ import annotations
@@ -165,22 +166,16 @@ def render(default_path: str = "") -> None:
 
 
 def main_preview(argv: list[str] | None = None) -> int:
-    """Launch the preview app: nextstep data preview [PATH] [--port 8501]."""
+    """Launch the preview app: nextstep data preview [PATH] [--port 8501] [--host localhost]. It listens on
+    this machine only unless --host says otherwise (0.0.0.0: every interface), and sends Streamlit no usage
+    statistics."""
     p = argparse.ArgumentParser(prog="nextstep data preview", description=main_preview.__doc__)
     p.add_argument("path", nargs="?", default="", help="shard folder, shard pattern or data config JSON")
     p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--host", default="localhost", help="address to listen on (default: localhost)")
     args = p.parse_args(argv)
-    cmd = [
-        sys.executable,
-        "-m",
-        "streamlit",
-        "run",
-        __file__,
-        "--server.port",
-        str(args.port),
-        "--",
-        args.path,
-    ]
+    cmd = [sys.executable, "-m", "streamlit", "run", __file__, "--server.port", str(args.port)]
+    cmd += ["--server.address", args.host, "--browser.gatherUsageStats", "false", "--", args.path]
     return subprocess.call(cmd)
 
 

@@ -119,3 +119,23 @@ def test_headless_chromium_screenshot(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_launcher_binds_to_localhost_and_sends_no_usage_statistics(monkeypatch):
+    from nextstep.data import preview
+
+    calls = []
+    monkeypatch.setattr(preview.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    assert preview.main_preview(["shards/", "--port", "9000"]) == 0
+    assert preview.main_preview(["--host", "0.0.0.0"]) == 0
+
+    def flags(cmd: list[str]) -> dict[str, str]:
+        return dict(zip(cmd[5:-2:2], cmd[6:-2:2], strict=True))
+
+    assert calls[0][:5] == [sys.executable, "-m", "streamlit", "run", APP] and calls[0][-2:] == ["--", "shards/"]
+    assert flags(calls[0]) == {
+        "--server.port": "9000",
+        "--server.address": "localhost",
+        "--browser.gatherUsageStats": "false",
+    }
+    assert flags(calls[1])["--server.address"] == "0.0.0.0" and flags(calls[1])["--browser.gatherUsageStats"] == "false"
