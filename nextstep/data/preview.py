@@ -8,7 +8,6 @@ streamlit run nextstep/data/preview.py --server.port 8501 --server.address local
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import logging
 import subprocess
@@ -19,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from nextstep.data.config import DataConfig
-from nextstep.data.format import Sample, caption_segments, read_shard
+from nextstep.data.format import Sample, caption_segments, decode_sample, iter_raw_samples
 from nextstep.data.index import META_NAME
-from nextstep.data.stream import expand_shards
+from nextstep.data.stream import expand_shards, open_shard
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +31,21 @@ def load_config(path: str | Path) -> DataConfig:
 
 
 def load_samples(shards: list[str], limit: int) -> tuple[list[Sample], list[str]]:
-    """Up to `limit` samples read in order from `shards`, and one error line per unreadable shard."""
+    """Up to `limit` samples read in order from `shards`, and one error line per bad sample (named by shard
+    and key; the rest of its shard is shown) or unreadable shard."""
     samples, errors = [], []
     for url in shards:
         if len(samples) >= limit:
             break
         try:
-            samples += itertools.islice(read_shard(url), limit - len(samples))
+            with open_shard(url) as f:
+                for raw in iter_raw_samples(f):
+                    try:
+                        samples.append(decode_sample(raw))
+                    except ValueError as e:
+                        errors.append(f"{url}: {e}")
+                    if len(samples) >= limit:
+                        break
         except Exception as e:  # a preview shows what it can and lists the rest
             errors.append(f"{url}: {type(e).__name__}: {e}")
     return samples, errors

@@ -40,6 +40,14 @@ def test_helpers(tmp_path):
     assert [sample_kind(s) for s in samples[:3]] == ["text-to-image", "editing", "text-only"]
     assert sum(histogram([len(s.caption) for s in samples], bins=4).values()) == 6
     assert resolution_counts(samples) == {"20x12": 6}
+    shard = sorted(a.glob("*.tar"))[0]
+    raw = bytearray(shard.read_bytes())
+    start = raw.find(b"\x89PNG", raw.find(b"alpha1-0.png"))
+    raw[start : start + 40] = b"x" * 40  # one bad image: that sample is listed, the rest of the shard shown
+    shard.write_bytes(bytes(raw))
+    samples, errors = load_samples([str(shard)], 100)
+    assert [s.key for s in samples] == ["alpha0", "alpha2", "alpha3"]
+    assert len(errors) == 1 and errors[0].startswith(f"{shard}: cannot read image 0 of sample 'alpha1': not an image")
     cfg = DataConfig(datasets=[DatasetSpec(shards=str(a), weight=3), DatasetSpec(shards=str(b), name="b")])
     rows = mixture_table(cfg)
     assert [(r["share"], r["shards"], r["samples"]) for r in rows] == [(0.75, 2, 6), (0.25, 1, 3)]
