@@ -81,8 +81,9 @@ def open_image(
     source: str | Path | bytes | BinaryIO, *, max_pixels: int = MAX_PIXELS, what: str = "image"
 ) -> Image.Image:
     """A decoded PIL image from a path, bytes or a binary file object; its size is read from the header and
-    refused above `max_pixels` before any pixel is decoded. Every failure is one ValueError naming the source."""
-    name = repr(str(source)) if isinstance(source, str | Path) else "(upload)"
+    refused above `max_pixels` before any pixel is decoded. Every failure is one ValueError naming the source
+    (a file object by its `name`, if it has one)."""
+    name = repr(str(source)) if isinstance(source, str | Path) else getattr(source, "name", "(upload)")
     fp = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
         with warnings.catch_warnings():

@@ -7,7 +7,7 @@
 # Every stage skips work already done, and training resumes from its newest checkpoint, so the script can
 # be run again (e.g. in a second call on the same machine) to continue. A training stage stops at its
 # max_steps or after TRAIN_SECONDS; each stage starts once the one before has finished. The newest
-# checkpoint of the last stage is then exported in fp16 with sampling defaults for 128 px.
+# checkpoint of the last stage is then exported in fp16 with its sampling defaults (128 px, tuned guidance).
 set -euo pipefail
 OUT=${1:-runs/shapes/export}
 TRAIN_SECONDS=${2:-100000}
@@ -83,9 +83,12 @@ import torch
 out = Path(sys.argv[1])
 state = torch.load(out / "vae" / "checkpoint.pt", weights_only=True)
 torch.save({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, out / "vae" / "checkpoint.pt")
-(out / "sampling_defaults.json").write_text(json.dumps(
-    {"size": [128, 128], "steps": 20, "cfg": 3.0, "shift": 1.0, "negative_prompt": "",
+# nextstep export wrote the run's size, steps, guidance and trained sizes; these are tuned on the shapes eval.
+defaults = json.loads((out / "sampling_defaults.json").read_text())
+defaults.update({"steps": 20, "cfg": 3.0, "shift": 1.0, "negative_prompt": "",
      "edit": {"cfg": 3.0, "cfg_img": 1.5, "shift": 1.0, "steps": 20, "use_norm": False, "negative_prompt": "",
-              "context_noise": 0.3}}, indent=2) + "\n")
+              "context_noise": 0.3}})
+defaults["trained"]["edit_instructions"] = "shapes"  # trained on nextstep.shapes' edit templates only
+(out / "sampling_defaults.json").write_text(json.dumps(defaults, indent=2) + "\n")
 PY
 du -sh "$OUT"

@@ -14,13 +14,13 @@ import subprocess
 import sys
 import threading
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from tests.bombs import bomb_png
 from tests.refs import ROOT as REFERENCES
 
 httpx = pytest.importorskip("httpx")
@@ -35,20 +35,6 @@ from tests.serve.test_api import running  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 TINY = REFERENCES / "nextstep11-tiny"
 GEN = "/v1/images/generations"
-
-
-def bomb_png(path: Path, side: int) -> Path:
-    """A valid 1-bit side x side PNG of zeros: a few KB on disk, side**2 pixels once decoded."""
-    row = b"\0" * (1 + (side + 7) // 8)  # filter byte + packed bits
-    packer = zlib.compressobj(9)
-    data = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # 1-bit greyscale
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b""))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +144,56 @@ def test_bad_prompt_and_input_images_are_refused_before_the_model_loads(tmp_path
         )
         assert_one_line(r, message)
         assert "the limit of 16777216 pixels" in r.stderr and time.monotonic() - start < 60
+
+
+def assert_ends_in_one_error(r: subprocess.CompletedProcess, message: str) -> None:
+    """For commands that log as they work (training): exit 2, no traceback, one error line and it is the last."""
+    assert r.returncode == 2 and "Traceback" not in r.stderr, (r.returncode, r.stderr[-3000:])
+    assert r.stderr.count("nextstep: error: ") == 1, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("nextstep: error: ") and message in last, last
+
+
+def test_training_on_unreadable_data_or_another_architecture_is_one_line(tmp_path):
+    from nextstep.data.format import Sample, write_shards
+
+    images = [Image.new("RGB", (32, 32), (60 * i, 0, 0)) for i in range(4)]
+    write_shards([Sample(f"s{i}", "a red square <image_0>", [im]) for i, im in enumerate(images)], tmp_path / "ok")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "cut.tar").write_bytes((tmp_path / "ok" / "data-000000.tar").read_bytes()[:700])
+
+    def train(data: str, *args: str) -> subprocess.CompletedProcess:
+        datasets = json.dumps([{"shards": str(tmp_path / data), "name": data}])
+        common = [f"data.datasets={datasets}", "data.image_size=32", "data.batch_size=2", "logging.progress=false"]
+        common.append("training.save_steps=1")
+        return nextstep("train", "-m", "configs.debug", *common, f"training.output_dir={tmp_path / 'run'}", *args)
+
+    assert_ends_in_one_error(train("bad", "training.max_steps=1"), "dataset 'bad': no readable samples in its 1 shard")
+    r = train("ok", "training.max_steps=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = train("ok", "training.max_steps=2", "--resume", "model.arch.num_hidden_layers=3")
+    assert_ends_in_one_error(r, "was written by a model of other shapes: layers.2.")
+
+
+def warnings_of(r: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in r.stderr.splitlines() if line.startswith("warning: ")]
+
+
+def test_builtin_model_states_its_limits(tmp_path):
+    """The built-in model was trained at 128x128 on the shapes edit templates (its sampling_defaults.json says
+    so): another size or another instruction is one warning line, and the image is still made."""
+    r = nextstep("generate", "a red circle", "--size", "64x128", "--steps", "1", "-o", str(tmp_path / "g.png"))
+    assert r.returncode == 0 and (tmp_path / "g.png").is_file(), r.stderr
+    assert warnings_of(r) == [
+        "warning: this model was trained at 128x128 only; at 64x128 expect noise rather than an image"
+    ]
+    Image.new("RGB", (128, 128), "white").save(tmp_path / "in.png")
+    edit = ("edit", "--image", str(tmp_path / "in.png"), "--steps", "1", "-o", str(tmp_path / "e.png"))
+    r = nextstep(*edit, "make it look like van gogh")
+    assert r.returncode == 0 and (tmp_path / "e.png").is_file(), r.stderr
+    (line,) = warnings_of(r)  # and none about the size: 128x128 is the training size
+    assert line.startswith("warning: edit instruction 'make it look like van gogh' is not one the shapes model was")
+    assert line.endswith("'add a green heart at the top'; editing anyway")
 
 
 # ---- the server ----------------------------------------------------------------------------------------------

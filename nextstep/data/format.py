@@ -22,9 +22,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from nextstep.io import open_image
+
 PLACEHOLDER_RE = re.compile(r"<image_(\d+)>")
 # Dots and hyphens separate key from field in member names; slashes and whitespace would break paths.
 _BAD_KEY_CHARS = re.compile(r"[.\-/\\\s]")
+_KEY_RE = re.compile(r"^[^.\-]*")  # the key part of a member name
 _MEMBER_RE = re.compile(r"^(?P<key>[^.\-]+)(?:\.json|-(?P<index>\d+)\.(?P<ext>[A-Za-z]+))$")
 # Readers accept these image suffixes; writers always store PNG as the spec says.
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
@@ -53,6 +56,7 @@ class RawSample:
     key: str
     json: bytes
     images: list[bytes]
+    error: str | None = None  # why the sample's members cannot make a sample (bad name, duplicate, missing JSON)
 
 
 def validate_key(key: str) -> None:
@@ -180,8 +184,11 @@ def encode_sample(sample: Sample, *, png_files: list[bytes | None] | None = None
     return members
 
 
-def decode_sample(raw: RawSample, *, load: bool = True) -> Sample:
-    """Parse and validate a RawSample; `load` decodes pixels now so corrupt images raise here."""
+def decode_sample(raw: RawSample) -> Sample:
+    """Parse, validate and decode a RawSample; raises ValueError naming the key. Images are checked against
+    io.MAX_PIXELS from their header before any pixel is decoded."""
+    if raw.error is not None:
+        raise ValueError(raw.error)
     try:
         doc = json.loads(raw.json)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -194,63 +201,95 @@ def decode_sample(raw: RawSample, *, load: bool = True) -> Sample:
     for i, data in enumerate(raw.images):
         if is_latent(data):
             images.append(decode_latent(data, raw.key, i))
-            continue
-        try:
-            image = Image.open(io.BytesIO(data))
-            if load:
-                image.load()
-        except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError...)
-            raise ValueError(f"sample {raw.key!r}: image {i} cannot be decoded: {e}") from e
-        images.append(image)
+        else:
+            fp = io.BytesIO(data)
+            fp.name = f"{i} of sample {raw.key!r}"  # messages read "image 0 of sample 'k' ..."
+            images.append(open_image(fp))
     if len({isinstance(im, torch.Tensor) for im in images}) > 1:
         raise ValueError(f"sample {raw.key!r}: mixes latents and images")
     return Sample(key=raw.key, caption=caption, images=images, meta=doc)
 
 
-def _finish(key: str, json_bytes: bytes | None, images: dict[int, bytes]) -> RawSample:
-    if json_bytes is None:
-        raise ValueError(f"sample {key!r}: missing {key}.json")
-    if sorted(images) != list(range(len(images))):
-        raise ValueError(f"sample {key!r}: image indices {sorted(images)} are not 0..{len(images) - 1}")
-    return RawSample(key=key, json=json_bytes, images=[images[i] for i in range(len(images))])
+class _StrictTarInfo(tarfile.TarInfo):
+    """Tar headers where the end of the data or a damaged header is an error: tarfile itself ends the archive
+    silently there once past the first member, so a cut shard would read as a shorter intact one."""
+
+    @classmethod
+    def frombuf(cls, buf, encoding, errors):
+        try:
+            return super().frombuf(buf, encoding, errors)
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError, tarfile.InvalidHeaderError) as e:
+            # Only a zero block (tarfile.EOFHeaderError, passed on) ends an intact archive.
+            what = "the data ends" if isinstance(e, tarfile.EmptyHeaderError) else f"damaged header ({e})"
+            raise tarfile.ReadError(f"truncated or corrupt tar: {what} before the end-of-archive marker") from None
+
+
+@dataclass
+class _Pending:
+    """The members of one sample while a tar is read."""
+
+    key: str
+    json: bytes | None = None
+    images: dict[int, bytes] = field(default_factory=dict)
+    error: str | None = None
+
+    def fail(self, message: str) -> None:
+        self.error = self.error or f"sample {self.key!r}: {message}"
+
+    def add(self, index: int | None, data: bytes) -> None:
+        if index is None:
+            if self.json is not None:
+                self.fail(f"duplicate {self.key}.json")
+            self.json = data
+        else:
+            if index in self.images:
+                self.fail(f"duplicate image {index}")
+            self.images[index] = data
+
+    def finish(self) -> RawSample:
+        if self.json is None:
+            self.fail(f"missing {self.key}.json")
+        if sorted(self.images) != list(range(len(self.images))):
+            self.fail(f"image indices {sorted(self.images)} are not 0..{len(self.images) - 1}")
+        images = [self.images[i] for i in sorted(self.images)]
+        return RawSample(key=self.key, json=self.json or b"", images=images, error=self.error)
 
 
 def iter_raw_samples(fileobj: IO[bytes], *, offsets: list[int] | None = None) -> Iterator[RawSample]:
-    """Stream RawSamples from an open tar byte stream; raises on truncation or malformed members.
+    """Stream RawSamples from an open tar byte stream; raises tarfile.ReadError when the tar is truncated or
+    corrupt. A sample whose members are wrong comes with `error` set (decode_sample raises it) and the
+    samples after it are read as usual.
 
     If `offsets` is given, the byte offset of each sample's first tar header is appended to it.
     """
-    key: str | None = None
-    json_bytes: bytes | None = None
-    images: dict[int, bytes] = {}
+    pending: _Pending | None = None
     seen: set[str] = set()
-    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
+    with tarfile.open(fileobj=fileobj, mode="r|", tarinfo=_StrictTarInfo) as tar:
         for member in tar:
             if not member.isfile():
                 continue
-            member_key, index = parse_member_name(member.name)
             data = tar.extractfile(member).read()
             if len(data) != member.size:
                 raise tarfile.ReadError(f"tar member {member.name!r} is truncated")
-            if member_key != key:
-                if key is not None:
-                    yield _finish(key, json_bytes, images)
-                if member_key in seen:
-                    raise ValueError(f"sample {member_key!r}: members are not contiguous or key is duplicated")
-                seen.add(member_key)
+            try:
+                key, index, problem = *parse_member_name(member.name), None
+            except ValueError as e:  # attributed to the key its name starts with, which it spoils
+                key, index, problem = _KEY_RE.match(PurePosixPath(member.name).name)[0] or member.name, None, str(e)
+            if pending is None or key != pending.key:
+                if pending is not None:
+                    yield pending.finish()
+                pending = _Pending(key)
+                if key in seen:
+                    pending.fail("members are not contiguous or key is duplicated")
+                seen.add(key)
                 if offsets is not None:
                     offsets.append(member.offset)
-                key, json_bytes, images = member_key, None, {}
-            if index is None:
-                if json_bytes is not None:
-                    raise ValueError(f"sample {key!r}: duplicate {key}.json")
-                json_bytes = data
+            if problem is None:
+                pending.add(index, data)
             else:
-                if index in images:
-                    raise ValueError(f"sample {key!r}: duplicate image {index}")
-                images[index] = data
-    if key is not None:
-        yield _finish(key, json_bytes, images)
+                pending.fail(problem)
+    if pending is not None:
+        yield pending.finish()
 
 
 def read_shard(path: str | os.PathLike) -> Iterator[Sample]:

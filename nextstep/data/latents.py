@@ -8,6 +8,8 @@ Images are fitted into the resolution buckets first, as the training loader woul
 give the run's data.image_size and data.aspect_ratios (the defaults are DataConfig's).
 Output shard k is `latents-{k:06d}.tar` for the k-th source shard in sorted order, written atomically;
 a rerun skips shards already written, so an interrupted run resumes. OUT/latents.json records the VAE.
+A bad sample is left out of its shard, an unreadable tar out of the output; each is logged by shard and key,
+and the command then exits with status 1.
 """
 
 from __future__ import annotations
@@ -45,11 +47,12 @@ class _Shard:
     counts: list[int]  # images per sample
     # (image numbers in sample order, uint8 (n, H, W, 3)): tensors cross to the main process in shared memory
     groups: list[tuple[list[int], torch.Tensor]]
+    skipped: list[str]  # one line per sample left out ("shard: sample 'k': why")
 
 
 class _ShardImages(Dataset):
-    """Item k: source shard k with its images fitted to the buckets, or an error message (a corrupt shard
-    is reported, not fatal)."""
+    """Item k: source shard k with its images fitted to the buckets, or an error message when the tar cannot
+    be read (a truncated shard is reported, not fatal). A bad sample is left out of its shard and listed."""
 
     def __init__(self, shards: list[Path], buckets: list[tuple[int, int]]) -> None:
         self.shards, self.buckets = shards, buckets
@@ -58,13 +61,17 @@ class _ShardImages(Dataset):
         return len(self.shards)
 
     def __getitem__(self, k: int) -> _Shard | str:
-        samples, counts, by_shape, n = [], [], {}, 0
+        samples, counts, by_shape, skipped, n = [], [], {}, [], 0
         try:
             with open(self.shards[k], "rb") as f:
                 for raw in iter_raw_samples(f):
-                    sample = decode_sample(raw)
-                    if any(not isinstance(im, Image.Image) for im in sample.images):
-                        raise ValueError(f"sample {sample.key!r} already holds latents")
+                    try:
+                        sample = decode_sample(raw)
+                        if any(not isinstance(im, Image.Image) for im in sample.images):
+                            raise ValueError(f"sample {sample.key!r} already holds latents")
+                    except ValueError as e:
+                        skipped.append(f"{self.shards[k]}: {e}")
+                        continue
                     for im in sample.images:
                         pixels = np.asarray(resize_center_crop(im, nearest_bucket(*im.size, self.buckets)))
                         by_shape.setdefault(pixels.shape, []).append((n, pixels))
@@ -72,10 +79,16 @@ class _ShardImages(Dataset):
                     counts.append(len(sample.images))
                     sample.images = []
                     samples.append(sample)
-        except Exception as e:  # truncated tar, undecodable image, bad JSON: the whole shard is skipped
+        except Exception as e:  # truncated or corrupt tar: the shard is left out, a rerun tries it again
             return f"{self.shards[k]}: {type(e).__name__}: {e}"
         groups = [([i for i, _ in g], torch.from_numpy(np.stack([x for _, x in g]))) for g in by_shape.values()]
-        return _Shard(samples, counts, groups)
+        return _Shard(samples, counts, groups, skipped)
+
+
+@dataclass
+class EncodeReport:
+    paths: list[Path]  # latent shards in OUT, written by this run or an earlier one
+    skipped: list[str]  # one line per shard (unreadable tar) or sample (bad member) this run left out
 
 
 @torch.no_grad()
@@ -125,9 +138,10 @@ def encode_latents(
     device: str | None = None,
     dtype: str = "auto",
     progress: bool = False,
-) -> list[Path]:
-    """Write the latent shards of every `*.tar` under `src` into `out`; returns the paths written so far
-    (this run or earlier). A shard that cannot be read is logged and left out; a rerun tries it again."""
+) -> EncodeReport:
+    """Write the latent shards of every `*.tar` under `src` into `out`. A sample that cannot be decoded is
+    logged (shard and key) and left out of its shard; a shard whose tar cannot be read is logged and left out
+    entirely, and a rerun tries it again."""
     src, out = Path(src), Path(out)
     shards = sorted(src.rglob("*.tar"))
     if not shards:
@@ -175,13 +189,18 @@ def encode_latents(
     # batch_size=None: each item is one shard as the worker made it (no collation).
     loader = DataLoader(data, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None)
     bar = tqdm(total=len(todo), unit="shard", disable=not progress)
+    skipped: list[str] = []
     # Shards are written by a thread while the next one encodes; at most two wait, bounding memory.
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending: list[Future] = []
         for k, shard in zip(todo, loader, strict=True):
             if isinstance(shard, str):
                 log.warning("skipping unreadable shard %s", shard)
+                skipped.append(shard)
             else:
+                for line in shard.skipped:
+                    log.warning("skipping %s", line)
+                skipped += shard.skipped
                 pending.append(pool.submit(_write, out, k, shard, encode_pixels(vae, shard.groups, batch)))
             while len(pending) > 2 or (pending and pending[0].done()):
                 pending.pop(0).result()
@@ -192,10 +211,7 @@ def encode_latents(
             future.result()
             bar.update(1)
     bar.close()
-    done = [p for p in paths if p.exists()]
-    if len(done) < len(paths):
-        log.warning("%d of %d shards could not be encoded (see above)", len(paths) - len(done), len(paths))
-    return done
+    return EncodeReport([p for p in paths if p.exists()], skipped)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.size < 16 or args.size % 16 or any(not r > 0 for r in ratios):
         p.error(f"--size must be a multiple of 16 and ratios positive, got {args.size} and {args.aspect_ratios}")
     try:
-        paths = encode_latents(
+        report = encode_latents(
             args.src,
             args.out,
             vae_dir=args.vae,
@@ -238,5 +254,5 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
-    print(f"{len(paths)} latent shards in {args.out}")
-    return 0
+    print(f"{len(report.paths)} latent shards in {args.out}; left out {len(report.skipped)} (see above)")
+    return 1 if report.skipped else 0

@@ -1,13 +1,13 @@
 """Streamlit data preview: samples of a shard folder or data config, caption/resolution histograms, mixture.
 
-nextstep data preview shards/ --port 8501
-streamlit run nextstep/data/preview.py --server.port 8501 -- shards/   # same thing
+nextstep data preview shards/ --port 8501   # on localhost; --host 0.0.0.0 to serve other machines
+streamlit run nextstep/data/preview.py --server.port 8501 --server.address localhost \
+    --browser.gatherUsageStats false -- shards/   # same thing
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import logging
 import subprocess
@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from nextstep.data.config import DataConfig
-from nextstep.data.format import Sample, caption_segments, read_shard
+from nextstep.data.format import Sample, caption_segments, decode_sample, iter_raw_samples
 from nextstep.data.index import META_NAME
-from nextstep.data.stream import expand_shards
+from nextstep.data.stream import expand_shards, open_shard
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +31,21 @@ def load_config(path: str | Path) -> DataConfig:
 
 
 def load_samples(shards: list[str], limit: int) -> tuple[list[Sample], list[str]]:
-    """Up to `limit` samples read in order from `shards`, and one error line per unreadable shard."""
+    """Up to `limit` samples read in order from `shards`, and one error line per bad sample (named by shard
+    and key; the rest of its shard is shown) or unreadable shard."""
     samples, errors = [], []
     for url in shards:
         if len(samples) >= limit:
             break
         try:
-            samples += itertools.islice(read_shard(url), limit - len(samples))
+            with open_shard(url) as f:
+                for raw in iter_raw_samples(f):
+                    try:
+                        samples.append(decode_sample(raw))
+                    except ValueError as e:
+                        errors.append(f"{url}: {e}")
+                    if len(samples) >= limit:
+                        break
         except Exception as e:  # a preview shows what it can and lists the rest
             errors.append(f"{url}: {type(e).__name__}: {e}")
     return samples, errors
@@ -165,22 +173,16 @@ def render(default_path: str = "") -> None:
 
 
 def main_preview(argv: list[str] | None = None) -> int:
-    """Launch the preview app: nextstep data preview [PATH] [--port 8501]."""
+    """Launch the preview app: nextstep data preview [PATH] [--port 8501] [--host localhost]. It listens on
+    this machine only unless --host says otherwise (0.0.0.0: every interface), and sends Streamlit no usage
+    statistics."""
     p = argparse.ArgumentParser(prog="nextstep data preview", description=main_preview.__doc__)
     p.add_argument("path", nargs="?", default="", help="shard folder, shard pattern or data config JSON")
     p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--host", default="localhost", help="address to listen on (default: localhost)")
     args = p.parse_args(argv)
-    cmd = [
-        sys.executable,
-        "-m",
-        "streamlit",
-        "run",
-        __file__,
-        "--server.port",
-        str(args.port),
-        "--",
-        args.path,
-    ]
+    cmd = [sys.executable, "-m", "streamlit", "run", __file__, "--server.port", str(args.port)]
+    cmd += ["--server.address", args.host, "--browser.gatherUsageStats", "false", "--", args.path]
     return subprocess.call(cmd)
 
 

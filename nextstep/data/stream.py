@@ -51,6 +51,10 @@ def open_shard(url: str) -> IO[bytes]:
     return fsspec.open(url, "rb").open()
 
 
+class NoReadableSamples(ValueError):
+    """A dataset whose shards gave no usable sample in a whole epoch (each shard and sample was logged)."""
+
+
 class _ShuffleBuffer:
     """Seeded reservoir shuffle: holds up to `size` items, emits a random one per push once full."""
 
@@ -146,7 +150,8 @@ class DatasetStream:
             self.seek(self.epoch + 1)
             if empty:
                 break
-        raise RuntimeError(f"dataset {self.cfg.datasets[self.index].name!r}: no readable samples in any shard")
+        name = self.cfg.datasets[self.index].name
+        raise NoReadableSamples(f"dataset {name!r}: no readable samples in its {len(self.urls)} shard(s)")
 
     def _shards(self, epoch: int) -> tuple[list[str], bool]:
         order = random.Random(seed_of("shards", self.cfg.seed, self.index, epoch)).sample(self.urls, len(self.urls))

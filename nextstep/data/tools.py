@@ -22,6 +22,7 @@ from multiprocessing import Pool
 from pathlib import Path
 from typing import IO
 
+import torch
 from PIL import Image
 from tqdm import tqdm
 
@@ -29,13 +30,12 @@ from nextstep.data.format import (
     PLACEHOLDER_RE,
     Sample,
     ShardWriter,
-    decode_latent,
+    decode_sample,
     encode_sample,
-    is_latent,
     iter_raw_samples,
 )
 from nextstep.data.index import INDEX_NAME, META_NAME, read_json
-from nextstep.io import write_json
+from nextstep.io import open_image, write_json
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class Record:
     """One raw-data sample before loading: caption with placeholders and image file paths."""
 
     key: str
-    caption: str
+    caption: str | None  # None: a folder image without its .txt caption file (a bad sample)
     images: list[Path] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
     where: str = ""  # source location for error messages ("manifest.jsonl:12")
@@ -79,8 +79,8 @@ def iter_records(source: str | os.PathLike) -> Iterator[Record]:
         for path in sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
             txt = path.with_suffix(".txt")
             rel = path.relative_to(source).with_suffix("").as_posix()
-            caption = txt.read_text(encoding="utf-8") if txt.exists() else ""
-            yield Record(_as_key(rel), _t2i_caption(caption), [path], where=str(path))
+            caption = _t2i_caption(txt.read_text(encoding="utf-8")) if txt.exists() else None
+            yield Record(_as_key(rel), caption, [path], where=str(path))
     elif source.suffix == ".jsonl":
         with open(source, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
@@ -109,23 +109,28 @@ def iter_records(source: str | os.PathLike) -> Iterator[Record]:
 
 
 def load_record(record: Record, *, max_size: int | None = None) -> Sample:
-    """Decode a record's images (fully, to catch corrupt files) and downscale to `max_size` if given."""
+    """Decode a record's images (fully, to catch corrupt files; at most io.MAX_PIXELS each, checked from the
+    header) and downscale to `max_size` if given."""
+    if record.caption is None:
+        txt = Path(record.where).with_suffix(".txt")
+        raise ValueError(
+            f"sample {record.key!r}: image {record.where} has no caption file {txt.name} "
+            "(an empty .txt file gives an empty caption)"
+        )
     images = []
     for path in record.images:
         try:
-            with Image.open(path) as im:
-                im.load()
-                image = im.copy() if max_size is None else _shrink(im, max_size)
-        except Exception as e:
-            raise ValueError(f"sample {record.key!r} ({record.where}): cannot read image {path}: {e}") from e
-        images.append(image)
+            image = open_image(path)
+        except ValueError as e:
+            raise ValueError(f"sample {record.key!r} ({record.where}): {e}") from None
+        images.append(image if max_size is None else _shrink(image, max_size))
     return Sample(record.key, record.caption, images, record.meta)
 
 
 def _shrink(image: Image.Image, max_size: int) -> Image.Image:
     scale = max_size / max(image.size)
     if scale >= 1:
-        return image.copy()
+        return image
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     return image.resize(size, Image.Resampling.LANCZOS)
 
@@ -201,30 +206,34 @@ class _HashingReader(io.RawIOBase):
 
 
 def scan_shard(path: str | os.PathLike) -> dict:
-    """Count, checksum, image-size stats and sample offsets of one shard; errors are recorded, not raised."""
+    """Count, checksum, image-size stats and sample offsets of one shard, every sample decoded; a sample that
+    cannot be used is listed in `bad_samples` (key -> error) and the scan goes on; a truncated or corrupt tar
+    stops it with `error` set. Nothing is raised."""
     path = Path(path)
     st = path.stat()
     entry: dict = {"size": st.st_size, "mtime": st.st_mtime_ns, "count": 0, "images": 0, "error": None}
-    widths, heights, keys, offsets = [], [], [], []
+    widths, heights, keys, offsets, bad = [], [], [], [], {}
     with open(path, "rb") as f:
         reader = _HashingReader(f)
         stream = io.BufferedReader(reader, 1 << 20)
         try:
             for raw in iter_raw_samples(stream, offsets=offsets):
-                keys.append(raw.key)
-                for data in raw.images:
-                    if is_latent(data):  # latent shards: sizes in latent cells
-                        h, w = decode_latent(data, raw.key, 0).shape[1:]
-                    else:
-                        w, h = Image.open(io.BytesIO(data)).size
+                keys.append(raw.key)  # bad samples too: the index's offsets count every sample of the tar
+                try:
+                    sample = decode_sample(raw)
+                except ValueError as e:
+                    bad[raw.key] = str(e)
+                    continue
+                for image in sample.images:  # latent shards: sizes in latent cells
+                    h, w = image.shape[1:] if isinstance(image, torch.Tensor) else (image.height, image.width)
                     widths.append(w)
                     heights.append(h)
-        except Exception as e:  # truncated / corrupt: keep what was readable, report the rest
+        except Exception as e:  # truncated / corrupt tar: keep what was readable, report the rest
             entry["error"] = f"{type(e).__name__}: {e}"
         while stream.read(1 << 20):  # hash the whole file even when parsing stopped early
             pass
     del offsets[len(keys) :]
-    entry.update(sha256=reader.sha.hexdigest(), count=len(keys), images=len(widths))
+    entry.update(sha256=reader.sha.hexdigest(), count=len(keys), images=len(widths), bad_samples=bad)
     if widths:
         entry["width"] = {"min": min(widths), "max": max(widths), "mean": sum(widths) / len(widths)}
         entry["height"] = {"min": min(heights), "max": max(heights), "mean": sum(heights) / len(heights)}
@@ -242,7 +251,8 @@ def _scan_all(root: Path, names: list[str], workers: int, progress: bool) -> dic
 
 
 def gen_meta(root: str | os.PathLike, *, workers: int = 1, progress: bool = False) -> dict:
-    """Write ROOT/meta.json (per-shard count, bytes, sha256, image sizes, error); reuses unchanged shards."""
+    """Write ROOT/meta.json (per-shard count, bytes, sha256, image sizes, error of a truncated or corrupt tar,
+    bad samples by key); reuses unchanged shards. `count` includes bad samples (they occupy the tar)."""
     root = Path(root)
     old = read_json(root / META_NAME).get("shards", {})
     shards, todo = {}, []
@@ -263,6 +273,7 @@ def gen_meta(root: str | os.PathLike, *, workers: int = 1, progress: bool = Fals
         "num_samples": sum(e["count"] for e in shards.values()),
         "num_bytes": sum(e["size"] for e in shards.values()),
         "errors": {n: e["error"] for n, e in shards.items() if e["error"]},
+        "bad_samples": {n: e["bad_samples"] for n, e in shards.items() if e.get("bad_samples")},
         "rescanned": len(todo),
         "shards": shards,
     }
@@ -271,16 +282,18 @@ def gen_meta(root: str | os.PathLike, *, workers: int = 1, progress: bool = Fals
 
 
 def warmup_index(root: str | os.PathLike, *, n_jobs: int = 1, progress: bool = False) -> dict:
-    """Write ROOT/index.json (per-shard keys, byte offsets, counts) for shards meta.json lists as intact."""
+    """Write ROOT/index.json (per-shard keys, byte offsets, counts) for shards meta.json lists as intact; the
+    others are logged and listed in its `left_out` (name -> why)."""
     root = Path(root)
     meta = read_json(root / META_NAME).get("shards")
     if meta is None:
         raise FileNotFoundError(f"{root / META_NAME} missing or unreadable: run gen_meta {root} first")
     old = read_json(root / INDEX_NAME).get("shards", {})
-    shards, todo = {}, []
+    shards, todo, left_out = {}, [], {}
     for name, m in meta.items():
         prev = old.get(name)
         if m["error"]:
+            left_out[name] = f"corrupt in {META_NAME}: {m['error']}"
             continue
         if prev and (prev["sha256"], prev["size"]) == (m["sha256"], m["size"]):
             shards[name] = prev
@@ -288,10 +301,12 @@ def warmup_index(root: str | os.PathLike, *, n_jobs: int = 1, progress: bool = F
             todo.append(name)
     for name, entry in _scan_all(root, todo, n_jobs, progress).items():
         if (entry["sha256"], entry["size"]) != (meta[name]["sha256"], meta[name]["size"]):
-            log.warning("%s changed since gen_meta; left out of the index (rerun gen_meta)", name)
+            left_out[name] = "changed since gen_meta (rerun gen_meta)"
             continue
         shards[name] = {k: entry[k] for k in ("size", "sha256", "count", "keys", "offsets")}
-    doc = {"version": 1, "shards": dict(sorted(shards.items()))}
+    for name, why in left_out.items():
+        log.warning("%s left out of the index: %s", name, why)
+    doc = {"version": 1, "shards": dict(sorted(shards.items())), "left_out": left_out}
     write_json(root / INDEX_NAME, doc, indent=1)
     return doc
 
@@ -337,11 +352,16 @@ def main_gen_meta(argv: list[str] | None = None) -> int:
     doc = gen_meta(args.root, workers=args.workers, progress=True)
     for name, error in doc["errors"].items():
         print(f"CORRUPT {name}: {error}")
+    for name, bad in doc["bad_samples"].items():
+        for key, error in bad.items():
+            print(f"BAD SAMPLE {name} {key}: {error}")
+    num_bad = sum(len(bad) for bad in doc["bad_samples"].values())
     print(
         f"{doc['num_shards']} shards ({doc['rescanned']} rescanned), {doc['num_samples']} samples, "
-        f"{doc['num_bytes'] / 1e9:.3f} GB, {len(doc['errors'])} corrupt -> {Path(args.root) / META_NAME}"
+        f"{doc['num_bytes'] / 1e9:.3f} GB, {len(doc['errors'])} corrupt, {num_bad} bad samples "
+        f"-> {Path(args.root) / META_NAME}"
     )
-    return 1 if doc["errors"] else 0
+    return 1 if doc["errors"] or num_bad else 0
 
 
 def main_warmup(argv: list[str] | None = None) -> int:
@@ -357,5 +377,8 @@ def main_warmup(argv: list[str] | None = None) -> int:
         print(f"warmup_data: error: {e}", file=sys.stderr)
         return 1
     total = sum(e["count"] for e in doc["shards"].values())
-    print(f"indexed {len(doc['shards'])} shards, {total} samples -> {Path(args.root) / INDEX_NAME}")
-    return 0
+    print(
+        f"indexed {len(doc['shards'])} shards, {total} samples, left out {len(doc['left_out'])} "
+        f"-> {Path(args.root) / INDEX_NAME}"
+    )
+    return 1 if doc["left_out"] else 0

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from nextstep.data.buckets import nearest_bucket, resize_center_crop, to_tensor
 from nextstep.data.config import DataConfig
 from nextstep.data.format import PLACEHOLDER_RE, RawSample, Sample, decode_sample, iter_raw_samples
-from nextstep.data.stream import DatasetStream, expand_shards, open_shard, seed_of
+from nextstep.data.stream import DatasetStream, NoReadableSamples, expand_shards, open_shard, seed_of
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,8 @@ def collate_samples(samples: list[Sample]) -> Batch:
 
 
 class WdsDataset(IterableDataset):
-    """Per-worker batch stream; yields (collated batch, worker position info) tuples for `WdsLoader`."""
+    """Per-worker batch stream; yields (collated batch, worker position info) tuples for `WdsLoader`, and
+    (None, info) for the end of a one-pass worker (its final counts) or a dataset without readable samples."""
 
     def __init__(
         self,
@@ -115,7 +116,14 @@ class WdsDataset(IterableDataset):
         info = get_worker_info()
         physical = info.id if info is not None else 0
         worker = (physical + self.worker_offset) % self.num_workers()
-        yield from _WorkerRun(self, worker).batches()
+        run = _WorkerRun(self, worker)
+        try:
+            yield from run.batches()
+        except NoReadableSamples as e:  # raised again by WdsLoader in the main process: one line, no worker trace
+            yield None, {"worker": worker, "error": str(e)}
+            return
+        # One-pass mode: the counts after the last batch (a shard that failed after it is counted too).
+        yield None, {"worker": worker, "stats": run.state()["stats"]}
 
 
 class _WorkerRun:
@@ -181,7 +189,7 @@ class _WorkerRun:
 
     def _process(self, raw: RawSample, ref: _Ref) -> Sample | None:
         try:
-            sample = decode_sample(raw, load=False)
+            sample = decode_sample(raw)
             if sample.images and not isinstance(sample.images[0], torch.Tensor):  # latents keep their size
                 bucket = nearest_bucket(*sample.images[0].size, self.ds.buckets)
                 # Resized PIL images wait in the buckets: a quarter of the memory of float tensors.
@@ -282,6 +290,11 @@ class WdsLoader:
             worker_init_fn=_ignore_stop_signals,
         )
         for batch, info in loader:
+            if "error" in info:
+                raise NoReadableSamples(info["error"])
+            if batch is None:  # a worker's pass has ended
+                self._stats[info["worker"]] = info["stats"]
+                continue
             self._states[info["worker"]] = info["state"]
             self._stats[info["worker"]] = info["state"]["stats"]
             self._next_worker = (info["worker"] + 1) % n

@@ -23,6 +23,7 @@ from nextstep.model.tokenizer import BOI, EOI, IMAGE_AREA, IMAGE_PLACEHOLDER, Te
 from nextstep.model.vae import AutoEncoder, load_vae, pil_to_pixels, pixels_to_pil
 from nextstep.sampling.engine import Engine
 from nextstep.sampling.flow import FlowSettings, guidance_rows
+from nextstep.sampling.limits import read_trained, warn_unknown_instructions, warn_untrained_size
 from nextstep.sampling.options import (  # noqa: F401  (re-exported: the schema's old home)
     ENGINES,
     MAX_BATCH,
@@ -69,10 +70,11 @@ def read_defaults(path: Path) -> dict:
     known = {f.name for f in dataclasses.fields(GenerateOptions)}
     for options in (raw, raw.get("edit", {})):
         for key in options:
-            if key not in known | {"edit"}:
+            if key not in known | {"edit", "trained"}:
                 raise ValueError(f"unknown option {key!r} in {file}")
         if "size" in options:
             options["size"] = tuple(options["size"])
+    raw["trained"] = read_trained(raw.get("trained", {}), str(file))
     return raw
 
 
@@ -81,6 +83,7 @@ class Pipeline:
         self.model, self.vae, self.tokenizer = model, vae, tokenizer
         tokenizer.token_id(IMAGE_AREA)  # fail at load time if the tokenizer lacks the image-area marker
         defaults = dict(defaults or {})
+        self.trained = defaults.pop("trained", read_trained({}, ""))  # what the model was trained for (limits.py)
         self.edit_defaults = {**EDIT_DEFAULTS, **defaults.pop("edit", {})}  # editing: official, then checkpoint
         self.defaults = defaults
         self._engine: tuple[tuple[bool, bool], Engine] | None = None  # ((eager, compile), engine) from engine()
@@ -156,6 +159,7 @@ class Pipeline:
         opts = GenerateOptions(**{**self.defaults, **self.edit_defaults, "size": self._snap(images[0].size)})
         opts = replace(opts, **options)
         check_options(opts, self.down_factor)
+        warn_unknown_instructions(self.trained, instructions)
         sources = []
         for img in images:
             if img.size != (opts.size[1], opts.size[0]):
@@ -216,6 +220,7 @@ class Pipeline:
         self, captions, sources, opts: GenerateOptions, trace: Trace | None, draw=None, on_token=None
     ) -> list[Image.Image]:
         check_options(opts, self.down_factor)
+        warn_untrained_size(self.trained, opts.size)
         if len(captions) * opts.n > MAX_BATCH:
             raise ValueError(f"{len(captions)} prompts x n={opts.n} exceeds the batch limit of {MAX_BATCH}")
         settings = FlowSettings(

@@ -3,6 +3,7 @@ free-text shapes prompts and the reference scene that answers a prompt correctly
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from dataclasses import asdict, dataclass, field, replace
@@ -24,9 +25,11 @@ from nextstep.shapes.phrasing import (
 )
 from nextstep.shapes.scenes import (
     COLORS,
+    EDIT_TEMPLATES,
     HELDOUT_PAIRS,
     HELDOUT_RELATIONS,
     INVERSE,
+    REGION_PHRASES,
     RELATION_PHRASES,
     RELATIONS,
     SHAPES,
@@ -232,6 +235,33 @@ def parse_prompt(text: str) -> Prompt:
     if len(wants) > MAX_PROMPT_OBJECTS:
         raise ValueError(f"prompt {text!r} asks for {len(wants)} objects, at most {MAX_PROMPT_OBJECTS}")
     return Prompt("prompt", text, wants, relations)
+
+
+EDIT_EXAMPLES = ("make the red circle blue", "move the blue star to the left", "add a green heart at the top")
+
+
+@functools.cache
+def _edit_instructions() -> dict[str, Edit]:
+    """Every instruction the edit templates make (normalised text -> Edit): about 3,000."""
+    pairs = [(sh, c) for sh in SHAPES for c in COLORS]
+    edits = [Edit("recolor", sh, c, new_color=n) for sh, c in pairs for n in COLORS if n != c]
+    edits += [Edit("move", sh, c, region=r) for sh, c in pairs for r in REGION_PHRASES]
+    edits += [Edit("add", sh, c, region=r) for sh, c in pairs for r in (None, *REGION_PHRASES)]
+    edits += [Edit("remove", sh, c) for sh, c in pairs]
+    return {edit_text(e, v): e for e in edits for v in range(len(EDIT_TEMPLATES[e.op]))}
+
+
+def parse_edit(text: str) -> Edit:
+    """The Edit an instruction in the shapes domain's edit templates asks for (EDIT_EXAMPLES); ValueError for
+    anything else, which a model trained on these templates alone cannot follow."""
+    found = _edit_instructions().get(" ".join(text.lower().strip().rstrip(".").split()))
+    if found is None:
+        examples = ", ".join(repr(e) for e in EDIT_EXAMPLES)
+        raise ValueError(
+            f"edit instruction {text!r} is not one the shapes model was trained on: recolor, move, add or remove "
+            f"one object, as in {examples}"
+        )
+    return found
 
 
 def build_prompts(split: str, n: int, seed: int = 0) -> list[Prompt]:

@@ -39,7 +39,7 @@ class BatchStream:
             except StopIteration:  # one-pass loaders start their next epoch
                 self._it = None
         else:
-            raise RuntimeError("the data source yielded no batches")
+            raise ValueError(f"the data gave no batch in a whole pass: no readable samples? (stats: {self.stats()})")
         if not isinstance(batch, TrainBatch):
             batch = self.collate_fn([self.builder(s) for s in batch])
         return batch

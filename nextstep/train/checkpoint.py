@@ -127,11 +127,31 @@ def load(
             "resumes anyway, restarting the data at the next epoch)"
         )
     model_sd, optim_sd = get_state_dict(model, optimizer)
+    check_model_shapes(path, model_sd)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     trainer = torch.load(path / f"trainer_rank{_rank() if same else 0}.pt", weights_only=True)
     return meta["step"], trainer, same
+
+
+def check_model_shapes(path: Path, model_sd: dict[str, torch.Tensor]) -> None:
+    """ValueError unless checkpoint `path` holds every tensor of `model_sd` in the same shape (DCP itself fails
+    with a multi-rank traceback): a resume after the architecture (or LoRA) changed."""
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    diffs = []
+    for name, tensor in model_sd.items():
+        entry = saved.get(f"model.{name}")
+        if entry is None:
+            diffs.append(f"{name} is not in it")
+        elif tuple(entry.size) != tuple(tensor.shape):  # a DTensor's shape is the global one
+            diffs.append(f"{name} is {tuple(entry.size)} there, {tuple(tensor.shape)} here")
+    if diffs:
+        more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
+        raise ValueError(
+            f"checkpoint {path} was written by a model of other shapes: {diffs[0]}{more}; resume with the model "
+            "settings it was trained with, or train into a new training.output_dir"
+        )
 
 
 def load_model_weights(path: str | Path, model: nn.Module) -> None:

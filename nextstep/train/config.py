@@ -411,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
             lines = diff(load_preset(args.a), load_preset(args.b))
             print("\n".join(lines) if lines else "(identical)")
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"nextstep: error: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 
 import torch
 
+from nextstep.io import write_json
 from nextstep.model.checkpoint import save_pretrained
 from nextstep.model.nextstep import NextStep
+from nextstep.sampling.pipeline import DEFAULTS_FILE
 from nextstep.train import checkpoint as ckpt
-from nextstep.train.config import load_json
+from nextstep.train.config import TrainConfig, load_json
 from nextstep.train.lora import apply_lora, merge_lora
 from nextstep.train.parallel import DTYPE
 
@@ -35,9 +38,23 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise FileNotFoundError(f"no training checkpoint at {path} (expected step-XXXXXXXX/ with {ckpt.META_NAME})")
 
 
+def sampling_defaults(cfg: TrainConfig) -> dict:
+    """The run's sampling_defaults.json: the training bucket nearest to square as the default size, the head
+    steps and guidance of the run's own samples, and every size it trained at (pipeline warnings)."""
+    buckets = cfg.data.resolved_buckets()  # (H, W)
+    h, w = min(buckets, key=lambda b: abs(math.log(b[1] / b[0])))
+    return {
+        "size": [h, w],
+        "steps": cfg.logging.sample_head_steps,
+        "cfg": cfg.logging.sample_cfg,
+        "trained": {"sizes": [list(b) for b in buckets]},
+    }
+
+
 def export(path: str | Path, out: str | Path, *, dtype: str = "float32", max_shard_mb: float = 5120) -> Path:
-    """Write the official format of checkpoint `path` to `out`; LoRA adapters are merged first. Weights
-    above `max_shard_mb` (MB = 1e6 bytes) are split into shards with an index, as the official release is."""
+    """Write the official format of checkpoint `path` to `out`, with the run's sampling_defaults.json; LoRA
+    adapters are merged first. Weights above `max_shard_mb` (MB = 1e6 bytes) are split into shards with an
+    index, as the official release is."""
     if max_shard_mb <= 0:
         raise ValueError(f"max_shard_mb must be > 0, got {max_shard_mb}")
     path = resolve_checkpoint(path)
@@ -59,6 +76,7 @@ def export(path: str | Path, out: str | Path, *, dtype: str = "float32", max_sha
         vae_dir=vae_dir if vae_dir and Path(vae_dir).is_dir() else None,
         max_shard_bytes=int(max_shard_mb * 1e6),
     )
+    write_json(out / DEFAULTS_FILE, sampling_defaults(cfg))
     log.info("exported %s -> %s", path, out)
     return out
 
@@ -75,6 +93,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         export(args.checkpoint, args.out, dtype=args.dtype, max_shard_mb=args.max_shard_mb)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"nextstep: error: {e}", file=sys.stderr)
         return 2
     return 0

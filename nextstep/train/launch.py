@@ -53,13 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-m", "--module", required=True, help="preset module, e.g. configs.shapes")
     parser.add_argument("--nproc-per-node", type=int, default=0, help="processes per node (0: one per GPU)")
     parser.add_argument("--dry-run", action="store_true", help="print the command without running it")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     parser.add_argument("overrides", nargs="*", help="dotted overrides passed to the preset")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     nproc = args.nproc_per_node or max(1, count_gpus())
+    overrides = args.overrides + (["--resume"] if args.resume else [])
     try:
-        cmd = build_command(args.module, args.overrides, nproc_per_node=nproc, env=dict(os.environ))
+        cmd = build_command(args.module, overrides, nproc_per_node=nproc, env=dict(os.environ))
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"nextstep: error: {e}", file=sys.stderr)
         return 2
     print(shlex.join(cmd), flush=True)
     if args.dry_run:

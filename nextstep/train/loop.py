@@ -65,12 +65,16 @@ def train(cfg: TrainConfig, *, data: Iterable | None = None, step_fn: StepFn = t
 
 
 def main(argv: list[str] | None = None, *, base: TrainConfig | None = None) -> int:
-    """`nextstep train -m configs.NAME [--resume] key=value ...`; presets run this as their __main__."""
+    """`nextstep train -m configs.NAME [--resume] key=value ...` (--resume anywhere among the overrides);
+    presets run this as their __main__. A bad config or data, or a resume that cannot work, is one
+    `nextstep: error:` line and exit status 2."""
     parser = argparse.ArgumentParser(prog="nextstep train", description="train NextStep")
     parser.add_argument("-m", "--module", "--config", dest="preset", help="preset, e.g. configs.shapes")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.max_steps=1000")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    if base is None and not args.preset:
+        parser.error("give a preset with -m configs.NAME")
     logging.basicConfig(
         level=logging.INFO if int(os.environ.get("RANK", 0)) == 0 else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -81,15 +85,12 @@ def main(argv: list[str] | None = None, *, base: TrainConfig | None = None) -> i
             from nextstep.train.config import apply_overrides
 
             cfg = apply_overrides(base, overrides)
-        elif args.preset:
-            cfg = resolve(args.preset, overrides)
         else:
-            parser.error("give a preset with -m configs.NAME")
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
+            cfg = resolve(args.preset, overrides)
         train(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"nextstep: error: {e}", file=sys.stderr)
+        return 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -126,5 +126,33 @@ def test_corrupt_image_raises(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    with pytest.raises(ValueError, match="sample 'k': image 0"):
+    with pytest.raises(ValueError, match="image 0 of sample 'k'"):
         list(read_shard(path))
+
+
+def test_a_bad_member_spoils_its_sample_only(tmp_path):
+    """A stray member name, a duplicate or a missing JSON marks that sample (RawSample.error); the samples
+    after it are read, where these errors used to end the whole shard."""
+    from nextstep.data.format import decode_sample, iter_raw_samples
+
+    members = [("a.json", b'{"caption": "x"}'), ("b.json", b'{"caption": "y"}'), ("b.txt", b"stray")]
+    members += [("c.json", b'{"caption": "z"}'), ("c.json", b'{"caption": "z"}'), ("d-0.png", b"no json")]
+    members += [("e.json", b'{"caption": "w"}')]
+    path = tmp_path / "mixed.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with open(path, "rb") as f:
+        raws = list(iter_raw_samples(f))
+    assert [(r.key, r.error) for r in raws] == [
+        ("a", None),
+        ("b", "sample 'b': tar member 'b.txt' is not 'key.json' or 'key-<i>.<png|jpg|jpeg|webp|npy>'"),
+        ("c", "sample 'c': duplicate c.json"),
+        ("d", "sample 'd': missing d.json"),
+        ("e", None),
+    ]
+    with pytest.raises(ValueError, match="sample 'b': tar member 'b.txt'"):
+        decode_sample(raws[1])
+    assert decode_sample(raws[4]).caption == "w"

@@ -45,10 +45,12 @@ def shards(tmp_path):
 
 def test_encode_latents_keeps_samples_and_stores_the_vae_latents(shards):
     root, samples = shards
-    paths = encode_latents(  # on the CPU in fp32 wherever the test runs, so the latents can be checked exactly
+    report = encode_latents(  # on the CPU in fp32 wherever the test runs, so the latents can be checked exactly
         root / "img", root / "lat", vae_dir=root / "vae", image_size=32, aspect_ratios=(1.0,), batch=4, workers=0,
         device="cpu", dtype="float32",
     )  # fmt: skip
+    paths = report.paths
+    assert len(report.skipped) == 1 and report.skipped[0].startswith(str(root / "img" / "d-999999.tar"))
     assert [p.name for p in paths] == ["latents-000000.tar", "latents-000001.tar", "latents-000002.tar"]
     assert not (root / "lat" / "latents-000003.tar").exists()  # the corrupt shard is left out
     out = [s for p in paths for s in read_shard(p)]
@@ -65,7 +67,7 @@ def test_encode_latents_keeps_samples_and_stores_the_vae_latents(shards):
     assert info["latent_channels"] == 16 and info["buckets"] == [[32, 32]] and info["dtype"] == "float32"
     if torch.cuda.is_available():  # the default there: bf16 on CUDA, close to the fp32 latents (max 0.063 seen)
         gpu = encode_latents(root / "img", root / "gpu", vae_dir=root / "vae", image_size=32, aspect_ratios=(1.0,))
-        for a, b in zip([s for p in gpu for s in read_shard(p)], out, strict=True):
+        for a, b in zip([s for p in gpu.paths for s in read_shard(p)], out, strict=True):
             for x, y in zip(a.images, b.images, strict=True):
                 torch.testing.assert_close(x.float(), y.float(), rtol=0.05, atol=0.15)
 
@@ -74,7 +76,7 @@ def test_encode_latents_keeps_samples_and_stores_the_vae_latents(shards):
     again = encode_latents(
         root / "img", root / "lat", vae_dir=root / "vae", image_size=32, aspect_ratios=(1.0,), workers=0
     )
-    assert again == paths and [p.stat().st_mtime_ns for p in paths] == mtimes
+    assert again.paths == paths and [p.stat().st_mtime_ns for p in paths] == mtimes
     torch.manual_seed(1)
     save_vae(AutoEncoder(VAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, resolution=32)), root / "vae2")
     with pytest.raises(ValueError, match="another VAE"):
@@ -89,7 +91,8 @@ def test_encode_latents_keeps_samples_and_stores_the_vae_latents(shards):
 def test_cli_encodes_and_reports_bad_input(shards, tmp_path, capsys):
     root, _ = shards
     assert cli_main(["data", "encode-latents", str(root / "img"), str(root / "cli"), "--vae", str(root / "vae"),
-                     "--size", "32", "--aspect-ratios", "1", "--workers", "1"]) == 0  # fmt: skip
+                     "--size", "32", "--aspect-ratios", "1", "--workers", "1"]) == 1  # fmt: skip
+    assert "3 latent shards" in capsys.readouterr().out  # and the corrupt shard left out: exit status 1
     assert len(list((root / "cli").glob("latents-*.tar"))) == 3
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -109,6 +112,21 @@ def test_cli_encodes_and_reports_bad_input(shards, tmp_path, capsys):
         cli_main(["data", "encode-latents", str(root / "img"), str(root / "x"), "--vae", str(root / "vae"),
                   "--device", "gpu0"])  # fmt: skip
     assert "bad device 'gpu0'" in capsys.readouterr().err
+
+
+def test_a_bad_member_leaves_out_its_sample_not_the_shard(shards, caplog):
+    root, samples = shards
+    os.remove(root / "img" / "d-999999.tar")
+    shard = root / "img" / "d-000000.tar"
+    raw = bytearray(shard.read_bytes())
+    start = raw.find(b"\x89PNG", raw.find(b"s1-0.png"))
+    raw[start : start + 40] = b"x" * 40  # sample s1's image cannot be decoded; the tar is intact
+    shard.write_bytes(bytes(raw))
+    with caplog.at_level("WARNING", logger="nextstep.data.latents"):
+        report = encode_latents(root / "img", root / "lat", vae_dir=root / "vae", image_size=32, workers=0)
+    assert [s.key for p in report.paths for s in read_shard(p)] == [s.key for s in samples if s.key != "s1"]
+    assert len(report.skipped) == 1 and report.skipped[0].startswith(f"{shard}: cannot read image 0 of sample 's1'")
+    assert "BytesIO" not in caplog.text and f"{shard}: cannot read image 0 of sample 's1'" in caplog.text
 
 
 def test_latent_members_round_trip_and_reject_bad_arrays():

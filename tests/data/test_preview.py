@@ -40,6 +40,14 @@ def test_helpers(tmp_path):
     assert [sample_kind(s) for s in samples[:3]] == ["text-to-image", "editing", "text-only"]
     assert sum(histogram([len(s.caption) for s in samples], bins=4).values()) == 6
     assert resolution_counts(samples) == {"20x12": 6}
+    shard = sorted(a.glob("*.tar"))[0]
+    raw = bytearray(shard.read_bytes())
+    start = raw.find(b"\x89PNG", raw.find(b"alpha1-0.png"))
+    raw[start : start + 40] = b"x" * 40  # one bad image: that sample is listed, the rest of the shard shown
+    shard.write_bytes(bytes(raw))
+    samples, errors = load_samples([str(shard)], 100)
+    assert [s.key for s in samples] == ["alpha0", "alpha2", "alpha3"]
+    assert len(errors) == 1 and errors[0].startswith(f"{shard}: cannot read image 0 of sample 'alpha1': not an image")
     cfg = DataConfig(datasets=[DatasetSpec(shards=str(a), weight=3), DatasetSpec(shards=str(b), name="b")])
     rows = mixture_table(cfg)
     assert [(r["share"], r["shards"], r["samples"]) for r in rows] == [(0.75, 2, 6), (0.25, 1, 3)]
@@ -119,3 +127,23 @@ def test_headless_chromium_screenshot(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_launcher_binds_to_localhost_and_sends_no_usage_statistics(monkeypatch):
+    from nextstep.data import preview
+
+    calls = []
+    monkeypatch.setattr(preview.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    assert preview.main_preview(["shards/", "--port", "9000"]) == 0
+    assert preview.main_preview(["--host", "0.0.0.0"]) == 0
+
+    def flags(cmd: list[str]) -> dict[str, str]:
+        return dict(zip(cmd[5:-2:2], cmd[6:-2:2], strict=True))
+
+    assert calls[0][:5] == [sys.executable, "-m", "streamlit", "run", APP] and calls[0][-2:] == ["--", "shards/"]
+    assert flags(calls[0]) == {
+        "--server.port": "9000",
+        "--server.address": "localhost",
+        "--browser.gatherUsageStats": "false",
+    }
+    assert flags(calls[1])["--server.address"] == "0.0.0.0" and flags(calls[1])["--browser.gatherUsageStats"] == "false"

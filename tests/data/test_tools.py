@@ -90,7 +90,9 @@ def test_gen_meta_incremental_and_truncated(tmp_path, capsys):
     meta = json.loads((out / "meta.json").read_text())
     assert meta["rescanned"] == 1 and "data-000001.tar" in meta["errors"]
     assert 0 <= meta["shards"]["data-000001.tar"]["count"] < 5
-    assert main_warmup([str(out), "--n_jobs", "1"]) == 0
+    assert main_warmup([str(out), "--n_jobs", "1"]) == 1  # the truncated shard is reported, not skipped silently
+    assert "left out 1" in capsys.readouterr().out
+    assert list(json.loads((out / "index.json").read_text())["left_out"]) == ["data-000001.tar"]
     assert sorted(load_index(out)) == sorted(str(p) for p in (paths[0], paths[2]))
     os.utime(paths[0], ns=(0, 0))  # touched after gen_meta: index entry no longer trusted
     assert sorted(load_index(out)) == [str(paths[2])]
@@ -106,6 +108,7 @@ def test_folder_and_csv_sources(tmp_path):
     _png(folder / "my-cat.1.png", 0)
     (folder / "my-cat.1.txt").write_text("a cat")
     _png(folder / "sub" / "dog.png", 1, (64, 32))
+    (folder / "sub" / "dog.txt").write_text("")  # an empty caption, on purpose
     report = build_wds(folder, tmp_path / "a", max_size=32)
     got = list(read_shard(report.paths[0]))
     assert [(s.key, s.caption) for s in got] == [("my_cat_1", "a cat <image_0>"), ("sub_dog", " <image_0>")]
@@ -148,3 +151,53 @@ def test_bad_samples_named(tmp_path, doc, match, capsys):
 def test_warmup_requires_meta(tmp_path):
     with pytest.raises(FileNotFoundError, match="gen_meta"):
         warmup_index(tmp_path)
+
+
+def test_folder_image_without_caption_file_is_reported(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    _png(folder / "a.png", 0)
+    (folder / "a.txt").write_text("a cat")
+    _png(folder / "b.png", 1)  # no b.txt: an error, not a silent empty caption
+    with pytest.raises(ValueError, match=r"sample 'b': image .*b\.png has no caption file b\.txt"):
+        build_wds(folder, tmp_path / "out")
+    report = build_wds(folder, tmp_path / "out2", skip_bad=True)
+    assert report.written == 1 and len(report.skipped) == 1 and "b.txt" in report.skipped[0]
+
+
+def test_oversize_image_is_refused_from_its_header(tmp_path):
+    from tests.bombs import bomb_png
+
+    (tmp_path / "img").mkdir()
+    bomb_png(tmp_path / "img" / "big.png", 5000)  # 25M pixels, over io.MAX_PIXELS
+    _png(tmp_path / "img" / "ok.png", 0)
+    docs = [{"key": "big", "caption": "<image_0>", "images": ["img/big.png"]}]
+    docs.append({"key": "ok", "caption": "<image_0>", "images": ["img/ok.png"]})
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    with pytest.raises(ValueError, match=r"sample 'big'.*is 5000x5000 \(25000000 pixels\), more than the limit"):
+        build_wds(tmp_path / "m.jsonl", tmp_path / "out")
+    report = build_wds(tmp_path / "m.jsonl", tmp_path / "out2", skip_bad=True)
+    assert report.written == 1 and "big.png" in report.skipped[0]
+
+
+def test_gen_meta_a_bad_member_is_a_bad_sample_not_a_corrupt_shard(tmp_path, capsys):
+    manifest, _ = _manifest(tmp_path)
+    out = tmp_path / "shards"
+    paths = build_wds(manifest, out, shard_size=5).paths
+    raw = bytearray(paths[0].read_bytes())
+    start = raw.find(b"\x89PNG", raw.find(b"t3-0.png"))
+    raw[start : start + 40] = b"x" * 40  # t3's image is garbage; the tar is intact
+    paths[0].write_bytes(bytes(raw))
+    assert main_gen_meta([str(out), "--workers", "1"]) == 1
+    stdout = capsys.readouterr().out
+    assert "BAD SAMPLE data-000000.tar t3: cannot read image 0 of sample 't3'" in stdout and "CORRUPT" not in stdout
+    assert "BytesIO" not in stdout
+    meta = json.loads((out / "meta.json").read_text())
+    assert not meta["errors"] and meta["shards"]["data-000000.tar"]["count"] == 5
+    assert list(meta["bad_samples"]["data-000000.tar"]) == ["t3"]
+    assert main_warmup([str(out), "--n_jobs", "1"]) == 0  # an intact tar: indexed, bad sample included
+    assert len(load_index(out)) == 3
+    cfg = DataConfig(datasets=[DatasetSpec(shards=str(out))], image_size=16, loop=False, num_workers=0)
+    loader = build_dataloader(cfg)
+    keys = [s.key for b in loader for s in b.samples]
+    assert len(keys) == 11 and "t3" not in keys and loader.stats()["sample_errors"] == 1

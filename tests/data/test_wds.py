@@ -3,6 +3,7 @@
 import itertools
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -231,3 +232,65 @@ def test_fast_resume_with_warmup_index(tmp_path, caplog, per_shard, cut):
     assert _summary(head) + _summary(tail) == full
     assert _summary(solo_head) + _summary(solo_tail) == _summary(list(build_dataloader(cfg0)))
     assert "fast seek" in caplog.text
+
+
+def test_a_cut_shard_is_reported_at_every_cut_point(tmp_path, caplog):
+    """Cut before the end-of-archive marker, a shard loses samples: the loader and gen_meta's scan report it
+    (tarfile alone ends such a stream silently at a member boundary or in a header)."""
+    import tarfile
+
+    from nextstep.data.tools import scan_shard
+
+    (path,) = [Path(p) for p in _make(tmp_path, "alpha", 6, per_shard=6)]
+    data = path.read_bytes()
+    with tarfile.open(path) as tar:
+        last = tar.getmembers()[-1]
+    marker = last.offset_data + -(-last.size // 512) * 512  # where the end-of-archive zero blocks start
+    cut_path = tmp_path / "cut.tar"
+    cuts = sorted({*range(0, marker + 512, 97), *range(0, marker + 512, 512), marker, marker + 511})
+    for cut in cuts:
+        cut_path.write_bytes(data[:cut])
+        loader = build_dataloader(_cfg([DatasetSpec(shards=str(cut_path))], loop=False))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="nextstep.data.stream"):
+            keys = [k for b in loader for k in _keys(b)]
+        assert loader.stats()["shard_errors"] == 1 and "cut.tar" in caplog.text, (cut, keys)
+        assert len(keys) < 6 and scan_shard(cut_path)["error"], cut
+    cut_path.write_bytes(data[: marker + 512])  # the first zero block ends the archive: nothing is lost
+    loader = build_dataloader(_cfg([DatasetSpec(shards=str(cut_path))], loop=False))
+    assert len([k for b in loader for k in _keys(b)]) == 6 and loader.stats()["shard_errors"] == 0
+
+
+def test_an_oversize_image_is_a_bad_sample_named_by_shard_and_key(tmp_path, caplog):
+    """An image above io.MAX_PIXELS is refused from its header (a 12000x12000 1-bit PNG used 24 GB decoded)."""
+    import io
+    import tarfile
+
+    from nextstep.data.format import encode_sample
+    from tests.bombs import bomb_png_bytes
+
+    good = [Sample(f"g{i}", "<image_0>", [Image.new("RGB", (32, 32), (i, 0, 0))]) for i in range(3)]
+    members = encode_sample(good[0]) + [("big.json", b'{"caption": "<image_0>"}'), ("big-0.png", bomb_png_bytes(5000))]
+    members += encode_sample(good[1]) + encode_sample(good[2])
+    path = tmp_path / "bomb.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    loader = build_dataloader(_cfg([DatasetSpec(shards=str(path))], loop=False, caption_drop_prob=0))
+    with caplog.at_level(logging.WARNING):
+        keys = sorted(k for b in loader for k in _keys(b))
+    assert keys == ["g0", "g1", "g2"] and loader.stats()["sample_errors"] == 1
+    line = next(r.getMessage() for r in caplog.records if "big" in r.getMessage())
+    assert "sample big in " + str(path) in line and "is 5000x5000 (25000000 pixels), more than the limit" in line
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_no_readable_samples_is_one_clear_error(tmp_path, num_workers):
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(b"not a tar" * 100)
+    loader = build_dataloader(_cfg([DatasetSpec(shards=str(bad), name="broken")], num_workers=num_workers))
+    with pytest.raises(ValueError) as e:
+        next(iter(loader))
+    assert str(e.value) == "dataset 'broken': no readable samples in its 1 shard(s)"

@@ -196,3 +196,24 @@ def test_main_writes_shards(tmp_path):
     with pytest.raises(SystemExit):
         main([str(tmp_path / "bad"), "--n", "1", "--p-no-color", "-0.1"])
     assert not (tmp_path / "bad").exists()
+
+
+def test_parse_edit_reads_every_training_instruction_and_only_those():
+    """The built-in model's edit captions (synth's samples) all parse back to their Edit; other text does not."""
+    import random
+    from dataclasses import asdict
+
+    from nextstep.shapes.prompts import EDIT_EXAMPLES, parse_edit
+    from nextstep.shapes.scenes import edit_text
+    from nextstep.shapes.synth import sample_edit
+
+    rng = random.Random(0)
+    for _ in range(200):
+        _, edit, _ = sample_edit(rng)
+        for variant in range(3):
+            assert asdict(parse_edit(edit_text(edit, variant))) == {**asdict(edit), "size": "small"}
+    assert parse_edit("  Make the RED circle blue. ").new_color == "blue"
+    assert [parse_edit(e).op for e in EDIT_EXAMPLES] == ["recolor", "move", "add"]
+    for text in ("make it look like van gogh", "make the red circle red", "move the red circle", "paint a cat"):
+        with pytest.raises(ValueError, match="is not one the shapes model was trained on"):
+            parse_edit(text)

@@ -29,3 +29,9 @@ def test_dry_run_prints_and_does_not_run(capsys, monkeypatch):
     assert main(["-m", "configs.debug", "--dry-run", "--nproc-per-node", "2", "training.max_steps=3"]) == 0
     out = capsys.readouterr().out
     assert "torch.distributed.run --nproc_per_node=2" in out and out.strip().endswith("training.max_steps=3")
+
+
+def test_resume_anywhere_is_passed_to_the_preset(capsys, monkeypatch):
+    monkeypatch.delenv("NNODES", raising=False)
+    assert main(["-m", "configs.debug", "training.max_steps=3", "--resume", "data.seed=1", "--dry-run"]) == 0
+    assert capsys.readouterr().out.strip().endswith("-m configs.debug training.max_steps=3 data.seed=1 --resume")

@@ -184,6 +184,19 @@ def test_kill_and_resume_reproduces_losses(shard_run, tmp_path, monkeypatch):
         assert (out / "vae/checkpoint.pt").is_file() and (out / "tokenizer.json").is_file()
         for name, value in ref.state_dict().items():
             torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=0)
+    # The run's sampling defaults go with it: a 32 px model does not default to 512x512.
+    from nextstep.sampling.pipeline import Pipeline
+
+    buckets = shard_run.data.resolved_buckets()
+    lg = shard_run.logging
+    assert json.loads((whole / "sampling_defaults.json").read_text()) == {
+        "size": [32, 32],
+        "steps": lg.sample_head_steps,
+        "cfg": lg.sample_cfg,
+        "trained": {"sizes": [list(b) for b in buckets]},
+    }
+    pipe = Pipeline.from_pretrained(whole, device="cpu")
+    assert pipe.defaults["size"] == (32, 32) and pipe.trained.sizes == buckets
 
 
 def test_signal_saves_and_stops_then_resume_matches(shard_run, tmp_path, monkeypatch):
@@ -282,6 +295,47 @@ def test_torchrun_cli_runs_a_preset_and_rejects_bad_overrides(shard_run, tmp_pat
     saved = json.loads((tmp_path / "cli/checkpoints/step-00000002/config.json").read_text())
     assert saved["training"]["max_steps"] == 2 and saved["data"]["image_size"] == 32
     assert loop.main(["-m", "configs.debug", "training.max_stepz=2"]) == 2
+
+
+def test_resume_flag_anywhere_and_one_line_errors(shard_run, tmp_path, capsys, caplog):
+    """`--resume` before, between or after the overrides; a resume after an architecture change and a dataset
+    without readable samples are one `nextstep: error:` line (exit 2), not a traceback."""
+    data = json.dumps([{"shards": shard_run.data.datasets[0].shards}])
+    common = [
+        f"data.datasets={data}",
+        "data.image_size=32",
+        f"model.vae_dir={shard_run.model.vae_dir}",
+        "training.save_steps=1",
+        f"training.output_dir={tmp_path / 'run'}",
+        "logging.progress=false",
+    ]
+    assert loop.main(["-m", "configs.debug", "training.max_steps=1", *common]) == 0
+    with caplog.at_level("INFO", logger="nextstep.train.run"):
+        assert loop.main(["-m", "configs.debug", "training.max_steps=2", "--resume", *common[:2], *common[2:]]) == 0
+        assert loop.main(["--resume", "-m", "configs.debug", *common, "training.max_steps=3"]) == 0
+    assert "at step 1" in caplog.text and "at step 2" in caplog.text
+    capsys.readouterr()
+
+    assert (
+        loop.main(["-m", "configs.debug", *common, "training.max_steps=4", "model.arch.hidden_size=32", "--resume"])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert err.endswith("\n") and err.count("nextstep: error:") == 1 and "Traceback" not in err
+    line = err.splitlines()[-1]
+    assert line.startswith("nextstep: error: checkpoint ") and "was written by a model of other shapes: " in line
+    assert "(64,) there, (32,) here" in line or ", 64) there, " in line, line
+
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(b"not a tar" * 100)
+    empty = [
+        f"data.datasets={json.dumps([{'shards': str(bad), 'name': 'broken'}])}",
+        f"training.output_dir={tmp_path / 'e'}",
+    ]
+    assert loop.main(["-m", "configs.debug", *common, *empty, "training.max_steps=1"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1] == "nextstep: error: dataset 'broken': no readable samples in its 1 shard(s)"
 
 
 def test_image_targets_are_in_placeholder_order_across_shape_groups():
