@@ -89,6 +89,7 @@ defaults.update({"steps": 20, "cfg": 3.0, "shift": 1.0, "negative_prompt": "",
      "edit": {"cfg": 3.0, "cfg_img": 1.5, "shift": 1.0, "steps": 20, "use_norm": False, "negative_prompt": "",
               "context_noise": 0.3}})
 defaults["trained"]["edit_instructions"] = "shapes"  # trained on nextstep.shapes' edit templates only
+defaults["trained"]["prompts"] = "shapes"  # and on its caption vocabulary: generate names unknown words
 (out / "sampling_defaults.json").write_text(json.dumps(defaults, indent=2) + "\n")
 PY
 du -sh "$OUT"

@@ -194,6 +194,10 @@ def test_builtin_model_states_its_limits(tmp_path):
     (line,) = warnings_of(r)  # and none about the size: 128x128 is the training size
     assert line.startswith("warning: edit instruction 'make it look like van gogh' is not one the shapes model was")
     assert line.endswith("'add a green heart at the top'; editing anyway")
+    r = nextstep("generate", "a pink circle next to a pentagon", "--steps", "1", "-o", str(tmp_path / "w.png"))
+    assert r.returncode == 0 and (tmp_path / "w.png").is_file(), r.stderr
+    (line,) = warnings_of(r)  # words it never saw are named, not silently drawn as something else
+    assert line.startswith("warning: the built-in model does not know 'pink', 'pentagon' and may draw"), line
 
 
 # ---- the server ----------------------------------------------------------------------------------------------

@@ -9,27 +9,29 @@ from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
-INSTRUCTION_LANGUAGES = ("shapes",)  # nextstep.shapes: the edit templates of the synthetic shapes data
+INSTRUCTION_LANGUAGES = ("shapes",)  # nextstep.shapes: the caption and edit templates of the synthetic shapes data
 
 
 @dataclass
 class Trained:
     sizes: list[tuple[int, int]] | None = None  # (H, W) in pixels the model was trained at; None: not recorded
     edit_instructions: str | None = None  # one of INSTRUCTION_LANGUAGES; None: any text
+    prompts: str | None = None  # the vocabulary of its text prompts, one of INSTRUCTION_LANGUAGES; None: any
 
 
 def read_trained(raw: dict, where: str) -> Trained:
     """The "trained" entry of a sampling_defaults.json; ValueError naming `where` if malformed."""
-    unknown = set(raw) - {"sizes", "edit_instructions"}
+    unknown = set(raw) - {"sizes", "edit_instructions", "prompts"}
     sizes = raw.get("sizes")
     language = raw.get("edit_instructions")
     if unknown:
         raise ValueError(f"unknown keys {sorted(unknown)} in 'trained' of {where}")
     if sizes is not None and not all(isinstance(s, list) and len(s) == 2 for s in sizes):
         raise ValueError(f"'trained.sizes' of {where} must be a list of [height, width], got {sizes!r}")
-    if language not in (None, *INSTRUCTION_LANGUAGES):
-        raise ValueError(f"'trained.edit_instructions' of {where} must be one of {INSTRUCTION_LANGUAGES}")
-    return Trained(None if sizes is None else [tuple(s) for s in sizes], language)
+    for key in ("edit_instructions", "prompts"):
+        if raw.get(key) not in (None, *INSTRUCTION_LANGUAGES):
+            raise ValueError(f"'trained.{key}' of {where} must be one of {INSTRUCTION_LANGUAGES}")
+    return Trained(None if sizes is None else [tuple(s) for s in sizes], language, raw.get("prompts"))
 
 
 def warn_untrained_size(trained: Trained, size: tuple[int, int]) -> None:
@@ -52,3 +54,15 @@ def warn_unknown_instructions(trained: Trained, instructions: list[str]) -> None
                 parse_edit(text)
             except ValueError as e:
                 log.warning("warning: %s; editing anyway", e)
+
+
+def warn_unknown_words(trained: Trained, prompts: list[str]) -> None:
+    """One line per prompt naming the words a model with a closed vocabulary (the built-in one) never saw,
+    instead of drawing something else without a word."""
+    if trained.prompts == "shapes":
+        from nextstep.shapes.phrasing import vocabulary_warning
+
+        for text in prompts:
+            warning = vocabulary_warning(text)
+            if warning:
+                log.warning("warning: %s", warning)

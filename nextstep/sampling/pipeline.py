@@ -23,7 +23,7 @@ from nextstep.model.tokenizer import BOI, EOI, IMAGE_AREA, IMAGE_PLACEHOLDER, Te
 from nextstep.model.vae import AutoEncoder, load_vae, pil_to_pixels, pixels_to_pil
 from nextstep.sampling.engine import Engine
 from nextstep.sampling.flow import FlowSettings, guidance_rows
-from nextstep.sampling.limits import read_trained, warn_unknown_instructions, warn_untrained_size
+from nextstep.sampling.limits import read_trained, warn_unknown_instructions, warn_unknown_words, warn_untrained_size
 from nextstep.sampling.options import (  # noqa: F401  (re-exported: the schema's old home)
     ENGINES,
     MAX_BATCH,
@@ -136,6 +136,7 @@ class Pipeline:
         """
         opts = replace(GenerateOptions(**self.defaults), **options)
         prompts = _as_list(prompts, "prompt")
+        warn_unknown_words(self.trained, prompts)
         captions = [p + (" " + opts.positive_prompt if opts.positive_prompt else "") for p in prompts]
         return self._run(captions, [[] for _ in captions], opts, trace, draw, on_token)
 
