@@ -1,0 +1,121 @@
+"""The API on Ray Serve, on a local CPU cluster of two replicas of the built-in model: the same contract,
+load spread over both replicas, the single-process server's images, and a killed replica answered 503."""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ray = pytest.importorskip("ray", reason="ray[serve] is not installed (pip install -e .[ray])")
+httpx = pytest.importorskip("httpx")
+from fastapi.testclient import TestClient  # noqa: E402
+from ray import serve  # noqa: E402
+
+from nextstep.assets import builtin_model_dir  # noqa: E402
+from nextstep.sampling.pipeline import Pipeline  # noqa: E402
+from nextstep.serve.api import ServeConfig, build_app  # noqa: E402
+from nextstep.serve.ray_serve import APP_NAME, REPLICA_HEADER, RayConfig, build_application  # noqa: E402
+
+GEN = "/v1/images/generations"
+SERVE = ServeConfig(model_name="tiny", max_batch=8, max_wait_ms=50, max_n=4, max_steps=8, default_size=(32, 32))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def url():
+    if builtin_model_dir() is None:
+        pytest.skip("the built-in model is not shipped in this checkout")
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False)
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_application(RayConfig(replicas=2, health_check_period_s=1, serve=SERVE)), name=APP_NAME)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def single():
+    """The single-process server with the same limits, for the expected images."""
+    app = build_app(Pipeline.from_pretrained(builtin_model_dir(), device="cpu"), SERVE)
+    with TestClient(app) as client:
+        yield client
+
+
+def pixels(item: dict) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))), dtype=int)
+
+
+def post_all(url: str, bodies: list[dict]) -> list[httpx.Response]:
+    with httpx.Client(base_url=url, timeout=120) as c, ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(lambda body: c.post(GEN, json=body), bodies))
+
+
+def running_replicas() -> int:
+    app = serve.status().applications[APP_NAME]
+    return app.deployments["ImageModel"].replica_states.get("RUNNING", 0)
+
+
+def test_routes_and_errors_are_the_single_servers(url, single):
+    with httpx.Client(base_url=url, timeout=60) as c:
+        assert c.get("/health").json()["status"] == "ok"
+        assert c.get("/v1/models").json()["data"][0]["id"] == "tiny"
+        for body, status, param in [({"prompt": "a", "n": 9}, 400, "n"), ({"prompt": "a", "sed": 1}, 400, "sed")]:
+            r, want = c.post(GEN, json=body), single.post(GEN, json=body)
+            assert (r.status_code, r.json()) == (want.status_code, want.json()) == (status, want.json())
+            assert r.json()["error"]["param"] == param
+        assert (
+            c.post("/v1/images/edits", json={"prompt": "x"}).json()
+            == single.post("/v1/images/edits", json={"prompt": "x"}).json()
+        )
+        assert "responses" in c.get("/metrics").json() and c.get("/metrics").headers[REPLICA_HEADER]
+
+
+def test_load_spreads_over_both_replicas_with_the_single_servers_images(url, single):
+    bodies = [{"prompt": f"a red circle {i}", "seed": i, "steps": 2} for i in range(8)]
+    responses = post_all(url, bodies)
+    assert [r.status_code for r in responses] == [200] * 8
+    assert len({r.headers[REPLICA_HEADER] for r in responses}) == 2
+    for body, r in zip(bodies, responses, strict=True):
+        want = single.post(GEN, json=body).json()
+        assert r.json()["seed"] == want["seed"]
+        assert np.abs(pixels(r.json()["data"][0]) - pixels(want["data"][0])).max() <= 1  # batch-shape rounding
+
+
+def test_a_killed_replica_fails_its_requests_with_503_and_is_replaced(url):
+    with httpx.Client(base_url=url, timeout=60) as c:
+        victim = c.post(GEN, json={"prompt": "who", "steps": 1}).headers[REPLICA_HEADER]
+    bodies = [{"prompt": f"a blue square {i}", "seed": i, "steps": 8, "n": 2, "size": "64x64"} for i in range(16)]
+    with ThreadPoolExecutor(1) as pool:
+        load = pool.submit(post_all, url, bodies)
+        time.sleep(1)  # the requests are in the replicas (the load takes about 4 s here)
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        responses = load.result(timeout=120)
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 503} and 503 in statuses, statuses
+    for r in responses:
+        if r.status_code == 503:
+            assert "replica serving this request died" in r.json()["error"]["message"]
+        else:
+            assert len(r.json()["data"]) == 2
+    deadline = time.monotonic() + 120
+    while running_replicas() < 2:
+        assert time.monotonic() < deadline, "the killed replica was not replaced"
+        time.sleep(0.5)
+    after = post_all(url, [{"prompt": f"again {i}", "seed": i, "steps": 1} for i in range(6)])
+    assert [r.status_code for r in after] == [200] * 6
+    assert victim not in {r.headers[REPLICA_HEADER] for r in after}
