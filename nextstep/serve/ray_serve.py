@@ -23,10 +23,14 @@ from dataclasses import dataclass, field, fields, replace
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
-from ray import serve
-from ray.exceptions import RayActorError
-from ray.serve.exceptions import DeploymentUnavailableError
-from ray.serve.handle import DeploymentHandle
+
+try:
+    from ray import serve
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import DeploymentUnavailableError
+    from ray.serve.handle import DeploymentHandle
+except ImportError as e:
+    raise ImportError(f"replicas on Ray Serve need ray[serve]: pip install 'nextstep[ray]' ({e})") from e
 
 from nextstep.sampling.pipeline import Pipeline
 from nextstep.serve.api import ApiError, BodyLimit, ServeConfig, build_app, build_parser

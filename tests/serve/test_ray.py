@@ -8,6 +8,7 @@ import io
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -119,3 +120,30 @@ def test_a_killed_replica_fails_its_requests_with_503_and_is_replaced(url):
     after = post_all(url, [{"prompt": f"again {i}", "seed": i, "steps": 1} for i in range(6)])
     assert [r.status_code for r in after] == [200] * 6
     assert victim not in {r.headers[REPLICA_HEADER] for r in after}
+
+
+def test_the_shipped_config_file_is_valid_for_serve_run():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / "serve_ray.yaml").read_text())
+    app = ServeDeploySchema.model_validate(raw).applications[0]
+    config = RayConfig.from_dict(app.args)
+    assert (config.replicas, config.max_replicas, config.serve.max_batch) == (1, 4, 16)
+    with pytest.raises(ValueError, match="unknown option.*replica_count"):
+        RayConfig.from_dict({"replica_count": 2})
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--replicas", "0"], "replicas must be >= 1, got 0"),
+        (["--replicas", "2", "--max-replicas", "1"], "max_replicas (1) must be >= replicas (2)"),
+        (["--replicas=1", "--max-batch", "0"], "max_batch must be > 0, got 0"),
+    ],
+)
+def test_serve_with_bad_replica_options_exits_2_naming_the_value(argv, message, capsys):
+    from nextstep.serve.api import main_serve
+
+    assert main_serve(argv) == 2
+    assert f"nextstep serve: error: {message}" in capsys.readouterr().err
