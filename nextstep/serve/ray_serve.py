@@ -126,10 +126,18 @@ class RayBatcher(Batcher):
             raise QueueFull(f"{self.queued} requests are waiting (limit {self.max_queue}); retry later")
         job.future = asyncio.get_running_loop().create_future()
         self._queued.add(job)
-        task = asyncio.get_running_loop().create_task(self._batched(job))
+        task = asyncio.get_running_loop().create_task(self._enqueue(job))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return job.future
+
+    async def _enqueue(self, job: Job) -> None:
+        try:
+            await self._batched(job)
+        except Exception as e:  # @serve.batch failed the call (e.g. outside a replica): fail the request, never hang
+            self._queued.discard(job)
+            if not job.future.done():
+                job.future.set_exception(e)
 
     async def _run_jobs(self, jobs: list[Job]) -> list[None]:
         """One @serve.batch batch: a pipeline call per option set; each job's future gets its images."""
