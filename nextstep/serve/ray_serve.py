@@ -187,7 +187,10 @@ class ImageModel:
         await asyncio.to_thread(self.pipe.generate, "warm-up", size=server.default_size, steps=1, seed=0)
         self.lifespan = contextlib.AsyncExitStack()
         await self.lifespan.enter_async_context(self.app.router.lifespan_context(self.app))
-        self.http = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://replica")
+        # no client timeout: the app answers 504 itself after config.serve.timeout_s
+        self.http = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=self.app), base_url="http://replica", timeout=None
+        )
         self.name = serve.get_replica_context().replica_id.to_full_id_str()
         log.info("replica %s ready on %s", self.name, device)
 
