@@ -1,5 +1,7 @@
 """What partial images cost: seconds per final image with partial decoding every k token rows against none.
 
+The partial images are those a stream sends before the pipeline's own final image (every_rows(final=False)).
+
     python bench/partial.py [--model DIR] [--rows 1,2,4] [--repeat 3]
 
 The built-in model at its shipped sampling defaults (128x128, an 8x8 token grid), eager on the CPU or the
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe.generate("a red circle", seed=0)  # warm-up
     for i in range(args.repeat):
         for k in settings:
-            on_token = every_rows(pipe, size, rows=k, on_partial=lambda r, images: None) if k else None
+            on_token = every_rows(pipe, size, rows=k, on_partial=lambda r, images: None, final=False) if k else None
             start, cpu_start = time.perf_counter(), time.process_time()
             pipe.generate("a red circle on a blue square", seed=i + 1, on_token=on_token)
             if pipe.model.embed_tokens.weight.is_cuda:

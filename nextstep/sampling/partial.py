@@ -44,16 +44,19 @@ def decode_partial(pipe: Pipeline, tokens: torch.Tensor, size: tuple[int, int]) 
     return [pixels_to_pil(x) for x in pixels]
 
 
-def every_rows(pipe: Pipeline, size: tuple[int, int], *, rows: int, on_partial: OnPartial) -> OnToken:
+def every_rows(
+    pipe: Pipeline, size: tuple[int, int], *, rows: int, on_partial: OnPartial, final: bool = True
+) -> OnToken:
     """An on_token callback for pipe.generate/edit at `size` calling on_partial(rows_done, images) every `rows`
-    image-token rows and after the last token (its images are then the final ones)."""
+    image-token rows and, with `final`, after the last token (its images are then the final ones). A stream
+    that sends the pipeline's own result last passes final=False and saves that decode."""
     if rows <= 0:
         raise ValueError(f"rows (image-token rows between partial images) must be > 0, got {rows}")
     h, w = size[0] // pipe.down_factor, size[1] // pipe.down_factor
 
     def on_token(k: int, tokens: torch.Tensor) -> None:
         done = k + 1
-        if done % (rows * w) == 0 or done == h * w:
+        if (done == h * w and final) or (done < h * w and done % (rows * w) == 0):
             on_partial(-(-done // w), decode_partial(pipe, tokens, size))
 
     return on_token

@@ -43,6 +43,13 @@ def test_partial_images_come_every_k_rows_and_the_last_is_the_final_image(pipe, 
         assert np.abs(np.asarray(seen[0][1][0], dtype=int) - np.asarray(final[0], dtype=int)).max() > 0
 
 
+def test_without_final_the_last_token_is_not_decoded(pipe):
+    seen = []
+    on_token = every_rows(pipe, SIZE, rows=2, on_partial=lambda r, images: seen.append(r), final=False)
+    pipe.generate("a red circle", on_token=on_token, **OPTS)
+    assert seen == [2]
+
+
 def test_partial_decode_refuses_more_tokens_than_the_grid(pipe):
     with pytest.raises(ValueError, match="got 9 tokens for a grid of 4x2"):
         decode_partial(pipe, torch.zeros(1, 9, pipe.model.config.token_dim), SIZE)
