@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import signal
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +47,7 @@ def free_port() -> int:
 def url():
     if builtin_model_dir() is None:
         pytest.skip("the built-in model is not shipped in this checkout")
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}  # ray.init replaces them
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False)
     try:
         port = free_port()
@@ -55,6 +57,8 @@ def url():
     finally:
         serve.shutdown()
         ray.shutdown()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 @pytest.fixture(scope="module")
