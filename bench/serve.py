@@ -1,12 +1,16 @@
-"""Image API throughput and latency against concurrency, with request batching on and off (max-batch 1).
+"""Image API throughput and latency against concurrency: the single-process server and Ray Serve replicas.
 
-    python bench/serve.py --model path/to/checkpoint --size 32x32 --steps 2        # CPU, tiny model
-    python bench/serve.py --model path/to/NextStep-1.1 --size 256x256 --steps 28 --concurrency 1,8,32
+    python bench/serve.py                                       # CPU, the built-in model, 32x32, 2 steps
+    python bench/serve.py --setups single,ray1,ray2 --concurrency 1,8,32,64
+    python bench/serve.py --model path/to/NextStep-1.1 --size 256x256 --steps 28 --setups single,ray1,ray8 \
+        --gpus-per-replica 1                                    # GPU machine: one replica per GPU
 
-Each setting starts `nextstep serve` (python -m nextstep.serve.api) as a subprocess on 127.0.0.1, warms it up,
-then at each concurrency c keeps c requests in flight until `max(16, 4c)` requests (n=1, own seeds) are done.
-One JSON line per result: {"what", "config", "device", "number", "unit"}: images/s, p50/p99 latency, and the
-images per pipeline call read from /metrics; then the batched/unbatched images/s ratio per concurrency.
+A setup is `single` (`nextstep serve`, batching up to --max-batch), `single-nobatch` (--max-batch 1) or
+`rayN` (`nextstep serve --replicas N`: N replicas behind the Ray Serve gateway, one CPU core or
+--gpus-per-replica GPUs each). Each starts as a subprocess on 127.0.0.1, is warmed up, then at each
+concurrency c keeps c requests in flight until max(--requests, c) requests (n=1, own seeds) are done.
+One JSON line per result: {"what", "config", "device", "number", "unit"}: images/s, p50/p95 latency, for
+`single` the images per pipeline call from /metrics, and each setup's images/s against the first setup's.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -40,26 +45,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args: argparse.Namespace, max_batch: int) -> tuple[subprocess.Popen, str]:
-    port = free_port()
+def server_command(args: argparse.Namespace, setup: str, port: int) -> list[str]:
     cmd = [sys.executable, "-m", "nextstep.serve.api", "--model", str(args.model), "--port", str(port)]
-    cmd += ["--max-batch", str(max_batch), "--max-wait-ms", str(args.max_wait_ms), "--max-queue", "4096"]
-    cmd += ["--default-size", args.size, "--log-level", "warning", "--max-n", "1", "--timeout", "3600"]
+    cmd += ["--max-wait-ms", str(args.max_wait_ms), "--max-queue", "4096", "--default-size", args.size]
+    cmd += ["--log-level", "warning", "--max-n", "1", "--timeout", "3600"]
     if args.device:
         cmd += ["--device", args.device]
+    if setup == "single-nobatch":
+        return cmd + ["--max-batch", "1"]
+    cmd += ["--max-batch", str(args.max_batch)]
+    if setup == "single":
+        return cmd
+    match = re.fullmatch(r"ray(\d+)", setup)
+    if match is None:
+        raise SystemExit(f"bench/serve.py: error: unknown setup {setup!r}: single, single-nobatch or rayN")
+    return cmd + ["--replicas", match[1], "--gpus-per-replica", str(args.gpus_per_replica)]
+
+
+def start_server(cmd: list[str]) -> tuple[subprocess.Popen, str]:
+    port = cmd[cmd.index("--port") + 1]
     proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with code {proc.returncode}")
         try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
                 return proc, url
         except httpx.HTTPError:
-            time.sleep(0.2)
+            pass
+        time.sleep(0.5)
     proc.kill()
-    raise RuntimeError("server did not come up in 300 s")
+    raise RuntimeError("server did not come up in 600 s")
 
 
 async def load(url: str, *, concurrency: int, requests: int, steps: int, offset: int) -> tuple[float, list[float]]:
@@ -86,18 +104,19 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else values[0]
 
 
-def bench_setting(args: argparse.Namespace, max_batch: int, device: str) -> dict[int, float]:
-    proc, url = start_server(args, max_batch)
+def bench_setup(args: argparse.Namespace, setup: str, device: str) -> dict[int, float]:
+    proc, url = start_server(server_command(args, setup, free_port()))
     rates = {}
     try:
         asyncio.run(load(url, concurrency=4, requests=8, steps=args.steps, offset=10**6))  # warm-up, not timed
         for c in args.concurrency:
-            requests = max(16, 4 * c)
+            requests = max(args.requests, c)
             before = httpx.get(f"{url}/metrics").json()
             wall, latencies = asyncio.run(load(url, concurrency=c, requests=requests, steps=args.steps, offset=0))
             after = httpx.get(f"{url}/metrics").json()
             config = {
-                "max_batch": max_batch,
+                "setup": setup,
+                "max_batch": 1 if setup == "single-nobatch" else args.max_batch,
                 "max_wait_ms": args.max_wait_ms,
                 "concurrency": c,
                 "requests": requests,
@@ -106,14 +125,15 @@ def bench_setting(args: argparse.Namespace, max_batch: int, device: str) -> dict
                 "model": Path(args.model).name,
             }
             rates[c] = requests / wall
-            calls = after["batches"] - before["batches"]
             emit("images_per_s", config, round(rates[c], 2), "images/s", device)
             emit("latency_p50", config, round(1e3 * percentile(latencies, 50), 1), "ms", device)
-            emit("latency_p99", config, round(1e3 * percentile(latencies, 99), 1), "ms", device)
-            emit("images_per_pipeline_call", config, round(requests / max(calls, 1), 2), "images", device)
+            emit("latency_p95", config, round(1e3 * percentile(latencies, 95), 1), "ms", device)
+            if setup.startswith("single"):  # a Ray deployment's /metrics is one replica's
+                calls = after["batches"] - before["batches"]
+                emit("images_per_pipeline_call", config, round(requests / max(calls, 1), 2), "images", device)
     finally:
         proc.terminate()
-        proc.wait(30)
+        proc.wait(120)
     return rates
 
 
@@ -122,18 +142,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=builtin_model_dir() or REFERENCE, help="checkpoint directory")
     p.add_argument("--size", default="32x32", help="WIDTHxHEIGHT of every request")
     p.add_argument("--steps", type=int, default=2, help="head steps per token")
-    p.add_argument("--concurrency", type=lambda s: [int(v) for v in s.split(",")], default=[1, 4, 16, 64])
-    p.add_argument("--max-batch", type=int, default=16, help="the batched setting; the baseline is 1")
+    p.add_argument("--concurrency", type=lambda s: [int(v) for v in s.split(",")], default=[1, 8, 32, 64])
+    p.add_argument("--requests", type=int, default=8, help="requests per concurrency level (at least c)")
+    p.add_argument("--setups", type=lambda s: s.split(","), default=["single", "ray1", "ray2"])
+    p.add_argument("--max-batch", type=int, default=16, help="images per pipeline call (single and rayN)")
     p.add_argument("--max-wait-ms", type=float, default=10.0)
+    p.add_argument("--gpus-per-replica", type=float, default=0, help="GPUs per Ray replica (0: one CPU core)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     args = p.parse_args(argv)
     use_cuda = args.device != "cpu" and torch.cuda.is_available()
-    device = torch.cuda.get_device_name() if use_cuda else "cpu"
-    baseline = bench_setting(args, 1, device)
-    batched = bench_setting(args, args.max_batch, device)
-    for c in args.concurrency:
-        config = {"max_batch": args.max_batch, "baseline_max_batch": 1, "concurrency": c, "size": args.size}
-        emit("batching_speedup", config, round(batched[c] / baseline[c], 2), "x", device)
+    device = torch.cuda.get_device_name() if use_cuda else f"cpu ({os.cpu_count()} cores)"
+    emit("load_average_1min", {"when": "start"}, round(os.getloadavg()[0], 2), "runnable processes", device)
+    rates = {setup: bench_setup(args, setup, device) for setup in args.setups}
+    emit("load_average_1min", {"when": "end"}, round(os.getloadavg()[0], 2), "runnable processes", device)
+    first = args.setups[0]
+    for setup in args.setups[1:]:
+        for c in args.concurrency:
+            config = {"setup": setup, "baseline": first, "concurrency": c, "size": args.size, "steps": args.steps}
+            emit("images_per_s_ratio", config, round(rates[setup][c] / rates[first][c], 2), "x", device)
     return 0
 
 

@@ -412,6 +412,10 @@ def main_serve(argv: list[str] | None = None) -> int:
 
     from nextstep.hub import resolve_model_dir
 
+    if {a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv)} & {"--replicas", "--address"}:
+        from nextstep.serve.ray_serve import main_serve_ray  # replicas on Ray Serve
+
+        return main_serve_ray(argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     path = resolve_model_dir(args.model)

@@ -1,0 +1,346 @@
+"""The image API on Ray Serve: model replicas across GPUs and nodes behind a gateway that keeps the API's contract.
+
+nextstep serve --replicas 2 --gpus-per-replica 1                    # a local Ray cluster on this machine
+nextstep serve --replicas 2 --max-replicas 8 --address ray://head:10001
+serve run configs/serve_ray.yaml                                    # the same application from a config file
+
+Each replica (ImageModel) loads the pipeline, warms it up, then serves the single-process server's own app
+(nextstep.serve.api.build_app) in process, with its batches formed by Ray Serve's @serve.batch (RayBatcher).
+The gateway, the HTTP ingress, forwards each request to a replica through a deployment handle and turns
+Ray's failures into the API's JSON errors: a replica that dies mid-request gives 503, a hung one 504.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from dataclasses import dataclass, field, fields, replace
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+try:
+    from ray import serve
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import DeploymentUnavailableError
+    from ray.serve.handle import DeploymentHandle
+except ImportError as e:
+    raise ImportError(f"replicas on Ray Serve need ray[serve]: pip install 'nextstep[ray]' ({e})") from e
+
+from nextstep.sampling.pipeline import Pipeline
+from nextstep.serve.api import ApiError, BodyLimit, ServeConfig, build_app, build_parser
+from nextstep.serve.batching import Batcher, Job, QueueFull
+
+log = logging.getLogger(__name__)
+
+REPLICA_HEADER = "x-nextstep-replica"  # names the replica (its Ray actor, namespace "serve") that answered
+APP_NAME = "nextstep"  # the Ray Serve application
+
+
+@dataclass
+class RayConfig:
+    model: str | None = None  # checkpoint directory, present on every node; None: the built-in model
+    device: str | None = None  # cpu or cuda; None: cuda when the replica has a GPU
+    replicas: int = 1  # replicas at start; with max_replicas, the autoscaling floor
+    max_replicas: int | None = None  # autoscaling ceiling; None: a fixed number of replicas
+    target_ongoing_requests: float = 16  # autoscaling aims at this many requests in flight per replica
+    gpus_per_replica: float = 0  # GPUs per replica (0: CPU replicas)
+    cpus_per_replica: float = 1  # CPU cores per replica (the torch threads of a CPU replica)
+    health_check_period_s: float = 10  # Ray calls each replica's check_health this often
+    serve: ServeConfig = field(default_factory=ServeConfig)  # limits, batching and timeouts of each replica
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {self.replicas}")
+        if self.max_replicas is not None and self.max_replicas < self.replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) must be >= replicas ({self.replicas})")
+        if self.gpus_per_replica < 0 or self.cpus_per_replica < 0 or self.target_ongoing_requests <= 0:
+            raise ValueError(
+                f"need gpus_per_replica >= 0, cpus_per_replica >= 0 and target_ongoing_requests > 0, got "
+                f"{self.gpus_per_replica}, {self.cpus_per_replica}, {self.target_ongoing_requests}"
+            )
+
+    @classmethod
+    def from_dict(cls, args: dict) -> RayConfig:
+        """The `args` of a `serve run` config file: RayConfig's fields, ServeConfig's under `serve`."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(args) - known)
+        if unknown:
+            raise ValueError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        serve_args = dict(args.get("serve") or {})
+        if "default_size" in serve_args:
+            serve_args["default_size"] = tuple(serve_args["default_size"])
+        return cls(**{**args, "serve": ServeConfig(**serve_args)})
+
+
+class RayBatcher(Batcher):
+    """The server's batcher with batches formed by Ray Serve's @serve.batch instead of our own wait loop.
+
+    @serve.batch collects calls for up to max_wait_s or max_batch images (batch_size_fn counts images) and
+    runs one batch at a time; what it cannot do, grouping by options, happens here: a batch mixing options
+    runs as one pipeline call per option set, in arrival order. The queue limit (429), the retry of a
+    failed batch request by request and the counters of /metrics are the Batcher's own.
+    """
+
+    def __init__(self, run, *, max_batch: int, max_wait_s: float, max_queue: int, max_n: int):
+        super().__init__(run, max_batch=max_batch, max_wait_s=max_wait_s, max_queue=max_queue)
+        self._queued: set[Job] = set()  # submitted, not yet in a batch
+        self._tasks: set[asyncio.Task] = set()  # the @serve.batch calls in flight
+        self._running = False
+        # a request of n > max_batch images still runs, alone, as with our own batcher
+        self._batched = serve.batch(
+            max_batch_size=max(max_batch, max_n),
+            batch_wait_timeout_s=max_wait_s,
+            max_concurrent_batches=1,
+            batch_size_fn=lambda jobs: sum(job.n for job in jobs),
+        )(self._run_jobs)
+
+    @property
+    def queued(self) -> int:
+        return sum(not job.future.done() for job in self._queued)
+
+    @property
+    def alive(self) -> bool:
+        return self._running
+
+    def start(self) -> None:
+        self._running = True
+
+    async def stop(self) -> None:
+        self._running = False
+        for job in self._queued:
+            if not job.future.done():
+                job.future.set_exception(RuntimeError("the server is shutting down"))
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def submit(self, job: Job) -> asyncio.Future:
+        if self.queued >= self.max_queue:
+            self.stats.rejected += 1
+            raise QueueFull(f"{self.queued} requests are waiting (limit {self.max_queue}); retry later")
+        job.future = asyncio.get_running_loop().create_future()
+        self._queued.add(job)
+        task = asyncio.get_running_loop().create_task(self._enqueue(job))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return job.future
+
+    async def _enqueue(self, job: Job) -> None:
+        try:
+            await self._batched(job)
+        except Exception as e:  # @serve.batch failed the call (e.g. outside a replica): fail the request, never hang
+            self._queued.discard(job)
+            if not job.future.done():
+                job.future.set_exception(e)
+
+    async def _run_jobs(self, jobs: list[Job]) -> list[None]:
+        """One @serve.batch batch: a pipeline call per option set; each job's future gets its images."""
+        self._queued.difference_update(jobs)
+        live = [job for job in jobs if not job.future.done()]  # a request that timed out while queued is gone
+        for key in dict.fromkeys(job.key for job in live):
+            await self._serve([job for job in live if job.key == key])
+        return [None] * len(jobs)
+
+
+@dataclass
+class HttpCall:
+    """An HTTP request as the gateway hands it to a replica."""
+
+    method: str
+    path: str  # with the query string
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+@dataclass
+class HttpReply:
+    status: int
+    content_type: str
+    body: bytes
+    replica: str  # the answering replica's actor name
+
+
+@serve.deployment(name="ImageModel")
+class ImageModel:
+    """One model replica: the pipeline, warmed up before Ray routes to it, serving the API app in process."""
+
+    async def __init__(self, config: RayConfig, model_dir: str):
+        device = config.device or ("cuda" if config.gpus_per_replica > 0 else "cpu")
+        self.pipe = await asyncio.to_thread(Pipeline.from_pretrained, model_dir, device=device)
+        self.app = build_app(self.pipe, config.serve)
+        server = self.app.state.server
+        server.batcher = RayBatcher(
+            server.batcher.run,
+            max_batch=config.serve.max_batch,
+            max_wait_s=config.serve.max_wait_ms / 1000,
+            max_queue=config.serve.max_queue,
+            max_n=config.serve.max_n,
+        )
+        # Ray marks the replica ready when this constructor returns: warm up first, so the first request
+        # does not pay for lazy initialisation (and on GPU the engine's CUDA-graph capture)
+        await asyncio.to_thread(self.pipe.generate, "warm-up", size=server.default_size, steps=1, seed=0)
+        self.lifespan = contextlib.AsyncExitStack()
+        await self.lifespan.enter_async_context(self.app.router.lifespan_context(self.app))
+        # no client timeout: the app answers 504 itself after config.serve.timeout_s
+        self.http = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=self.app), base_url="http://replica", timeout=None
+        )
+        self.name = serve.get_replica_context().replica_id.to_full_id_str()
+        log.info("replica %s ready on %s", self.name, device)
+
+    async def respond(self, call: HttpCall) -> HttpReply:
+        r = await self.http.request(call.method, call.path, headers=call.headers, content=call.body)
+        return HttpReply(r.status_code, r.headers.get("content-type", "application/json"), r.content, self.name)
+
+    def check_health(self) -> None:
+        """Ray replaces a replica whose check fails."""
+        if not self.app.state.server.batcher.alive:
+            raise RuntimeError("the batcher stopped")
+
+    async def __del__(self) -> None:
+        await self.http.aclose()
+        await self.lifespan.aclose()
+
+
+def gateway_app(model: DeploymentHandle, config: ServeConfig) -> FastAPI:
+    """Every route of the API, forwarded to a replica; Ray's failures answered as the API's JSON errors."""
+    app = FastAPI(title="nextstep", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    deadline_s = config.timeout_s + 30  # replicas answer 504 at timeout_s; this bounds a hung replica
+
+    @app.api_route("/{path:path}", methods=["GET", "POST"])
+    async def forward(request: Request) -> Response:
+        path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        headers = [(k, v) for k, v in request.headers.items() if k not in ("host", "content-length")]
+        call = HttpCall(request.method, path, headers, await request.body())
+        response = model.respond.remote(call)
+        try:
+            reply = await asyncio.wait_for(response, deadline_s)
+        except asyncio.TimeoutError:
+            response.cancel()
+            return ApiError(f"no replica answered in {deadline_s:g} s", status=504, kind="timeout").response()
+        except RayActorError as e:
+            log.warning("replica died serving %s: %s", request.url.path, e)
+            message = "the replica serving this request died; it is being replaced, retry the request"
+            return ApiError(message, status=503).response()
+        except DeploymentUnavailableError as e:
+            return ApiError(f"no replica is available: {e.message}", status=503).response()
+        return Response(reply.body, reply.status, {REPLICA_HEADER: reply.replica}, media_type=reply.content_type)
+
+    return app
+
+
+@serve.deployment(name="Gateway", ray_actor_options={"num_cpus": 0})
+@serve.ingress()
+class Gateway:
+    """The HTTP ingress: holds no model, so it survives the replicas behind it."""
+
+    def __init__(self, model: DeploymentHandle, config: ServeConfig):
+        self.model, self.config = model, config
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return gateway_app(self.model, self.config)
+
+
+def build_application(config: RayConfig) -> serve.Application:
+    """The gateway bound to the model deployment, with replicas, resources and autoscaling from `config`."""
+    from nextstep.cli import resolve_model_dir
+
+    model_dir = resolve_model_dir(config.model).resolve()
+    serve_config = config.serve
+    if serve_config.model_name == ServeConfig.model_name:
+        serve_config = replace(serve_config, model_name=model_dir.name)
+    config = replace(config, serve=serve_config)
+    # a replica takes requests up to its own queue limit and answers 429 beyond it, as the single server does
+    per_replica = serve_config.max_queue + serve_config.max_batch
+    scaling = {"num_replicas": config.replicas}
+    if config.max_replicas is not None:
+        bounds = {"min_replicas": config.replicas, "max_replicas": config.max_replicas}
+        scaling = {"autoscaling_config": {**bounds, "target_ongoing_requests": config.target_ongoing_requests}}
+    model = ImageModel.options(
+        **scaling,
+        ray_actor_options={"num_cpus": config.cpus_per_replica, "num_gpus": config.gpus_per_replica},
+        max_ongoing_requests=per_replica,
+        health_check_period_s=config.health_check_period_s,
+    ).bind(config, str(model_dir))
+    max_replicas = config.max_replicas or config.replicas
+    return Gateway.options(max_ongoing_requests=per_replica * max_replicas).bind(model, serve_config)
+
+
+def app_builder(args: dict) -> serve.Application:
+    """The application of `serve run configs/serve_ray.yaml`: `args` as in RayConfig.from_dict."""
+    return build_application(RayConfig.from_dict(args))
+
+
+def build_ray_parser() -> argparse.ArgumentParser:
+    p = build_parser()
+    g = p.add_argument_group("replicas on Ray Serve")
+    g.add_argument("--replicas", type=int, default=1, help="model replicas (the autoscaling floor with --max-replicas)")
+    g.add_argument("--max-replicas", type=int, default=None, help="autoscale up to this many replicas")
+    g.add_argument("--target-ongoing-requests", type=float, default=RayConfig.target_ongoing_requests)
+    g.add_argument("--gpus-per-replica", type=float, default=None, help="default: 1 if the cluster has GPUs, else 0")
+    g.add_argument("--cpus-per-replica", type=float, default=RayConfig.cpus_per_replica)
+    g.add_argument("--address", default=None, help="Ray cluster (ray://head:10001, auto); default: start one here")
+    return p
+
+
+def main_serve_ray(argv: list[str] | None = None) -> int:
+    """`nextstep serve --replicas N ...`: run the application on Ray until interrupted."""
+    import ray
+
+    args = build_ray_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        serve_config = ServeConfig(
+            max_batch=args.max_batch,
+            max_wait_ms=args.max_wait_ms,
+            max_queue=args.max_queue,
+            timeout_s=args.timeout,
+            max_n=args.max_n,
+            max_side=args.max_side,
+            max_steps=args.max_steps,
+            default_size=args.default_size,
+            **({"model_name": args.model_name} if args.model_name else {}),
+        )
+        config = RayConfig(
+            model=args.model,
+            device=args.device,
+            replicas=args.replicas,
+            max_replicas=args.max_replicas,
+            target_ongoing_requests=args.target_ongoing_requests,
+            gpus_per_replica=args.gpus_per_replica or 0,
+            cpus_per_replica=args.cpus_per_replica,
+            serve=serve_config,
+        )
+    except ValueError as e:
+        print(f"nextstep serve: error: {e}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run the shutdown below on `kill` too
+    ray.init(address=args.address, logging_level=args.log_level.upper())
+    try:
+        if args.gpus_per_replica is None and args.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0:
+            config = replace(config, gpus_per_replica=1)
+        application = build_application(config)
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(application, name=APP_NAME, route_prefix="/")
+        log.info("serving on http://%s:%d with %s", args.host, args.port, config)
+        with contextlib.suppress(KeyboardInterrupt):
+            while True:
+                signal.pause()
+    except (ValueError, FileNotFoundError) as e:
+        print(f"nextstep serve: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_serve_ray())

@@ -1,0 +1,214 @@
+"""The API on Ray Serve, on a local CPU cluster of two replicas of the built-in model: the same contract,
+load spread over both replicas, the single-process server's images, and a killed replica answered 503."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ray = pytest.importorskip("ray", reason="ray[serve] is not installed (pip install -e .[ray])")
+httpx = pytest.importorskip("httpx")
+from fastapi.testclient import TestClient  # noqa: E402
+from ray import serve  # noqa: E402
+
+from nextstep.assets import builtin_model_dir  # noqa: E402
+from nextstep.sampling.pipeline import Pipeline  # noqa: E402
+from nextstep.serve.api import ServeConfig, build_app  # noqa: E402
+from nextstep.serve.batching import BatchKey, Job, QueueFull  # noqa: E402
+from nextstep.serve.ray_serve import (  # noqa: E402
+    APP_NAME,
+    REPLICA_HEADER,
+    RayBatcher,
+    RayConfig,
+    build_application,
+)
+
+GEN = "/v1/images/generations"
+SERVE = ServeConfig(model_name="tiny", max_batch=8, max_wait_ms=50, max_n=4, max_steps=8, default_size=(32, 32))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def url():
+    if builtin_model_dir() is None:
+        pytest.skip("the built-in model is not shipped in this checkout")
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}  # ray.init replaces them
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False)
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_application(RayConfig(replicas=2, health_check_period_s=1, serve=SERVE)), name=APP_NAME)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+@pytest.fixture(scope="module")
+def single():
+    """The single-process server with the same limits, for the expected images."""
+    app = build_app(Pipeline.from_pretrained(builtin_model_dir(), device="cpu"), SERVE)
+    with TestClient(app) as client:
+        yield client
+
+
+def pixels(item: dict) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))), dtype=int)
+
+
+def post_all(url: str, bodies: list[dict]) -> list[httpx.Response]:
+    with httpx.Client(base_url=url, timeout=120) as c, ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(lambda body: c.post(GEN, json=body), bodies))
+
+
+def running_replicas() -> int:
+    app = serve.status().applications[APP_NAME]
+    return app.deployments["ImageModel"].replica_states.get("RUNNING", 0)
+
+
+def test_routes_and_errors_are_the_single_servers(url, single):
+    with httpx.Client(base_url=url, timeout=60) as c:
+        assert c.get("/health").json()["status"] == "ok"
+        assert c.get("/v1/models").json()["data"][0]["id"] == "tiny"
+        for body, status, param in [({"prompt": "a", "n": 9}, 400, "n"), ({"prompt": "a", "sed": 1}, 400, "sed")]:
+            r, want = c.post(GEN, json=body), single.post(GEN, json=body)
+            assert (r.status_code, r.json()) == (want.status_code, want.json()) == (status, want.json())
+            assert r.json()["error"]["param"] == param
+        assert (
+            c.post("/v1/images/edits", json={"prompt": "x"}).json()
+            == single.post("/v1/images/edits", json={"prompt": "x"}).json()
+        )
+        assert "responses" in c.get("/metrics").json() and c.get("/metrics").headers[REPLICA_HEADER]
+
+
+def test_load_spreads_over_both_replicas_with_the_single_servers_images(url, single):
+    bodies = [{"prompt": f"a red circle {i}", "seed": i, "steps": 2} for i in range(8)]
+    responses = post_all(url, bodies)
+    assert [r.status_code for r in responses] == [200] * 8
+    assert len({r.headers[REPLICA_HEADER] for r in responses}) == 2
+    for body, r in zip(bodies, responses, strict=True):
+        want = single.post(GEN, json=body).json()
+        assert r.json()["seed"] == want["seed"]
+        assert np.abs(pixels(r.json()["data"][0]) - pixels(want["data"][0])).max() <= 1  # batch-shape rounding
+
+
+def test_a_killed_replica_fails_its_requests_with_503_and_is_replaced(url):
+    with httpx.Client(base_url=url, timeout=60) as c:
+        victim = c.post(GEN, json={"prompt": "who", "steps": 1}).headers[REPLICA_HEADER]
+    bodies = [{"prompt": f"a blue square {i}", "seed": i, "steps": 8, "n": 2, "size": "64x64"} for i in range(16)]
+    with ThreadPoolExecutor(1) as pool:
+        load = pool.submit(post_all, url, bodies)
+        time.sleep(1)  # the requests are in the replicas (the load takes about 4 s here)
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        responses = load.result(timeout=120)
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 503} and 503 in statuses, statuses
+    for r in responses:
+        if r.status_code == 503:
+            assert "replica serving this request died" in r.json()["error"]["message"]
+        else:
+            assert len(r.json()["data"]) == 2
+    deadline = time.monotonic() + 120
+    while running_replicas() < 2:
+        assert time.monotonic() < deadline, "the killed replica was not replaced"
+        time.sleep(0.5)
+    after = post_all(url, [{"prompt": f"again {i}", "seed": i, "steps": 1} for i in range(6)])
+    assert [r.status_code for r in after] == [200] * 6
+    assert victim not in {r.headers[REPLICA_HEADER] for r in after}
+
+
+def test_the_shipped_config_file_is_valid_for_serve_run():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / "serve_ray.yaml").read_text())
+    app = ServeDeploySchema.model_validate(raw).applications[0]
+    config = RayConfig.from_dict(app.args)
+    assert (config.replicas, config.max_replicas, config.serve.max_batch) == (1, 4, 16)
+    with pytest.raises(ValueError, match="unknown option.*replica_count"):
+        RayConfig.from_dict({"replica_count": 2})
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--replicas", "0"], "replicas must be >= 1, got 0"),
+        (["--replicas", "2", "--max-replicas", "1"], "max_replicas (1) must be >= replicas (2)"),
+        (["--replicas=1", "--max-batch", "0"], "max_batch must be > 0, got 0"),
+    ],
+)
+def test_serve_with_bad_replica_options_exits_2_naming_the_value(argv, message, capsys):
+    from nextstep.serve.api import main_serve
+
+    assert main_serve(argv) == 2
+    assert f"nextstep serve: error: {message}" in capsys.readouterr().err
+
+
+def job(key: str, n: int = 1) -> Job:
+    return Job(key=BatchKey(kind="generate", options=(("size", key),)), prompt="p", seed=0, n=n)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class BatcherProbe:
+    """RayBatcher inside a replica (where @serve.batch runs) over a recording stand-in for the pipeline."""
+
+    async def __call__(self) -> tuple[list, list[int], tuple[int, int, int]]:
+        calls = []
+
+        def run(jobs):
+            calls.append([(j.key.options[0][1], j.n) for j in jobs])
+            return [[None] * j.n for j in jobs]
+
+        batcher = RayBatcher(run, max_batch=4, max_wait_s=0.05, max_queue=6, max_n=6)
+        batcher.start()
+        futures = [batcher.submit(j) for j in [job("a", 2), job("b"), job("a"), job("c", 6), job("a"), job("b")]]
+        try:
+            batcher.submit(job("d"))
+        except QueueFull:
+            pass
+        results = await asyncio.gather(*futures)
+        counts = (batcher.queued, batcher.stats.requests, batcher.stats.rejected)
+        await batcher.stop()
+        return calls, [len(r) for r in results], counts
+
+
+def test_ray_batcher_groups_options_within_a_serve_batch_and_answers_queue_full(url):
+    """@serve.batch forms the batch (up to max_batch images); each option set in it is one pipeline call;
+    a request larger than max_batch runs alone; beyond max_queue waiting requests, QueueFull (429). (Ray puts a
+    request that does not fit back at the end of its queue, so the later batches' order is Ray's.)"""
+    probe = serve.run(BatcherProbe.bind(), name="probe", route_prefix="/probe")
+    calls, sizes, counts = probe.remote().result(timeout_s=60)
+    serve.delete("probe")
+    assert sizes == [2, 1, 1, 6, 1, 1] and counts == (0, 6, 1)
+    assert calls[:2] == [[("a", 2), ("a", 1)], [("b", 1)]]  # the first batch of 4 images, split by options
+    assert [("c", 6)] in calls and all(len({key for key, _ in call}) == 1 for call in calls)
+    everything = [("a", 2), ("a", 1), ("a", 1), ("b", 1), ("b", 1), ("c", 6)]
+    assert sorted(j for call in calls for j in call) == sorted(everything)
+
+
+def test_ray_batcher_fails_requests_outside_a_replica_instead_of_hanging():
+    async def scenario():
+        batcher = RayBatcher(lambda jobs: [], max_batch=4, max_wait_s=0.01, max_queue=4, max_n=4)
+        batcher.start()
+        with pytest.raises(Exception, match="within a Ray Serve deployment"):
+            await asyncio.wait_for(batcher.submit(job("a")), 10)
+        assert batcher.queued == 0
+
+    asyncio.run(scenario())
