@@ -96,6 +96,18 @@ def resolve_model_dir(model: str | Path | None) -> Path:
     return fetch(ref)
 
 
+def model_name(model: str | Path | None) -> str:
+    """The name a model is served and reported under: a directory's own name, the model part of a Hugging
+    Face id or zoo name (`NextStep-1.1`, not the cache's commit hash), `nextstep-shapes` for the built-in one."""
+    if model is None or str(model).lower() == BUILTIN:
+        return builtin_dir().name
+    text = str(model)
+    if Path(text).expanduser().is_dir():
+        return Path(text).expanduser().resolve().name
+    ref = parse_hub_ref(text)
+    return text if ref is None else ref.repo_id.split("/")[1]
+
+
 def checkpoint_patterns() -> list[str]:
     """The files of a checkpoint directory (model/checkpoint.py's format); nothing else is downloaded."""
     from nextstep.model.checkpoint import INDEX_NAME, TOKENIZER_FILES

@@ -156,3 +156,14 @@ def test_training_model_path_takes_a_zoo_name(hub, tmp_path):
     loop.train(cfg, data=latent_batches(1, 2))
     assert cfg.model.path == str(hub / "models--stepfun-ai--NextStep-1.1" / "snapshots" / COMMIT)  # tokenizer too
     assert (tmp_path / "run" / "checkpoints" / "step-00000001").is_dir()
+
+
+def test_model_name_is_the_repo_name_not_the_cache_path(tmp_path):
+    """The server reports a Hub model by its name, not by the commit-hash folder the cache resolves it to."""
+    from nextstep.hub import model_name
+
+    assert model_name("stepfun-ai/NextStep-1.1@v1") == "NextStep-1.1"
+    assert model_name("nextstep-1-large-edit") == "NextStep-1-Large-Edit"
+    assert model_name(None) == model_name("shapes") == builtin_model_dir().name
+    (tmp_path / "my-ckpt").mkdir()
+    assert model_name(tmp_path / "my-ckpt") == "my-ckpt"

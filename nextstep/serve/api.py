@@ -410,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main_serve(argv: list[str] | None = None) -> int:
     import uvicorn
 
-    from nextstep.hub import resolve_model_dir
+    from nextstep.hub import model_name, resolve_model_dir
 
     if {a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv)} & {"--replicas", "--address"}:
         from nextstep.serve.ray_serve import main_serve_ray  # replicas on Ray Serve
@@ -420,7 +420,7 @@ def main_serve(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     path = resolve_model_dir(args.model)
     config = ServeConfig(
-        model_name=args.model_name or path.resolve().name,
+        model_name=args.model_name or model_name(args.model),
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue,

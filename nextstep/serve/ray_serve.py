@@ -250,12 +250,12 @@ class Gateway:
 
 def build_application(config: RayConfig) -> serve.Application:
     """The gateway bound to the model deployment, with replicas, resources and autoscaling from `config`."""
-    from nextstep.cli import resolve_model_dir
+    from nextstep.hub import model_name, resolve_model_dir
 
     model_dir = resolve_model_dir(config.model).resolve()
     serve_config = config.serve
     if serve_config.model_name == ServeConfig.model_name:
-        serve_config = replace(serve_config, model_name=model_dir.name)
+        serve_config = replace(serve_config, model_name=model_name(config.model))
     config = replace(config, serve=serve_config)
     # a replica takes requests up to its own queue limit and answers 429 beyond it, as the single server does
     per_replica = serve_config.max_queue + serve_config.max_batch
