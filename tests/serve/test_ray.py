@@ -112,10 +112,12 @@ def test_load_spreads_over_both_replicas_with_the_single_servers_images(url, sin
 def test_a_killed_replica_fails_its_requests_with_503_and_is_replaced(url):
     with httpx.Client(base_url=url, timeout=60) as c:
         victim = c.post(GEN, json={"prompt": "who", "steps": 1}).headers[REPLICA_HEADER]
-    bodies = [{"prompt": f"a blue square {i}", "seed": i, "steps": 8, "n": 2, "size": "64x64"} for i in range(16)]
+    # 16 requests of 40 steps each: far longer than the 1 s before the kill on any machine (about 20 s here),
+    # so some are in flight on the victim when it dies.
+    bodies = [{"prompt": f"a blue square {i}", "seed": i, "steps": 40, "n": 2, "size": "64x64"} for i in range(16)]
     with ThreadPoolExecutor(1) as pool:
         load = pool.submit(post_all, url, bodies)
-        time.sleep(1)  # the requests are in the replicas (the load takes about 4 s here)
+        time.sleep(1)
         ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
         responses = load.result(timeout=120)
     statuses = [r.status_code for r in responses]
