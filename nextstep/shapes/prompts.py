@@ -4,17 +4,29 @@ free-text shapes prompts and the reference scene that answers a prompt correctly
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import asdict, dataclass, field, replace
 
 from PIL import Image
 
+from nextstep.shapes.phrasing import (
+    BACKGROUND,
+    BOTH,
+    COLOR_LINKS,
+    COUNT_WORDS,
+    EXACTLY,
+    LIST_JOINS,
+    REGION_WORDS,
+    RELATION_WORDS,
+    THERE,
+    WITH_WORDS,
+    WORDING_PREFIXES,
+)
 from nextstep.shapes.scenes import (
     COLORS,
     HELDOUT_PAIRS,
     HELDOUT_RELATIONS,
     INVERSE,
-    NUMBERS,
-    REGION_PHRASES,
     RELATION_PHRASES,
     RELATIONS,
     SHAPES,
@@ -71,6 +83,20 @@ class Prompt:
     edit: dict | None = None  # editing: asdict(Edit)
     size: int = 128  # image side the source is rendered at
 
+    def to_json(self) -> dict:
+        """Plain JSON form (as carried in rollout meta), the inverse of `from_json`."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: dict) -> Prompt:
+        """The Prompt of `to_json` output, also after a JSON round trip (tuples come back as lists)."""
+        objects = [
+            Want(**{k: tuple(v) if k in ("near", "away") and v is not None else v for k, v in w.items()})
+            for w in doc["objects"]
+        ]
+        relations = [(i, rel, j) for i, rel, j in doc["relations"]]
+        return cls(**{**doc, "objects": objects, "relations": relations})
+
 
 def source_image(prompt: Prompt) -> Image.Image | None:
     """The input image of an editing prompt, None for text-to-image prompts."""
@@ -86,7 +112,9 @@ def _phrase(want: Want, count: int = 1) -> str:
     return noun_phrase(want.shape, color=want.color, count=count)
 
 
-def _build(category: str, rng: random.Random, heldout: bool) -> Prompt:
+def build_prompt(category: str, rng: random.Random, *, heldout: bool) -> Prompt:
+    """One prompt of `category` (of CATEGORIES) in the canonical wording, drawn from `rng`; `heldout` makes it
+    use a held-out color-shape pair or relation, else it never does."""
     pairs = tuple(sorted(HELDOUT_PAIRS)) if heldout else TRAIN_PAIRS
     maybe = heldout or rng.random() < 0.5  # color-free prompts only in-distribution (held-out needs a color)
     if category in ("single_object", "colors"):
@@ -128,46 +156,78 @@ def _build(category: str, rng: random.Random, heldout: bool) -> Prompt:
 MAX_PROMPT_OBJECTS = 8  # a 128 px scene holds four objects comfortably; more cannot be drawn apart
 
 
+_COUNTS = sorted(
+    [(tuple(w.split()), n) for n, ws in COUNT_WORDS.items() for w in ws] + [(("an",), 1)], key=lambda x: -len(x[0])
+)
+_LINKS = sorted({tuple(w.split()) for ws in COLOR_LINKS.values() for w in ws}, key=len, reverse=True)
+_PREFIXES = sorted({p for p in (*WORDING_PREFIXES, *THERE.values()) if p}, key=len, reverse=True)
+_RELATIONS = sorted(((w, rel) for rel, ws in RELATION_WORDS.items() for w in ws), key=lambda x: -len(x[0]))
+_REGIONS = sorted(((w, r) for r, ws in REGION_WORDS.items() for w in ws), key=lambda x: -len(x[0]))
+_WITH_REL = {w: rel for (rel, _), ws in WITH_WORDS.items() for w in ws}
+_WITH = re.compile(rf"(?P<b>.+?) with (?P<a>.+) (?P<dir>{'|'.join(map(re.escape, _WITH_REL))})")
+_JOINS = re.compile("|".join(map(re.escape, (", and ", ", ", " and ", *LIST_JOINS))))
+
+
 def _noun_wants(phrase: str, text: str) -> list[Want]:
-    """ "two small red circles" -> two Wants (sizes are read but not scored, as in the categories)."""
+    """ "two small red circles", "a pair of stars that are blue", "3 hearts in green" -> Wants (sizes are read
+    but not scored, as in the categories)."""
     words = phrase.split()
-    counts = {word: k for k, word in NUMBERS.items()} | {"an": 1, "one": 1}
-    if len(words) < 2 or words[0] not in counts:
-        raise ValueError(f"cannot read {phrase!r} in prompt {text!r}: a phrase starts with a, an or a number")
-    count, rest = counts[words[0]], words[1:]
+    words = words[1:] if words[:1] == [EXACTLY] else words
+    count = next(((len(w), n) for w, n in _COUNTS if tuple(words[: len(w)]) == w), None)
+    if count is None or len(words) == count[0]:
+        raise ValueError(
+            f"cannot read {phrase!r} in prompt {text!r}: a phrase starts with a, an, one, a pair of or a number"
+        )
+    rest, count = words[count[0] :], count[1]
     if rest[0] in SIZES:
         rest = rest[1:]
-    color = rest[0] if len(rest) == 2 and rest[0] in COLORS else None
-    noun = rest[-1] if len(rest) == 1 + (color is not None) else None
+    color = None
+    link = next((k for k in _LINKS if len(rest) == len(k) + 2 and tuple(rest[1:-1]) == k), None)
+    if link is not None and rest[-1] in COLORS:  # "circles that are red"
+        color, rest = rest[-1], rest[:1]
+    elif len(rest) == 2 and rest[0] in COLORS:
+        color, rest = rest[0], rest[1:]
     shapes = {(plural(sh) if count > 1 else sh): sh for sh in SHAPES}
-    if noun not in shapes:
+    if len(rest) != 1 or rest[0] not in shapes:
         raise ValueError(
-            f"cannot read {phrase!r} in prompt {text!r}: expected [size] [color] shape, with colors "
-            f"{', '.join(COLORS)} and shapes {', '.join(SHAPES)} (plural after a number above one)"
+            f"cannot read {phrase!r} in prompt {text!r}: expected [size] [color] shape or shape that is color, with "
+            f"colors {', '.join(COLORS)} and shapes {', '.join(SHAPES)} (plural after a number above one)"
         )
-    return [Want(shapes[noun], color) for _ in range(count)]
+    return [Want(shapes[rest[0]], color) for _ in range(count)]
+
+
+def _related(a: list[Want], rel: str, b: list[Want]) -> tuple[list[Want], list[tuple[int, str, int]]]:
+    # Every object of `a` is `rel` every object of `b`: "two red circles above a blue star".
+    return a + b, [(i, rel, len(a) + j) for i in range(len(a)) for j in range(len(b))]
 
 
 def parse_prompt(text: str) -> Prompt:
-    """A Prompt (category "prompt") from a shapes-domain description, scored like the eval's own:
-    noun phrases joined by commas or "and", each optionally followed by a region ("a red circle on the
-    left"), or two phrases joined by a relation ("two red circles above a blue star": every circle above the
-    star). ValueError naming the part it cannot read."""
+    """A Prompt (category "prompt") from a shapes-domain description in any phrasing of
+    `nextstep.shapes.phrasing`, scored like the eval's own: noun phrases ("a red circle", "2 stars in blue",
+    "a pair of hearts that are green") joined by commas, "and", "both ... and", "as well as", "with"...,
+    each optionally followed by a region ("a red circle on the left"); or two phrases joined by a relation
+    ("two red circles above a blue star": every circle above the star; "a star beneath a ring", "a star with
+    a ring to its left"). A leading "a picture of", "draw", "there are"... and a trailing background note are
+    ignored. ValueError naming the part it cannot read."""
     clean = " ".join(text.lower().strip().rstrip(".").split())
+    body = next((clean[len(p) :] for p in _PREFIXES if clean.startswith(p)), clean)
+    body = BACKGROUND.sub("", body)
     relations: list[tuple[int, str, int]] = []
-    phrases = sorted(((ph, rel) for rel, ps in RELATION_PHRASES.items() for ph in ps), key=lambda x: -len(x[0]))
-    hit = next(((ph, rel) for ph, rel in phrases if f" {ph} " in clean), None)
-    if hit is not None:
-        left, right = clean.split(f" {hit[0]} ", 1)
-        a, b = _noun_wants(left, text), _noun_wants(right, text)
-        wants = a + b
-        relations = [(i, hit[1], len(a) + j) for i in range(len(a)) for j in range(len(b))]
+    with_form = _WITH.fullmatch(body)
+    hit = next(((w, rel) for w, rel in _RELATIONS if f" {w} " in body), None)
+    if with_form is not None:  # "B with A to its left": A left of B
+        a, b = _noun_wants(with_form["a"], text), _noun_wants(with_form["b"], text)
+        wants, relations = _related(a, _WITH_REL[with_form["dir"]], b)
+    elif hit is not None:
+        left, right = body.split(f" {hit[0]} ", 1)
+        left = re.sub(r" (is|are)$", "", left)
+        wants, relations = _related(_noun_wants(left, text), hit[1], _noun_wants(right, text))
     else:
         wants = []
-        for part in clean.replace(" and ", ", ").split(", "):
-            region = next((r for r, ph in REGION_PHRASES.items() if part.endswith(f" {ph}")), None)
-            if region is not None:
-                part = part[: -len(REGION_PHRASES[region]) - 1]
+        body = body[len(BOTH) + 1 :] if body.startswith(f"{BOTH} ") else body
+        for part in _JOINS.split(body):
+            words, region = next(((w, r) for w, r in _REGIONS if part.endswith(f" {w}")), ("", None))
+            part = part[: len(part) - len(words) - 1] if region else part
             wants += [replace(w, region=region) for w in _noun_wants(part, text)]
     if len(wants) > MAX_PROMPT_OBJECTS:
         raise ValueError(f"prompt {text!r} asks for {len(wants)} objects, at most {MAX_PROMPT_OBJECTS}")
@@ -182,7 +242,7 @@ def build_prompts(split: str, n: int, seed: int = 0) -> list[Prompt]:
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     rng = random.Random(f"shapes-eval:{split}:{seed}")
-    return [_build(category, rng, split == "heldout") for category in CATEGORIES for _ in range(n)]
+    return [build_prompt(category, rng, heldout=split == "heldout") for category in CATEGORIES for _ in range(n)]
 
 
 def reference_scene(prompt: Prompt, rng: random.Random) -> Scene:
