@@ -265,7 +265,7 @@ def sampling_copy(
     if dist.is_initialized() and dist.get_rank() != 0 and not every_rank:
         return None
     with torch.device("meta"):
-        copy = NextStep(cfg.model.arch)
+        copy = NextStep(cfg.model.arch).to(dtype)  # allocated in `dtype`: no full float32 copy beside the state
     if cfg.lora.enabled:
         apply_lora(copy, cfg.lora)
     copy.to_empty(device=device)
