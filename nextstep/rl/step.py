@@ -11,7 +11,7 @@ is kept). Every random choice (prompts, trained head steps, the sampler's draws)
 
 from __future__ import annotations
 
-import logging
+import gc
 import time
 from pathlib import Path
 
@@ -32,8 +32,6 @@ from nextstep.train.noise import key_seed
 from nextstep.train.parallel import uses_fsdp
 from nextstep.train.run import Run
 from nextstep.train.step import optimizer_step
-
-log = logging.getLogger(__name__)
 
 Prompts = list[tuple[str, dict]]  # (text, reward meta) pairs
 
@@ -124,6 +122,9 @@ class RLStep:
         size = (rl.image_size, rl.image_size)
         ro, images = sample_rollout(pipe, texts, settings, size=size, seed=key_seed(seed, run.step, run.rank, "roll"))
         del pipe, policy
+        gc.collect()  # the engine's state and its CUDA graphs form a cycle that holds the copy and the KV cache
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
         rollout_s = time.perf_counter() - start
 
         rewards, skipped = score_rewards(self.reward, images, texts, meta)  # (B,) NaN where skipped
