@@ -106,9 +106,11 @@ def test_kill_and_resume_reproduce_the_rewards(tmp_path, monkeypatch):
         assert [h[key] for h in resumed] == [h[key] for h in full[2:]], key  # exactly equal
 
 
-def test_lora_rl_trains_adapters(tmp_path):
+def test_lora_rl_trains_adapters_on_file_prompts(tmp_path):
     pytest.importorskip("peft")
-    cfg = apply_overrides(rl_cfg(tmp_path / "run"), ["training.max_steps=2", "lora.enabled=true", "lora.rank=4"])
+    (tmp_path / "prompts.txt").write_text("a red circle\n\na blue star on the left\n")  # prompts from a file
+    overrides = ["training.max_steps=2", "lora.enabled=true", "lora.rank=4", f"rl.prompts=file:{tmp_path}/prompts.txt"]
+    cfg = apply_overrides(rl_cfg(tmp_path / "run"), overrides)
     history = loop.train(cfg)
     assert all(np.isfinite(h["loss"]) for h in history)
     merged = from_pretrained(export(tmp_path / "run", tmp_path / "exported"))
