@@ -3,6 +3,9 @@ planned once, and each token's work as two functions (the whole head loop; one b
 model's own forward) replayed as CUDA graphs, or called directly without graphs (CPU, `--engine eager`).
 
     tokens = Engine(model).generate(input_ids, attention_mask, image_tokens, settings, opts, n_tokens=256, seed=0)
+
+With `record=Recording(steps)` it also keeps, for every image token, the head's state before and after the
+given steps and the velocity between them: the transitions that RL post-training scores (nextstep.rl).
 """
 
 from __future__ import annotations
@@ -44,6 +47,16 @@ def head_velocity(net: AdaLNMLP, x: torch.Tensor, mods: list[tuple], rows: int) 
     return net.trunk(h, mods).float()
 
 
+@dataclass
+class Recording:
+    """What the head did at `steps` for every image token; generate(record=...) fills it (float32)."""
+
+    steps: tuple[int, ...]  # head steps recorded, in this order
+    x: torch.Tensor | None = None  # (B, N, S, D) state before each recorded step
+    v: torch.Tensor | None = None  # (B, N, S, D) velocity the step used
+    x_next: torch.Tensor | None = None  # (B, N, S, D) state after it
+
+
 # ---- the engine --------------------------------------------------------------------------------
 class _Graph:
     """`fn` (which writes static outputs) captured once as a CUDA graph, or called directly."""
@@ -76,6 +89,7 @@ class _Key:
     normalize: bool
     use_norm: bool
     context_noise: float  # std of the noise on the fed-back token (0: none, no extra draw)
+    record: tuple[int, ...] = ()  # head steps whose (x, v, x') the head writes to `rec`
 
 
 class _State:
@@ -97,6 +111,7 @@ class _State:
         self.scales = torch.ones(2, device=dev)  # this token's (cfg, cfg_img)
         self.raw = torch.zeros(key.batch, cfg.token_dim, device=dev)  # (B, D) sampled token before use_norm
         self.token = torch.zeros(key.batch, cfg.token_dim, device=dev)  # (B, D) fed-back token
+        self.rec = torch.zeros(key.batch, len(key.record), 3, cfg.token_dim, device=dev)  # (B, S, [x, v, x'], D)
         with torch.inference_mode():
             self.t_embed = model.image_head.net.time_embed(plan.t.to(dev, dtype))  # (S, W), every token
         self.coef_eps = torch.tensor([c for _, _, c in plan.coef[: plan.num_eps]], device=dev)[:, None, None]
@@ -128,7 +143,13 @@ class _State:
         for i, (a, b, _) in enumerate(plan.coef):
             v = self.velocity(net, x, mods[i], key.rows)  # (R, D)
             e = eps[i] if i < plan.num_eps else None
-            x = self.update(x, v, self.scales, e, a, b, rows=key.rows, normalize=key.normalize)
+            x_new = self.update(x, v, self.scales, e, a, b, rows=key.rows, normalize=key.normalize)
+            if i in key.record:  # one guidance row (Engine.start checks it), so v is the velocity used
+                j = key.record.index(i)
+                self.rec[:, j, 0].copy_(x)
+                self.rec[:, j, 1].copy_(v)
+                self.rec[:, j, 2].copy_(x_new)
+            x = x_new
         self.raw.copy_(x)
         self.token.copy_(F.layer_norm(x, x.shape[-1:], eps=1e-6) if key.use_norm else x)
 
@@ -217,15 +238,21 @@ class Engine:
         *,
         n_tokens: int,
         trace=None,
+        record: tuple[int, ...] = (),
     ) -> tuple[_State, int]:
         """Prefill the cache with the prompt rows (R, L) and set the first head condition; leaves the
-        state's caches attached to the model (generate detaches them). trace: a pipeline.Trace to fill."""
+        state's caches attached to the model (generate detaches them). trace: a pipeline.Trace to fill;
+        record: head steps whose transitions the head keeps (Recording)."""
         model = self.model
         dev = model.embed_tokens.weight.device
         rows = guidance_rows(opts.cfg, opts.cfg_img)
+        if record and rows != 1:
+            raise ValueError(f"recording head transitions needs sampling without guidance, got {rows} rows")
         r, n_prefix = input_ids.shape
         max_len = -(-(n_prefix + n_tokens) // self.kv_block) * self.kv_block
-        key = _Key(r // rows, rows, max_len, settings, opts.cfg_normalize, opts.use_norm, opts.context_noise)
+        key = _Key(
+            r // rows, rows, max_len, settings, opts.cfg_normalize, opts.use_norm, opts.context_noise, tuple(record)
+        )
         st = self.state(key)
         st.key_valid.fill_(True)
         st.key_valid[:, :n_prefix] = attention_mask.to(dev).bool()
@@ -254,27 +281,34 @@ class Engine:
         draw=None,
         on_token=None,
         trace=None,
+        record: Recording | None = None,
     ) -> torch.Tensor:
         """Tokens (B, n_tokens, D) float32, as fed back (after use_norm).
 
         Draws: per token, one (num_draws, B, D) normal fill in plan order (initial noise, one eps per
         stochastic step, the context noise); with `draw` given, draw((B, D)) is called that many times in
-        that order. on_token(k, tokens (B, k + 1, D)) after each token; trace: a pipeline.Trace to fill.
+        that order. on_token(k, tokens (B, k + 1, D)) after each token; trace: a pipeline.Trace to fill;
+        record: a Recording whose x, v, x_next this call sets (no guidance).
         """
+        steps = () if record is None else record.steps
         try:
             st, n_prefix = self.start(
-                input_ids, attention_mask, image_tokens, settings, opts, n_tokens=n_tokens, trace=trace
+                input_ids, attention_mask, image_tokens, settings, opts, n_tokens=n_tokens, trace=trace, record=steps
             )
             with self.compiling():
-                return self._loop(st, n_prefix, opts, n_tokens, seed, draw, on_token, trace)
+                out, rec = self._loop(st, n_prefix, opts, n_tokens, seed, draw, on_token, trace)
         finally:
             self.model.clear_caches()
+        if record is not None:
+            record.x, record.v, record.x_next = rec.unbind(3)  # each (B, N, S, D)
+        return out
 
     def _loop(self, st: _State, n_prefix: int, opts, n_tokens: int, seed: int, draw, on_token, trace):
         scales = guidance_table(st.key.settings.family, opts, n_tokens).to(st.noise.device)
         if draw is None:
             gen = torch.Generator(device=st.noise.device).manual_seed(seed)
         out = torch.empty(st.key.batch, n_tokens, st.token.shape[-1], device=st.noise.device)
+        rec = torch.empty(st.key.batch, n_tokens, *st.rec.shape[1:], device=st.noise.device)  # (B, N, S, 3, D)
         for k in tqdm(range(n_tokens), desc="image tokens", disable=not opts.progress, leave=False):
             if draw is None:
                 st.noise.normal_(generator=gen)  # one call: the draws of this token, in order
@@ -287,9 +321,10 @@ class Engine:
             if trace is not None:
                 trace.raw_tokens.append(st.raw.to("cpu", copy=True))  # (B, D)
             out[:, k].copy_(st.token)
+            rec[:, k].copy_(st.rec)
             if on_token is not None:
                 on_token(k, out[:, : k + 1])
             if k < n_tokens - 1:
                 st.slot.fill_(n_prefix + k)
                 st.decode_graph(n_prefix + k)()
-        return out
+        return out, rec

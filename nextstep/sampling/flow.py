@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -32,6 +32,9 @@ class FlowSettings:
     rule: Rule = "sde"  # update rule
     noise_level: float = 0.8  # NextStep-1.1 SDE/CPS noise scale
     last_step_size: float = 0.04  # NextStep-1 final deterministic step
+    # NextStep-1.1 SDE/CPS: the head steps that take the rule's noisy update; the others take the ODE step (c = 0)
+    # but still draw, so the draw order is the rule's. None: every step is noisy. RL trains these steps.
+    stochastic: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.family not in RULES:
@@ -47,6 +50,12 @@ class FlowSettings:
                 f"sampler {self.rule!r} is not available for {self.family} checkpoints "
                 f"(choose from {', '.join(RULES[self.family])})"
             )
+        if self.stochastic is not None:
+            if self.family != "nextstep11" or self.rule == "ode":
+                raise ValueError(f"stochastic steps need a NextStep-1.1 sde or cps rule, got {self.family} {self.rule}")
+            bad = [i for i in self.stochastic if not 0 <= i < self.num_steps]
+            if bad or not self.stochastic:
+                raise ValueError(f"stochastic steps must be a non-empty subset of 0..{self.num_steps - 1}, got {bad}")
 
 
 def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
@@ -134,6 +143,7 @@ def plan_steps(s: FlowSettings) -> StepPlan:
     score = (t v - x) / ((1 - t)^2 + t (1 - t)), then one deterministic Euler step of last_step_size.
     NextStep-1.1 (x0 = x - t v, x1 = x + (1 - t) v): ODE x0 (1 - t') + x1 t'; Flow-GRPO SDE subtracts
     std^2 dt / (2 sigma) x0 and adds std sqrt(dt) eps; CPS keeps sqrt((1 - t')^2 - std^2) of x0.
+    With `s.stochastic`, the steps outside it take the ODE coefficients (still drawing, times c = 0).
     """
     grid = timesteps(s)
     ts = grid.double().tolist()
@@ -162,6 +172,9 @@ def plan_steps(s: FlowSettings) -> StepPlan:
             std = (1 - t_next) * math.sin(s.noise_level * math.pi / 2)
             keep = math.sqrt(max((1 - t_next) ** 2 - std**2, 0.0))
             coef.append((keep + t_next, -t * keep + (1 - t) * t_next, std))
+    if s.stochastic is not None:
+        ode = plan_steps(replace(s, rule="ode", stochastic=None)).coef
+        coef = [c if i in s.stochastic else ode[i] for i, c in enumerate(coef)]
     return StepPlan(grid[:-1], tuple(coef), 0 if s.rule == "ode" else len(coef))
 
 

@@ -1,4 +1,4 @@
-"""The training config tree (model / data / training / optim / parallel / lora / logging / checkpoint),
+"""The training config tree (model / data / training / optim / parallel / lora / logging / checkpoint / rl),
 dotted command-line overrides (`training.max_steps=1000`), preset loading, and show/diff.
 
     nextstep config show debug
@@ -24,6 +24,7 @@ from nextstep.model.config import NextStepConfig
 
 INIT_KINDS = ("scratch", "pretrained", "lm")
 DTYPES = ("float32", "bfloat16", "float16")
+MODES = ("sft", "rl")
 
 
 @dataclass
@@ -62,6 +63,8 @@ class ModelConfig:
 
 @dataclass
 class TrainingConfig:
+    # sft: the NextStep objective on `data`; rl: flow-based RL post-training on rollouts (the `rl` section, no data)
+    mode: str = "sft"
     output_dir: str = "runs/debug"  # run directory: config.json, metrics.jsonl, checkpoints/, samples/
     max_steps: int = 1000  # optimizer steps in the whole run (also the cosine schedule length)
     save_steps: int = 500  # checkpoint every this many optimizer steps (0: only at the end)
@@ -83,6 +86,8 @@ class TrainingConfig:
     image_input_noise: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"training.mode must be one of {MODES}, got {self.mode!r}")
         for name in ("max_steps", "grad_accum_steps", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"training.{name} must be >= 1, got {getattr(self, name)}")
@@ -191,6 +196,59 @@ class CheckpointConfig:
 
 
 @dataclass
+class RLConfig:
+    """Flow-based RL post-training (training.mode=rl), NextStep-1.1's recipe: Flow-GRPO on the flow head's steps."""
+
+    group_size: int = 8  # G images per prompt; advantages are relative to the group
+    prompts_per_step: int = 4  # prompts per process and optimizer step (G images each)
+    # Prompt source: "shapes" (nextstep.rl.prompts.rl_prompts, split "in": never a held-out composition) or
+    # "file:PATH" (one prompt per line, no reward metadata).
+    prompts: str = "shapes"
+    prompt_pool: int = 4096  # shapes prompts drawn once (seeded); each step picks prompts_per_step of them
+    reward: str = "shapes"  # shapes | shapes_partial | brightness | clip_preference | module:function
+    reward_model_dir: str = ""  # local model directory of the clip_preference reward
+    image_size: int = 128  # rollout image side in pixels
+    head_steps: int = 20  # flow-head steps per token while sampling
+    shift: float = 1.0  # timestep shift of the head's schedule
+    rule: str = "sde"  # stochastic NextStep-1.1 rule of the trained steps: sde | cps
+    noise_level: float = 0.8  # SDE/CPS noise scale
+    # Candidate head steps to train (0 = the first, from noise); each step trains steps_per_rollout of them, drawn
+    # from (seed, step). The other head steps are deterministic (ODE). Later steps carry little noise.
+    train_steps: list[int] = field(default_factory=lambda: list(range(10)))
+    steps_per_rollout: int = 2  # trained (stochastic) head steps per rollout; 0 trains all of train_steps
+    clip: float = 0.2  # PPO clip range of the policy ratio (one update per rollout: the ratio stays ~1)
+    kl_weight: float = 0.0  # weight of the KL term to the frozen starting model (0: no reference model kept)
+    drop_above: float | None = None  # drop groups whose rewards are all >= this (None: never)
+    min_reward_std: float = 1e-6  # drop groups whose rewards spread less than this (no signal)
+
+    def __post_init__(self) -> None:
+        for name in ("group_size", "prompts_per_step", "prompt_pool", "image_size", "head_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"rl.{name} must be >= 1, got {getattr(self, name)}")
+        if self.group_size < 2:
+            raise ValueError(
+                f"rl.group_size must be >= 2 (advantages are relative to the group), got {self.group_size}"
+            )
+        if self.rule not in ("sde", "cps"):
+            raise ValueError(f"rl.rule must be sde or cps (a stochastic rule), got {self.rule!r}")
+        if self.prompts != "shapes" and not self.prompts.startswith("file:"):
+            raise ValueError(f"rl.prompts must be 'shapes' or 'file:PATH', got {self.prompts!r}")
+        bad = [i for i in self.train_steps if not 0 <= i < self.head_steps]
+        if bad or not self.train_steps:
+            raise ValueError(f"rl.train_steps must be a non-empty subset of 0..{self.head_steps - 1}, got {bad}")
+        if not 0 <= self.steps_per_rollout <= len(set(self.train_steps)):
+            raise ValueError(
+                f"rl.steps_per_rollout must be in [0, {len(set(self.train_steps))}] (the train_steps), "
+                f"got {self.steps_per_rollout}"
+            )
+        if not 0 < self.clip < 1 or self.kl_weight < 0 or not 0 <= self.noise_level <= 1 or self.shift <= 0:
+            raise ValueError(
+                f"rl needs 0 < clip < 1, kl_weight >= 0, 0 <= noise_level <= 1, shift > 0; got {self.clip}, "
+                f"{self.kl_weight}, {self.noise_level}, {self.shift}"
+            )
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -200,8 +258,13 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
     def __post_init__(self) -> None:
+        if self.training.mode == "rl" and self.model.precomputed_latents:
+            raise ValueError(
+                "training.mode=rl decodes its rollouts: it needs the VAE (model.precomputed_latents=false)"
+            )
         if self.lora.enabled and self.training.train_modules:
             raise ValueError(
                 f"training.train_modules={self.training.train_modules} conflicts with lora.enabled "

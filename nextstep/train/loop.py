@@ -2,6 +2,7 @@
 plain process or one process per GPU under torchrun (FSDP2).
 
 nextstep train -m configs.shapes training.max_steps=1000 training.save_steps=200 data.num_workers=2
+nextstep train -m configs.rl_shapes   (training.mode=rl: RL post-training, nextstep.rl.step)
 torchrun --nproc_per_node=8 -m configs.nextstep_qwen14b_512px training.resume=true
 """
 
@@ -26,10 +27,18 @@ from nextstep.train.step import StepFn, train_step
 log = logging.getLogger(__name__)
 
 
-def train(cfg: TrainConfig, *, data: Iterable | None = None, step_fn: StepFn = train_step) -> list[dict[str, float]]:
+def train(cfg: TrainConfig, *, data: Iterable | None = None, step_fn: StepFn | None = None) -> list[dict[str, float]]:
     """Run (or resume) training; returns this run's per-step metrics (rank 0 logs them too).
     `data`: optional iterable of per-rank Sample lists instead of the wds.py loader; `step_fn`: one
-    optimizer step of the run (`nextstep.train.step.train_step`, or another training mode's)."""
+    optimizer step of the run, by default training.mode's (`nextstep.train.step.train_step` for sft,
+    `nextstep.rl.step.RLStep` for rl, which samples its own rollouts and reads no data)."""
+    if step_fn is None and cfg.training.mode == "rl":
+        from nextstep.rl.step import RLStep
+
+        step_fn = RLStep()
+    if cfg.training.mode == "rl" and data is None:
+        data = ()  # no loader: an RL step makes its own samples
+    step_fn = step_fn or train_step
     run = build_run(cfg, data=data)
     resume_run(run)
     t_cfg, lg = cfg.training, cfg.logging

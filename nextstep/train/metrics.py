@@ -252,16 +252,20 @@ class StepLog:
         self.writer.close()
 
 
-def sampling_copy(model: nn.Module, cfg: TrainConfig, dtype: torch.dtype, device: torch.device) -> NextStep | None:
+def sampling_copy(
+    model: nn.Module, cfg: TrainConfig, dtype: torch.dtype, device: torch.device, *, every_rank: bool = False
+) -> NextStep | None:
     """A plain, unsharded, adapter-merged copy of the model for the inference pipeline. Collective under
-    FSDP (every rank gathers); rank 0 gets the copy (it costs one more model in `dtype`), others None."""
+    FSDP (every rank gathers); rank 0 gets the copy (it costs one more model in `dtype`), others None, or
+    with `every_rank` every rank gets one (gathered on the device: RL rollouts on every rank)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if dist.is_initialized() and dist.get_rank() != 0:
+    options = StateDictOptions(full_state_dict=True, cpu_offload=not every_rank)
+    state = get_model_state_dict(model, options=options)
+    if dist.is_initialized() and dist.get_rank() != 0 and not every_rank:
         return None
     with torch.device("meta"):
-        copy = NextStep(cfg.model.arch)
+        copy = NextStep(cfg.model.arch).to(dtype)  # allocated in `dtype`: no full float32 copy beside the state
     if cfg.lora.enabled:
         apply_lora(copy, cfg.lora)
     copy.to_empty(device=device)

@@ -109,14 +109,21 @@ def train_step(run: Run) -> StepOutput:
             text_targets=batch.num_text_targets,
             image_tokens=sum(batch.image_tokens),
         )
+    grad_norm, lr = optimizer_step(run)
+    metrics = {"loss": losses[0], "lm_loss": losses[1], "im_loss": losses[2], "grad_norm": grad_norm}
+    return StepOutput(metrics, lr=lr, tokens=tokens, flops=flops, data_wait=wait)
+
+
+def optimizer_step(run: Run) -> tuple[torch.Tensor, float]:
+    """Clip the accumulated gradients, step the optimizer and the schedule, clear the gradients.
+    Returns (global gradient norm before clipping (), on the device; the step's base learning rate)."""
     grad_norm = torch.zeros((), device=run.device)
-    if cfg.optim.max_grad_norm > 0:
-        norm = torch.nn.utils.clip_grad_norm_(run.trainable, cfg.optim.max_grad_norm)
+    if run.cfg.optim.max_grad_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(run.trainable, run.cfg.optim.max_grad_norm)
         grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
     group = run.optimizer.param_groups[0]
     lr = group["lr"] / group["lr_mult"]
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    metrics = {"loss": losses[0], "lm_loss": losses[1], "im_loss": losses[2], "grad_norm": grad_norm}
-    return StepOutput(metrics, lr=lr, tokens=tokens, flops=flops, data_wait=wait)
+    return grad_norm, lr
