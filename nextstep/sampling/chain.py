@@ -188,6 +188,24 @@ def generate(pipe: Pipeline, prompt: str, *, model: str | None = None, **options
     return [generated(image, prompt, opts, model=model, index=i) for i, image in enumerate(images)]
 
 
+def edit(
+    pipe: Pipeline,
+    image: Image.Image,
+    instruction: str,
+    *,
+    model: str | None = None,
+    source_path: str | None = None,
+    **options,
+) -> list[Image.Image]:
+    """pipe.edit(image, instruction, **options), each of its n images with its record (see `edited`)."""
+    opts = run_options(pipe, "edit", image, options)
+    images = pipe.edit(image, instruction, **pipeline_kwargs(opts))
+    return [
+        edited(out, image, instruction, opts, model=model, index=i, source_path=source_path)
+        for i, out in enumerate(images)
+    ]
+
+
 def edit_chain(
     pipe: Pipeline,
     image: Image.Image,
@@ -195,13 +213,12 @@ def edit_chain(
     *,
     model: str | None = None,
     source_path: str | None = None,
-    on_turn=None,
     **options,
 ) -> list[Image.Image]:
     """Edit `image` by each instruction in turn, each turn editing the result of the one before; returns every
     turn's image, each with its record in info. Instruction k (from 0) runs with turn_seed(seed, k): the first
     takes `seed` itself, as a single edit does (seed None: a random one, recorded). An image carrying a chain
-    (a result of this function, or its saved PNG) continues it. on_turn(k, image) runs after each turn."""
+    (a result of this function, or its saved PNG) continues it."""
     if isinstance(instructions, str) or not instructions:
         raise ValueError(f"instructions must be a non-empty list of strings, got {instructions!r}")
     if options.get("n", 1) != 1:
@@ -209,12 +226,9 @@ def edit_chain(
     seed = run_options(pipe, "edit", image, options).seed
     images = []
     for k, instruction in enumerate(instructions):
-        opts = run_options(pipe, "edit", image, {**options, "seed": turn_seed(seed, k)})
-        out = pipe.edit(image, instruction, **pipeline_kwargs(opts))[0]
-        image = edited(out, image, instruction, opts, model=model, source_path=source_path)
+        options["seed"] = turn_seed(seed, k)
+        (image,) = edit(pipe, image, instruction, model=model, source_path=source_path, **options)
         images.append(image)
-        if on_turn is not None:
-            on_turn(k, image)
     return images
 
 
