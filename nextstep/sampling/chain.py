@@ -157,22 +157,29 @@ def generated(
     return image
 
 
+def parent_of(image: Image.Image, source_path: str | None = None) -> tuple[Chain, str]:
+    """What an edit of `image` continues, and `image`'s pixel hash: the chain it carries, or a new, empty one
+    starting from `source_path` (where it was read from, if known) when it carries none."""
+    before = chain_of(image)
+    if before is None:
+        return Chain([], source_path), pixel_sha256(image)
+    return before, before.turns[-1].sha256
+
+
 def edited(
     image: Image.Image,
-    source: Image.Image,
+    parent: tuple[Chain, str],
     instruction: str,
     opts: GenerateOptions,
     *,
     model: str | None,
     index: int = 0,
-    source_path: str | None = None,
 ) -> Image.Image:
     """`image`, made by edit(source, instruction, **opts) as image `index`, with its record in info: the chain
-    `source` carries and this turn, or this turn alone from `source_path` (if known) when it carries none."""
-    before = chain_of(source) or Chain([], source_path)
+    `parent` (parent_of(source)) continued by this turn."""
+    before, sha256 = parent
     number = before.turns[-1].turn + 1 if before.turns else 1
-    parent = pixel_sha256(source)
-    turn = Turn(model, "edit", instruction, opts.seed, recorded(opts), number, parent, pixel_sha256(image), index)
+    turn = Turn(model, "edit", instruction, opts.seed, recorded(opts), number, sha256, pixel_sha256(image), index)
     image.info[KEY] = before.then(turn).to_json()
     return image
 
@@ -199,11 +206,9 @@ def edit(
 ) -> list[Image.Image]:
     """pipe.edit(image, instruction, **options), each of its n images with its record (see `edited`)."""
     opts = run_options(pipe, "edit", image, options)
+    parent = parent_of(image, source_path)
     images = pipe.edit(image, instruction, **pipeline_kwargs(opts))
-    return [
-        edited(out, image, instruction, opts, model=model, index=i, source_path=source_path)
-        for i, out in enumerate(images)
-    ]
+    return [edited(out, parent, instruction, opts, model=model, index=i) for i, out in enumerate(images)]
 
 
 def edit_chain(
