@@ -171,7 +171,7 @@ def build_demo(
                             elem_id="edit-source",
                         )
                         instruction = gr.Textbox(label="Instruction", lines=2, elem_id="edit-instruction")
-                        edit_seed = gr.Number(value=0, precision=0, minimum=0, label="Seed (turn k: seed + k - 1)")
+                        edit_seed = gr.Number(value=0, precision=0, minimum=0, label="Seed (+1 for each further turn)")
                         edit_cfg = slider("cfg", pipe.edit_defaults["cfg"], elem_id="edit-cfg")
                         edit_cfg_img = slider("cfg_img", pipe.edit_defaults["cfg_img"])
                         edit_steps = slider("steps", steps)
