@@ -11,7 +11,6 @@ again = replay(pipe, Chain.from_json(turns[-1].info[KEY]), Image.open("in.png"))
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -184,14 +183,10 @@ def edited(
     return image
 
 
-def pipeline_kwargs(opts: GenerateOptions) -> dict:
-    return {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)}
-
-
 def generate(pipe: Pipeline, prompt: str, *, model: str | None = None, **options) -> list[Image.Image]:
     """pipe.generate(prompt, **options), each image with its record (a random seed when seed is None)."""
     opts = run_options(pipe, "generate", None, options)
-    images = pipe.generate(prompt, **pipeline_kwargs(opts))
+    images = pipe.generate(prompt, **asdict(opts))
     return [generated(image, prompt, opts, model=model, index=i) for i, image in enumerate(images)]
 
 
@@ -207,7 +202,7 @@ def edit(
     """pipe.edit(image, instruction, **options), each of its n images with its record (see `edited`)."""
     opts = run_options(pipe, "edit", image, options)
     parent = parent_of(image, source_path)
-    images = pipe.edit(image, instruction, **pipeline_kwargs(opts))
+    images = pipe.edit(image, instruction, **asdict(opts))
     return [edited(out, parent, instruction, opts, model=model, index=i) for i, out in enumerate(images)]
 
 
@@ -252,7 +247,7 @@ def replay(pipe: Pipeline, chain: Chain, source: Image.Image | None = None) -> l
             )
     images, image = [], source
     for k, turn in enumerate(chain.turns):
-        opts = pipeline_kwargs(unrecorded(turn))
+        opts = asdict(unrecorded(turn))
         if turn.command == "generate":
             out = pipe.generate(turn.prompt, **opts)[turn.index]
         else:
