@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 MAX_PIXELS = 4096 * 4096  # largest input image accepted, in pixels; checked from the header, before decoding
 
@@ -53,9 +53,19 @@ def torch_save(obj, target: str | Path) -> None:
     atomic_write(target, lambda tmp: torch.save(obj, tmp))
 
 
-def save_png(image, target: str | Path) -> None:
-    """A PIL image as PNG."""
-    atomic_write(target, lambda tmp: image.save(tmp, format="PNG"))
+def encode_png(image: Image.Image, metadata: dict[str, str] | None = None) -> bytes:
+    """A PIL image as PNG bytes; each metadata item becomes an iTXt chunk, which PIL reads back into image.info."""
+    info = PngImagePlugin.PngInfo()
+    for key, text in (metadata or {}).items():
+        info.add_itxt(key, text)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def save_png(image: Image.Image, target: str | Path, *, metadata: dict[str, str] | None = None) -> None:
+    """A PIL image as a PNG file, with optional text metadata (see encode_png)."""
+    write_bytes(target, encode_png(image, metadata))
 
 
 def check_writable(target: str | Path) -> None:

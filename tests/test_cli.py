@@ -5,11 +5,14 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from nextstep.cli import build_parser, main
+from nextstep.sampling.chain import KEY, Chain
 from nextstep.sampling.options import FIELDS
+from nextstep.shapes.synth import make_sample
 from tests.refs import reference_dirs
 
 SMALL = ["--size", "32x32", "--steps", "2"]
@@ -26,6 +29,8 @@ def test_generate_and_edit_write_pngs(tmp_path, ref):
     assert r.returncode == 0, r.stderr
     for i in range(2):
         assert Image.open(tmp_path / f"x_{i}.png").size == (32, 32)
+        (turn,) = Chain.from_json(Image.open(tmp_path / f"x_{i}.png").info[KEY]).turns
+        assert (turn.command, turn.prompt, turn.index, turn.options["n"]) == ("generate", "a cat", i, 2)
     src = tmp_path / "in.png"
     Image.new("RGB", (48, 32), "red").save(src)
     r = nextstep(
@@ -45,6 +50,9 @@ def test_generate_and_edit_write_pngs(tmp_path, ref):
         (["generate", "a cat", "--model", "{ref}", "--size", "big"], "size must look like"),
         (["edit", "--image", "{bad}", "x", "--model", "{ref}"], "cannot read input image"),
         (["edit", "--image", "/nonexistent.png", "x", "--model", "{ref}"], "cannot read input image"),
+        (["edit", "--image", "{bad}", "x", "--then", "y", "--n", "2"], "--then makes one image per turn"),
+        (["edit", "--image", "{bad}", "x", "--then", " ", "--model", "{ref}"], "non-empty"),
+        (["replay", "{bad}"], "cannot read image to replay"),
     ],
 )
 def test_bad_input_is_a_clear_error(tmp_path, args, message):
@@ -67,6 +75,34 @@ def test_builtin_model_is_the_default(tmp_path):
     assert image.size == (128, 128)
     colors = image.getcolors(maxcolors=128 * 128)
     assert len(colors) > 20  # shapes on a background, not a flat fill
+
+
+def same_pixels(a, b) -> bool:
+    return np.array_equal(np.asarray(Image.open(a).convert("RGB")), np.asarray(Image.open(b).convert("RGB")))
+
+
+def test_then_writes_each_turn_with_its_record_and_replay_remakes_it(tmp_path):
+    """Two turns on the built-in model: out.turn1.png and out.png, each recording its chain (turn, seed + k,
+    instruction, source); `nextstep replay` remakes out.png from in.png to the same pixels, and refuses a source
+    with other pixels."""
+    src, out = tmp_path / "in.png", tmp_path / "out.png"
+    make_sample(5, seed=0).images[0].save(src)
+    then = ["--then", "add a blue circle", "--seed", "4", "--steps", "2"]
+    r = nextstep("edit", "--image", str(src), "make the star yellow", *then, "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(tmp_path / "out.turn1.png"), str(out)]
+    chains = [Chain.from_json(Image.open(path).info[KEY]) for path in r.stdout.split()]
+    assert [(t.turn, t.seed, t.prompt, t.model) for t in chains[1].turns] == [
+        (1, 4, "make the star yellow", "shapes"),
+        (2, 5, "add a blue circle", "shapes"),
+    ]
+    assert chains[0].turns == chains[1].turns[:1] and chains[1].source == str(src)
+    r = nextstep("replay", str(out), "-o", str(tmp_path / "again.png"))
+    assert r.returncode == 0, r.stderr
+    assert "2 turn(s) replayed to the recorded pixels" in r.stderr
+    assert same_pixels(tmp_path / "again.png", out)
+    r = nextstep("replay", str(out), "--image", str(tmp_path / "out.turn1.png"))
+    assert r.returncode == 2 and "other pixels" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_flags_come_from_the_option_schema():

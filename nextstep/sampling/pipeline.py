@@ -169,6 +169,13 @@ class Pipeline:
         captions = [self._image_string(opts.size) + text for text in instructions]
         return self._run(captions, sources, opts, trace, draw, on_token)
 
+    def edit_chain(self, image: Image.Image, instructions: list[str], **options) -> list[Image.Image]:
+        """Edit `image` by each instruction in turn, each editing the result before; returns every turn's image,
+        its record (seed, options, turn, parent hash) in image.info["nextstep"]. See sampling/chain.py."""
+        from nextstep.sampling.chain import edit_chain
+
+        return edit_chain(self, image, instructions, **options)
+
     # ---- prompt building -----------------------------------------------------------------------
     def _snap(self, wh: tuple[int, int]) -> tuple[int, int]:
         d = self.down_factor

@@ -4,6 +4,9 @@ nextstep serve --model path/to/checkpoint --host 127.0.0.1 --port 8000
 curl -s 127.0.0.1:8000/v1/images/generations -H 'content-type: application/json' \
     -d '{"prompt": "a red fox in the snow", "size": "512x512", "seed": 0}'
 curl -s 127.0.0.1:8000/v1/images/edits -F image=@in.png -F prompt='make the sky blue'
+
+Every image comes back as a PNG recording how it was made (sampling/chain.py): its item's `nextstep` field holds
+the same record. Sending a result back as the `image` of an edit continues its chain (turn 2, 3, ...).
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import io
 import json
 import logging
 import math
@@ -30,7 +32,8 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nextstep.io import MAX_PIXELS, open_image
+from nextstep.io import MAX_PIXELS, encode_png, open_image
+from nextstep.sampling.chain import KEY, Chain, edited, generated, parent_of, run_options
 from nextstep.sampling.options import (
     FIELDS,
     MAX_BATCH,
@@ -225,8 +228,9 @@ class Server:
         deadline = time.monotonic() + cfg.timeout_s
         return Job(key=key, prompt=req.prompt, seed=seed, n=req.n, image=image, deadline=deadline)
 
-    async def serve(self, job: Job, request: Request) -> JSONResponse:
-        """Queue a job, wait for its images, answer them as OpenAI does (plus the seed used).
+    async def serve(self, job: Job, request: Request, parent: tuple[Chain, str] | None = None) -> JSONResponse:
+        """Queue a job, wait for its images, answer them as OpenAI does, plus the seed used and each image's
+        record (its PNG's too); `parent` (chain.parent_of of an edit's upload) is the chain an edit continues.
 
         A job whose client disconnects or whose deadline passes is cancelled: it leaves the queue, and a
         running batch stops at its next image token once all of its jobs are cancelled."""
@@ -244,8 +248,23 @@ class Server:
         except Exception as e:
             log.error("generation failed", exc_info=e)
             raise ApiError(f"image generation failed: {type(e).__name__}", status=500) from None
-        data = await asyncio.to_thread(lambda: [{"b64_json": png_base64(img)} for img in images])
+        data = await asyncio.to_thread(self.items, job, images, parent)
         return JSONResponse({"created": int(time.time()), "data": data, "seed": job.seed})
+
+    def items(self, job: Job, images: list[Image.Image], parent: tuple[Chain, str] | None) -> list[dict]:
+        """The response's data: each image as a PNG carrying its record, and the record as `nextstep`."""
+        options = {**dict(job.key.options), "seed": job.seed, "n": job.n}
+        opts = run_options(self.pipe, job.key.kind, job.image, options)
+        model = self.config.model_name
+        out = []
+        for i, image in enumerate(images):
+            if parent is None:
+                image = generated(image, job.prompt, opts, model=model, index=i)
+            else:
+                image = edited(image, parent, job.prompt, opts, model=model, index=i)
+            record = image.info[KEY]
+            out.append({"b64_json": png_base64(image, record), "nextstep": json.loads(record)})
+        return out
 
     async def wait(self, job: Job, request: Request) -> list[Image.Image]:
         """The job's images; cancels it (ApiError 504 or 499) at its deadline or when its client has gone."""
@@ -279,10 +298,8 @@ class Server:
         }
 
 
-def png_base64(image: Image.Image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+def png_base64(image: Image.Image, record: str) -> str:
+    return base64.b64encode(encode_png(image, {KEY: record})).decode("ascii")
 
 
 def build_app(pipe: Pipeline, config: ServeConfig | None = None) -> FastAPI:
@@ -378,9 +395,10 @@ def build_app(pipe: Pipeline, config: ServeConfig | None = None) -> FastAPI:
         size = parse_size(
             req.size, default=fit_size(*image.size, down=down, max_side=max_side), down=down, max_side=max_side
         )
+        parent = await asyncio.to_thread(parent_of, image)  # of the upload as sent: a replay resizes it as below
         if image.size != (size[1], size[0]):  # as the pipeline would; here it bounds what a queued job holds
             image = await asyncio.to_thread(image.resize, (size[1], size[0]), Image.BICUBIC)
-        return await server.serve(server.job(req, size=size, image=image), request)
+        return await server.serve(server.job(req, size=size, image=image), request, parent)
 
     paths.update(route.path for route in app.routes)
     return app

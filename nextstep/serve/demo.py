@@ -1,5 +1,7 @@
 """Gradio web demo: a text-to-image tab and an editing tab over one Pipeline, with a progress bar over image tokens.
-Its sampling controls (ranges, labels) come from the GenerateOptions schema; uploads go through io.open_image.
+Editing is multi-turn: "Edit this result" edits the latest result (or an image sent from the text-to-image tab)
+again, the history shows every turn with its instruction, and "Undo" drops the last one. Its sampling controls
+(ranges, labels) come from the GenerateOptions schema; uploads go through io.open_image.
 
 nextstep demo --model path/to/checkpoint --host 127.0.0.1 --port 7860
 """
@@ -11,7 +13,10 @@ import logging
 import os
 import sys
 
+from PIL import Image
+
 from nextstep.io import MAX_PIXELS, open_image
+from nextstep.sampling import chain
 from nextstep.sampling.options import FIELDS, GenerateOptions, size_arg
 from nextstep.sampling.pipeline import Pipeline
 from nextstep.serve.api import fit_size
@@ -25,17 +30,28 @@ SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]  # the default theme
 SYSTEM_MONO = ["ui-monospace", "monospace"]
 
 
+def history(turns: list[Image.Image]) -> list[tuple[Image.Image, str]]:
+    """A chain's images after its first (the one its edits started from), each captioned with its turn."""
+    out = []
+    for image in turns[1:]:
+        turn = chain.Chain.from_json(image.info[chain.KEY]).turns[-1]
+        out.append((image, f"{turn.turn}. {turn.prompt} (seed {turn.seed})"))
+    return out
+
+
 def build_demo(
     pipe: Pipeline,
     *,
+    model: str | None = None,
     size: tuple[int, int] | None = None,
     steps: int | None = None,
     max_side: int = 1024,
     max_n: int = 4,
     max_pixels: int = MAX_PIXELS,
 ):
-    """The gr.Blocks app. `size` (height, width) and `steps` set the controls' starting values; uploads over
-    `max_pixels` are refused before they are decoded."""
+    """The gr.Blocks app. `model` is the model's name as recorded in each image's settings; `size` (height,
+    width) and `steps` set the controls' starting values; uploads over `max_pixels` are refused before they
+    are decoded."""
     import gradio as gr
 
     defaults = GenerateOptions(**pipe.defaults)
@@ -45,9 +61,13 @@ def build_demo(
     track = gr.Progress(track_tqdm=True)  # as a default argument it tells Gradio to follow the pipeline's tqdm bar
 
     def generate(prompt, width, height, seed, cfg, num_steps, n, progress=track):
+        """The images, and again as the state "Edit this result" picks from (the gallery's copies lose their
+        records); the selection goes back to the first."""
         try:
-            return pipe.generate(
+            images = chain.generate(
+                pipe,
                 prompt,
+                model=model,
                 size=(int(height), int(width)),
                 seed=int(seed),
                 cfg=float(cfg),
@@ -57,6 +77,7 @@ def build_demo(
             )
         except ValueError as e:
             raise gr.Error(str(e)) from None
+        return images, images, 0
 
     def slider(name: str, value, **kwargs):
         """A slider for option `name`: range and step from the schema's `ui`, label from its help."""
@@ -64,16 +85,16 @@ def build_demo(
         label = FIELDS[name].metadata["help"]
         return gr.Slider(lo, hi, value=value, step=step, label=label[0].upper() + label[1:], **kwargs)
 
-    def edit(path: str | None, instruction, seed, cfg, cfg_img, num_steps, progress=track):
-        if path is None:
-            raise gr.Error("upload an image to edit")
+    def run_edit(turns: list[Image.Image], instruction, seed, cfg, cfg_img, num_steps):
+        """`turns` and the edit of its last image: turn k of a chain takes seed + k - 1, as edit --then does."""
         try:
-            image = open_image(path, max_pixels=max_pixels, what="uploaded image")
-            return pipe.edit(
-                image,
-                instruction,
-                size=fit_size(*image.size, down=down, max_side=max_side),  # large uploads shrink to the slider limit
-                seed=int(seed),
+            (result,) = chain.edit_chain(
+                pipe,
+                turns[-1],
+                [instruction],
+                model=model,
+                size=fit_size(*turns[-1].size, down=down, max_side=max_side),  # large uploads shrink to the limit
+                seed=chain.turn_seed(int(seed), len(turns) - 1),
                 cfg=float(cfg),
                 cfg_img=float(cfg_img),
                 steps=int(num_steps),
@@ -81,54 +102,98 @@ def build_demo(
             )
         except ValueError as e:
             raise gr.Error(str(e)) from None
+        turns = [*turns, result]
+        return [result], turns, history(turns)
+
+    def edit(path: str | None, instruction, seed, cfg, cfg_img, num_steps, progress=track):
+        """A new chain from the uploaded image."""
+        if path is None:
+            raise gr.Error("upload an image to edit")
+        try:
+            image = open_image(path, max_pixels=max_pixels, what="uploaded image")
+        except ValueError as e:
+            raise gr.Error(str(e)) from None
+        return run_edit([image], instruction, seed, cfg, cfg_img, num_steps)
+
+    def edit_again(turns, instruction, seed, cfg, cfg_img, num_steps, progress=track):
+        if not turns:
+            raise gr.Error("nothing to edit yet: press Edit, or send a generated image here")
+        return run_edit(turns, instruction, seed, cfg, cfg_img, num_steps)
+
+    def undo(turns):
+        turns = turns[:-1] if len(turns) > 1 else turns
+        return turns[-1:] if len(turns) > 1 else [], turns, history(turns)
+
+    def pick(event) -> int:
+        return event.index
+
+    pick.__annotations__["event"] = gr.SelectData  # an object, not a string: how Gradio finds where to pass it
+
+    def send_to_edit(images, selected):
+        """The text-to-image result picked (the selected one, else the first) as the start of the edit chain."""
+        if not images:
+            raise gr.Error("generate an image first")
+        image = images[min(selected, len(images) - 1)]
+        return image, [], [image], [], gr.Tabs(selected="edit")
 
     with gr.Blocks(title="NextStep", analytics_enabled=False) as demo:
         gr.Markdown("# NextStep\nAutoregressive image generation with continuous tokens.")
-        with gr.Tab("Text to image"):
-            with gr.Row():
-                with gr.Column():
-                    prompt = gr.Textbox(label="Prompt", lines=2, elem_id="t2i-prompt")
-                    with gr.Row():
-                        width = gr.Slider(down, max_side, value=w, step=down, label="Width")
-                        height = gr.Slider(down, max_side, value=h, step=down, label="Height")
-                    with gr.Row():
-                        seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
-                        n = gr.Slider(1, max_n, value=1, step=1, label="Images")
-                    cfg = slider("cfg", defaults.cfg)
-                    num_steps = slider("steps", steps)
-                    run = gr.Button("Generate", variant="primary", elem_id="t2i-run")
-                gallery = gr.Gallery(label="Images", columns=2, format="png", elem_id="t2i-gallery")
-            run.click(
-                generate,
-                [prompt, width, height, seed, cfg, num_steps, n],
-                gallery,
-                concurrency_id="pipeline",
-                concurrency_limit=1,
-            )
-        with gr.Tab("Edit"):
-            with gr.Row():
-                with gr.Column():
-                    source = gr.Image(  # a path, not pixels: open_image checks the size before decoding
-                        type="filepath",
-                        image_mode=None,
-                        label="Image",
-                        sources=["upload", "clipboard"],
-                        elem_id="edit-source",
-                    )
-                    instruction = gr.Textbox(label="Instruction", lines=2, elem_id="edit-instruction")
-                    edit_seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
-                    edit_cfg = slider("cfg", pipe.edit_defaults["cfg"], elem_id="edit-cfg")
-                    edit_cfg_img = slider("cfg_img", pipe.edit_defaults["cfg_img"])
-                    edit_steps = slider("steps", steps)
-                    edit_run = gr.Button("Edit", variant="primary", elem_id="edit-run")
-                edited = gr.Gallery(label="Edited", columns=1, format="png", elem_id="edit-gallery")
-            edit_run.click(
-                edit,
-                [source, instruction, edit_seed, edit_cfg, edit_cfg_img, edit_steps],
-                edited,
-                concurrency_id="pipeline",  # one pipeline: its KV caches serve one call at a time
-                concurrency_limit=1,
-            )
+        # The edit tab's chain: the image its edits started from, then each turn's result, records in info.
+        turns = gr.State([])
+        generated = gr.State([])  # the text-to-image results, records in info
+        selected = gr.State(0)  # the text-to-image result picked in the gallery
+        with gr.Tabs() as tabs:
+            with gr.Tab("Text to image", id="t2i"):
+                with gr.Row():
+                    with gr.Column():
+                        prompt = gr.Textbox(label="Prompt", lines=2, elem_id="t2i-prompt")
+                        with gr.Row():
+                            width = gr.Slider(down, max_side, value=w, step=down, label="Width")
+                            height = gr.Slider(down, max_side, value=h, step=down, label="Height")
+                        with gr.Row():
+                            seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
+                            n = gr.Slider(1, max_n, value=1, step=1, label="Images")
+                        cfg = slider("cfg", defaults.cfg)
+                        num_steps = slider("steps", steps)
+                        run = gr.Button("Generate", variant="primary", elem_id="t2i-run")
+                    with gr.Column():
+                        gallery = gr.Gallery(label="Images", columns=2, format="png", elem_id="t2i-gallery")
+                        to_edit = gr.Button("Edit this result", elem_id="t2i-edit")
+            with gr.Tab("Edit", id="edit"):
+                with gr.Row():
+                    with gr.Column():
+                        source = gr.Image(  # a path, not pixels: open_image checks the size before decoding
+                            type="filepath",
+                            image_mode=None,
+                            format="png",
+                            label="Image",
+                            sources=["upload", "clipboard"],
+                            elem_id="edit-source",
+                        )
+                        instruction = gr.Textbox(label="Instruction", lines=2, elem_id="edit-instruction")
+                        edit_seed = gr.Number(value=0, precision=0, minimum=0, label="Seed (+1 for each further turn)")
+                        edit_cfg = slider("cfg", pipe.edit_defaults["cfg"], elem_id="edit-cfg")
+                        edit_cfg_img = slider("cfg_img", pipe.edit_defaults["cfg_img"])
+                        edit_steps = slider("steps", steps)
+                        with gr.Row():
+                            edit_run = gr.Button("Edit", variant="primary", elem_id="edit-run")
+                            edit_again_run = gr.Button("Edit this result", elem_id="edit-again")
+                            edit_undo = gr.Button("Undo", elem_id="edit-undo")
+                    with gr.Column():
+                        edited = gr.Gallery(
+                            label="Result", columns=1, format="png", object_fit="contain", elem_id="edit-gallery"
+                        )
+                        turn_list = gr.Gallery(label="History", columns=4, format="png", elem_id="edit-history")
+        controls = [instruction, edit_seed, edit_cfg, edit_cfg_img, edit_steps]
+        one_at_a_time = dict(concurrency_id="pipeline", concurrency_limit=1)  # one pipeline, one KV cache
+        run.click(
+            generate, [prompt, width, height, seed, cfg, num_steps, n], [gallery, generated, selected], **one_at_a_time
+        )
+        gallery.select(pick, None, selected)
+        to_edit.click(send_to_edit, [generated, selected], [source, edited, turns, turn_list, tabs])
+        edit_run.click(edit, [source, *controls], [edited, turns, turn_list], **one_at_a_time)
+        edit_again_run.click(edit_again, [turns, *controls], [edited, turns, turn_list], **one_at_a_time)
+        edit_undo.click(undo, turns, [edited, turns, turn_list])
     return demo
 
 
@@ -152,12 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main_demo(argv: list[str] | None = None) -> int:
-    from nextstep.hub import resolve_model_dir
+    from nextstep.hub import BUILTIN, resolve_model_dir
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     pipe = Pipeline.from_pretrained(resolve_model_dir(args.model), device=args.device)
-    demo = build_demo(pipe, size=args.size, steps=args.steps, max_side=args.max_side, max_n=args.max_n)
+    model = args.model or BUILTIN
+    demo = build_demo(pipe, model=model, size=args.size, steps=args.steps, max_side=args.max_side, max_n=args.max_n)
     demo.queue().launch(server_name=args.host, server_port=args.port, theme=theme(), ssr_mode=False, share=False)
     return 0
 

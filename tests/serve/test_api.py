@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -24,9 +25,11 @@ pytest.importorskip("multipart")
 
 from nextstep.assets import builtin_model_dir  # noqa: E402
 from nextstep.cli import main as cli_main  # noqa: E402
+from nextstep.sampling.chain import KEY, Chain, pixel_sha256  # noqa: E402
 from nextstep.sampling.pipeline import Pipeline  # noqa: E402
 from nextstep.serve.api import ServeConfig, build_app  # noqa: E402
 from nextstep.serve.batching import Batcher, BatchKey, Job, QueueFull, run_batch  # noqa: E402
+from nextstep.shapes.synth import make_sample  # noqa: E402
 from tests.refs import ROOT  # noqa: E402
 
 REFERENCE = ROOT / "nextstep11-tiny"
@@ -107,6 +110,32 @@ def test_generation_matches_the_pipeline(client, alone):
     expected = alone.generate("a cat", size=(32, 32), steps=2, n=2, seed=3)
     for got, want in zip(images, expected, strict=True):
         assert np.array_equal(pixels(got), pixels(want)), "a request served alone must equal pipe.generate"
+    for i, (item, image) in enumerate(zip(body["data"], images, strict=True)):
+        (turn,) = Chain.from_json(image.info[KEY]).turns  # the PNG's record, the same as the item's
+        assert Chain.from_json(json.dumps(item["nextstep"])).turns == [turn]
+        assert (turn.command, turn.prompt, turn.seed, turn.index, turn.model) == ("generate", "a cat", 3, i, "tiny")
+        assert turn.options["size"] == [32, 32] and turn.options["steps"] == 2 and turn.sha256 == pixel_sha256(image)
+
+
+def test_an_edit_of_the_returned_image_continues_the_chain(client, alone):
+    """Edit a scene, send the returned PNG back with the next turn's seed: the two responses are the two turns of
+    pipe.edit_chain, pixels and records (seed, options, instruction, turn, parent hash) alike."""
+    source = make_sample(5, seed=0).images[0]  # 128x128
+    chain = alone.edit_chain(source, ["make the star yellow", "add a blue circle"], seed=5, steps=2, model="tiny")
+    buf = io.BytesIO()
+    source.save(buf, format="PNG")
+    upload, seed = buf.getvalue(), 5
+    for k, instruction in enumerate(["make the star yellow", "add a blue circle"]):
+        files = {"image": ("in.png", upload, "image/png")}
+        r = client.post("/v1/images/edits", files=files, data={"prompt": instruction, "seed": str(seed), "steps": "2"})
+        assert r.status_code == 200, r.text
+        item = r.json()["data"][0]
+        assert np.array_equal(pixels(decode(item)), pixels(chain[k])), f"turn {k + 1} differs from edit_chain"
+        assert item["nextstep"] == json.loads(chain[k].info[KEY])
+        turn = item["nextstep"]["turns"][-1]
+        assert (turn["turn"], turn["seed"], turn["prompt"]) == (k + 1, 5 + k, instruction)
+        upload, seed = base64.b64decode(item["b64_json"]), turn["seed"] + 1
+    assert item["nextstep"]["turns"][0]["parent_sha256"] == pixel_sha256(source)
 
 
 def test_edit_keeps_the_source_size_or_takes_size(client):
@@ -128,6 +157,7 @@ def test_the_official_openai_client_works(client):
     source.name = "in.png"
     r = api.images.edit(image=source, prompt="make it blue", extra_body={"steps": 2})
     assert decode(r.data[0].model_dump()).size == (48, 32)
+    assert r.data[0].model_dump()["nextstep"]["turns"][0]["prompt"] == "make it blue"
     with pytest.raises(openai.BadRequestError, match="'url' is not supported"):
         api.images.generate(prompt="a cat", response_format="url")
     assert [m.id for m in api.models.list()] == ["tiny"]

@@ -1,4 +1,5 @@
-"""The Gradio demo in headless Chromium: the page loads, generation and editing show images, all on 127.0.0.1."""
+"""The Gradio demo in headless Chromium: the page loads, generation and multi-turn editing (edit, edit this result
+again, undo) show their images and history, all on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -17,6 +19,7 @@ pytest.importorskip("fastapi")
 
 from nextstep.assets import builtin_model_dir  # noqa: E402
 from nextstep.cli import main as cli_main  # noqa: E402
+from nextstep.sampling.chain import KEY, Chain  # noqa: E402
 from nextstep.sampling.options import FIELDS  # noqa: E402
 from nextstep.sampling.pipeline import EDIT_DEFAULTS, Pipeline, read_defaults  # noqa: E402
 from nextstep.serve.demo import build_demo, theme  # noqa: E402
@@ -92,6 +95,8 @@ def _free_port() -> int:
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium")
 def test_demo_generates_and_edits_in_headless_chromium(demo_url, model_dir, tmp_path):  # noqa: F811
+    """Generate, send the result to the edit tab; upload a scene, edit it, edit the result again (two turns in the
+    history, with their instructions), undo (one)."""
     sync_api = pytest.importorskip("playwright.sync_api")
     outside = []
 
@@ -110,7 +115,8 @@ def test_demo_generates_and_edits_in_headless_chromium(demo_url, model_dir, tmp_
         try:
             page = browser.new_page()
             page.route("**/*", local_only)
-            page.goto(demo_url, wait_until="networkidle")
+            page.goto(demo_url, wait_until="load")  # not networkidle: the page keeps a heartbeat open (gr.State)
+            page.locator("#t2i-run").wait_for(timeout=60_000)
             assert page.title() == "NextStep"
 
             page.locator("#t2i-prompt textarea").fill("a red circle")
@@ -118,7 +124,8 @@ def test_demo_generates_and_edits_in_headless_chromium(demo_url, model_dir, tmp_
             page.locator("#t2i-gallery img").first.wait_for(timeout=60_000)
             page.screenshot(path=str(ARTIFACTS / "demo_generate.png"), full_page=True)
 
-            page.get_by_role("tab", name="Edit").click()
+            page.locator("#t2i-edit").click()  # the generated image becomes the edit tab's source
+            page.locator("#edit-source img").first.wait_for(timeout=60_000)
             # The checkpoint's own editing defaults (sampling_defaults.json), not the official ones.
             expected = read_defaults(model_dir).get("edit", {}).get("cfg", EDIT_DEFAULTS["cfg"])
             assert float(page.locator("#edit-cfg input[type=number]").input_value()) == expected
@@ -126,7 +133,17 @@ def test_demo_generates_and_edits_in_headless_chromium(demo_url, model_dir, tmp_
             page.locator("#edit-instruction textarea").fill("remove the white ring")
             page.locator("#edit-run").click()
             page.locator("#edit-gallery img").first.wait_for(timeout=60_000)
+            captions = page.locator("#edit-history .caption-label")
+            expect = sync_api.expect
+            expect(captions).to_have_text(["1. remove the white ring (seed 0)"], timeout=60_000)
+            page.locator("#edit-instruction textarea").fill("make the star yellow")
+            page.locator("#edit-again").click()
+            expect(captions).to_have_text(
+                ["1. remove the white ring (seed 0)", "2. make the star yellow (seed 1)"], timeout=60_000
+            )
             page.screenshot(path=str(ARTIFACTS / "demo_edit.png"), full_page=True)
+            page.locator("#edit-undo").click()
+            expect(captions).to_have_text(["1. remove the white ring (seed 0)"], timeout=60_000)
         finally:
             browser.close()
     assert not outside, f"the page tried to load {outside}"
@@ -140,6 +157,31 @@ def test_demo_reports_a_missing_model(capsys):
 
 def _handler(demo, name: str):
     return next(f.fn for f in demo.fns.values() if f.name == name)
+
+
+def test_edit_this_result_continues_the_chain_and_undo_drops_a_turn(model_dir):  # noqa: F811
+    """The handlers behind the buttons: a generated image sent to the edit tab, edited twice with seed 3, gives
+    pipe.edit_chain's two turns after the generation (turns 0, 1, 2; seeds 3, 4); undo goes back to turn 1."""
+    pipe = Pipeline.from_pretrained(model_dir, device="cpu")
+    demo = build_demo(pipe, model="shapes")
+    images, _, _ = _handler(demo, "generate")("a red circle", 32, 32, 0, 3.0, 2, 1)
+    _, _, turns, _, _ = _handler(demo, "send_to_edit")(images, 0)
+    for instruction in ("make it blue", "add a star"):
+        _, turns, shown = _handler(demo, "edit_again")(turns, instruction, 3, 3.0, 1.5, 2)
+    chain = pipe.edit_chain(images[0], ["make it blue", "add a star"], seed=3, steps=2, cfg=3.0, cfg_img=1.5)
+    for got, want in zip(turns[1:], chain, strict=True):
+        assert np.array_equal(np.asarray(got), np.asarray(want))
+    record = Chain.from_json(turns[-1].info[KEY])
+    assert [(t.command, t.turn, t.seed, t.model) for t in record.turns] == [
+        ("generate", 0, 0, "shapes"),
+        ("edit", 1, 3, "shapes"),
+        ("edit", 2, 4, "shapes"),
+    ]
+    assert [caption for _, caption in shown] == ["1. make it blue (seed 3)", "2. add a star (seed 4)"]
+    latest, turns, shown = _handler(demo, "undo")(turns)
+    assert len(turns) == 2 and latest == turns[-1:] and [c for _, c in shown] == ["1. make it blue (seed 3)"]
+    with pytest.raises(gr.Error, match="nothing to edit yet"):
+        _handler(demo, "edit_again")([], "make it blue", 3, 3.0, 1.5, 2)
 
 
 def test_demo_controls_come_from_the_option_schema(model_dir, tmp_path):  # noqa: F811
