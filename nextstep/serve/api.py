@@ -425,6 +425,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def serve_config(args: argparse.Namespace, **fields) -> ServeConfig:
+    """The ServeConfig of build_parser()'s options (the single server's and each Ray replica's)."""
+    return ServeConfig(
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        timeout_s=args.timeout,
+        max_n=args.max_n,
+        max_side=args.max_side,
+        max_steps=args.max_steps,
+        default_size=args.default_size,
+        stall_s=args.stall,
+        **fields,
+    )
+
+
 def main_serve(argv: list[str] | None = None) -> int:
     import uvicorn
 
@@ -437,18 +453,7 @@ def main_serve(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     path = resolve_model_dir(args.model)
-    config = ServeConfig(
-        model_name=args.model_name or model_name(args.model),
-        max_batch=args.max_batch,
-        max_wait_ms=args.max_wait_ms,
-        max_queue=args.max_queue,
-        timeout_s=args.timeout,
-        max_n=args.max_n,
-        max_side=args.max_side,
-        max_steps=args.max_steps,
-        default_size=args.default_size,
-        stall_s=args.stall,
-    )
+    config = serve_config(args, model_name=args.model_name or model_name(args.model))
     app = build_app(Pipeline.from_pretrained(path, device=args.device), config)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -33,7 +33,7 @@ except ImportError as e:
     raise ImportError(f"replicas on Ray Serve need ray[serve]: pip install 'nextstep[ray]' ({e})") from e
 
 from nextstep.sampling.pipeline import Pipeline
-from nextstep.serve.api import ApiError, BodyLimit, ServeConfig, build_app, build_parser
+from nextstep.serve.api import ApiError, BodyLimit, ServeConfig, build_app, build_parser, serve_config
 from nextstep.serve.batching import Batcher, Job, QueueFull
 
 log = logging.getLogger(__name__)
@@ -253,12 +253,12 @@ def build_application(config: RayConfig) -> serve.Application:
     from nextstep.hub import model_name, resolve_model_dir
 
     model_dir = resolve_model_dir(config.model).resolve()
-    serve_config = config.serve
-    if serve_config.model_name == ServeConfig.model_name:
-        serve_config = replace(serve_config, model_name=model_name(config.model))
-    config = replace(config, serve=serve_config)
+    serve_cfg = config.serve
+    if serve_cfg.model_name == ServeConfig.model_name:
+        serve_cfg = replace(serve_cfg, model_name=model_name(config.model))
+    config = replace(config, serve=serve_cfg)
     # a replica takes requests up to its own queue limit and answers 429 beyond it, as the single server does
-    per_replica = serve_config.max_queue + serve_config.max_batch
+    per_replica = serve_cfg.max_queue + serve_cfg.max_batch
     scaling = {"num_replicas": config.replicas}
     if config.max_replicas is not None:
         bounds = {"min_replicas": config.replicas, "max_replicas": config.max_replicas}
@@ -270,7 +270,7 @@ def build_application(config: RayConfig) -> serve.Application:
         health_check_period_s=config.health_check_period_s,
     ).bind(config, str(model_dir))
     max_replicas = config.max_replicas or config.replicas
-    return Gateway.options(max_ongoing_requests=per_replica * max_replicas).bind(model, serve_config)
+    return Gateway.options(max_ongoing_requests=per_replica * max_replicas).bind(model, serve_cfg)
 
 
 def app_builder(args: dict) -> serve.Application:
@@ -297,17 +297,7 @@ def main_serve_ray(argv: list[str] | None = None) -> int:
     args = build_ray_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        serve_config = ServeConfig(
-            max_batch=args.max_batch,
-            max_wait_ms=args.max_wait_ms,
-            max_queue=args.max_queue,
-            timeout_s=args.timeout,
-            max_n=args.max_n,
-            max_side=args.max_side,
-            max_steps=args.max_steps,
-            default_size=args.default_size,
-            **({"model_name": args.model_name} if args.model_name else {}),
-        )
+        serve_cfg = serve_config(args, **({"model_name": args.model_name} if args.model_name else {}))
         config = RayConfig(
             model=args.model,
             device=args.device,
@@ -316,7 +306,7 @@ def main_serve_ray(argv: list[str] | None = None) -> int:
             target_ongoing_requests=args.target_ongoing_requests,
             gpus_per_replica=args.gpus_per_replica or 0,
             cpus_per_replica=args.cpus_per_replica,
-            serve=serve_config,
+            serve=serve_cfg,
         )
     except ValueError as e:
         print(f"nextstep serve: error: {e}", file=sys.stderr)
