@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import statistics
 import sys
 import time
 from functools import partial
@@ -27,34 +26,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.quant_linear import BYTES_PER_WEIGHT, DEVICE, SHAPES, emit, hbm_bandwidth  # noqa: E402
+from bench.quant_linear import BYTES_PER_WEIGHT, DEVICE, SHAPES, emit, hbm_bandwidth, time_ms  # noqa: E402
 from nextstep.sampling import quant_kernels  # noqa: E402
 from nextstep.sampling.quantize import QuantizedLinear, dequantize_weight, quantize_linear  # noqa: E402
 
 # The head's other linears beside its 1536 x 1536 MLP: adaLN modulation (3 x 1536 out) and cond_embed.
 ALL_SHAPES = [*SHAPES, ("head_adaln", 1536, 4608), ("head_cond", 5120, 1536)]
 ROTATE_BYTES = 256 * 2**20  # weight copies cycled per graph: several times the H100/H200 L2 (50-60 MB)
-
-
-def time_ms(calls: list) -> float:
-    """Per-call ms: median of 15 replays of one CUDA graph of max(20, len(calls)) calls, cycling `calls`."""
-    for call in calls:
-        call()
-    torch.cuda.synchronize()
-    n = max(20, len(calls))
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(n):
-            calls[i % len(calls)]()
-    times = []
-    for _ in range(15):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / n)
-    return statistics.median(times[3:])
 
 
 def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:

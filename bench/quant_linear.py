@@ -14,10 +14,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
+import sys
+from functools import partial
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.decode import emit, hbm_bandwidth  # noqa: E402
 
 DEVICE = "cuda"
 # (name, in_features, out_features): the 14B decoder layer (qkv and gate/up fused as the engine runs them)
@@ -30,26 +35,6 @@ SHAPES = [
     ("head_mlp", 1536, 1536),
 ]
 BYTES_PER_WEIGHT = {"bf16": 2.0, "int8": 1.0, "fp8": 1.0, "int4": 0.5}
-
-
-def emit(what: str, config: dict, number: float, unit: str) -> None:
-    print(json.dumps({"what": what, "config": config, "device": torch.cuda.get_device_name(), "number": number,
-                      "unit": unit}))  # fmt: skip
-
-
-def hbm_bandwidth(gib: float = 2.0) -> float:
-    """Bytes/s of a large device-to-device copy (read + write counted), median of 20."""
-    src = torch.randn(int(gib * 2**30) // 4, device=DEVICE)
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(23):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dst.copy_(src)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return 2 * src.numel() * 4 / statistics.median(times[3:])
 
 
 def quantized(linear: torch.nn.Linear, mode: str) -> torch.nn.Module:
@@ -70,15 +55,17 @@ def quantized(linear: torch.nn.Linear, mode: str) -> torch.nn.Module:
     return module
 
 
-def time_ms(fn, x: torch.Tensor) -> float:
-    """Median of CUDA-graph replays of 20 calls, per call (launch gaps out, as in the engine)."""
-    for _ in range(3):
-        fn(x)
+def time_ms(calls: list) -> float:
+    """Per-call ms: median of 15 replays of one CUDA graph of max(20, len(calls)) calls, cycling `calls`
+    (launch gaps out, as in the engine; several weight copies keep the reads in HBM, not L2)."""
+    for call in calls:
+        call()
     torch.cuda.synchronize()
+    n = max(20, len(calls))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(20):
-            fn(x)
+        for i in range(n):
+            calls[i % len(calls)]()
     times = []
     for _ in range(15):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -86,7 +73,7 @@ def time_ms(fn, x: torch.Tensor) -> float:
         graph.replay()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b) / 20)
+        times.append(a.elapsed_time(b) / n)
     return statistics.median(times[3:])
 
 
@@ -116,7 +103,7 @@ def main() -> None:
                     try:
                         with torch.no_grad():
                             err = ((fn(x).float() - ref).norm() / ref.norm()).item()
-                            ms = time_ms(fn, x)
+                            ms = time_ms([partial(fn, x)])
                     except Exception as e:  # noqa: BLE001
                         emit("failed", {**config, "error": repr(e)[:200]}, 0.0, "-")
                         continue
