@@ -65,7 +65,26 @@ def _add_sampling_args(p: argparse.ArgumentParser, *, edit: bool) -> None:
     )
     if edit:
         p.add_argument("--image", required=True, help=f"input image to edit (at most {MAX_PIXELS} pixels)")
+    # an output option, not a sampling one (the images are the same with or without it): here, not in the schema
+    p.add_argument(
+        "--preview-every",
+        type=_positive,
+        default=None,
+        metavar="K",
+        help="also write the image as it forms, every K image-token rows: OUTPUT.partial-01.png, -02, ... next to "
+        "each output (rows not drawn yet filled with the mean of those drawn)",
+    )
     add_option_args(p, "edit" if edit else "generate")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of token rows, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,6 +113,22 @@ def output_paths(output: str, n: int) -> list[Path]:
     return [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(n)]
 
 
+def preview_writer(pipe, size: tuple[int, int], rows: int, paths: list[Path]):
+    """An on_token callback writing each output's partial images every `rows` token rows, as OUT.partial-NN.png."""
+    from nextstep.sampling.partial import every_rows
+
+    written = 0
+
+    def write(done_rows: int, images) -> None:
+        nonlocal written
+        written += 1
+        for image, path in zip(images, paths, strict=True):
+            save_png(image, path.with_name(f"{path.stem}.partial-{written:02d}{path.suffix}"))
+        logging.getLogger(__name__).info("partial image %d: %d token rows", written, done_rows)
+
+    return every_rows(pipe, size, rows=rows, on_partial=write, final=False)  # the final image is the output
+
+
 def run_sampling(args: argparse.Namespace) -> int:
     """Check everything a user typed (options, prompt, output, input image) before loading the model, then run."""
     import nextstep
@@ -115,6 +150,10 @@ def run_sampling(args: argparse.Namespace) -> int:
     source = open_image(args.image, what="input image") if args.command == "edit" else None
     pipe = nextstep.load(model_dir, device=args.device, quantize=args.quantize)
     options = {**options, "progress": True}
+    if args.preview_every is not None:
+        # the size the pipeline will use: the flag's, else the source's (snapped to tokens) or the checkpoint's
+        size = options.get("size") or (pipe._snap(source.size) if source else GenerateOptions(**pipe.defaults).size)
+        options["on_token"] = preview_writer(pipe, size, args.preview_every, paths)
     if args.command == "edit":
         images = pipe.edit(source, args.prompt, **options)
     else:
