@@ -1,4 +1,5 @@
-"""Gradio web demo: a text-to-image tab and an editing tab over one Pipeline, with a progress bar over image tokens.
+"""Gradio web demo: a text-to-image tab and an editing tab over one Pipeline, with a progress bar over image tokens;
+the text-to-image gallery shows the image forming (partial images as its token rows are drawn, then the final).
 Its sampling controls (ranges, labels) come from the GenerateOptions schema; uploads go through io.open_image.
 
 nextstep demo --model path/to/checkpoint --host 127.0.0.1 --port 7860
@@ -9,11 +10,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import queue
 import sys
+import threading
+from collections.abc import Callable, Iterator
 
 from nextstep.io import MAX_PIXELS, open_image
 from nextstep.sampling.options import FIELDS, GenerateOptions, size_arg
-from nextstep.sampling.pipeline import Pipeline
+from nextstep.sampling.partial import every_rows
+from nextstep.sampling.pipeline import OnToken, Pipeline
 from nextstep.serve.api import fit_size
 
 log = logging.getLogger(__name__)
@@ -23,6 +28,46 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]  # the default theme would fetch Google Fonts
 SYSTEM_MONO = ["ui-monospace", "monospace"]
+PREVIEWS = 3  # partial images shown while an image forms (each one a VAE decode: see BENCHMARKS.md)
+
+
+class Stopped(Exception):
+    """Raised between image tokens once the page stopped listening (the generator was closed)."""
+
+
+def progressive(pipe: Pipeline, size: tuple[int, int], run: Callable[[OnToken], list]) -> Iterator[tuple[list, str]]:
+    """Yields (images, status) as `run(on_token)` draws images of (height, width) `size` in a worker thread:
+    PREVIEWS partial images spread over the token rows, then the final images with status "Done". Closing the
+    generator (the page went away) stops the generation at its next token; run's exceptions propagate."""
+    grid = size[0] // pipe.down_factor
+    updates: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    def on_partial(rows: int, images: list) -> None:
+        updates.put((images, f"Partial image: {rows} of {grid} token rows drawn"))
+
+    partial = every_rows(pipe, size, rows=max(1, grid // (PREVIEWS + 1)), on_partial=on_partial, final=False)
+
+    def on_token(k: int, tokens) -> None:
+        if stop.is_set():
+            raise Stopped(f"stopped after token {k}: nobody is watching")
+        partial(k, tokens)
+
+    def work() -> None:
+        try:
+            updates.put(run(on_token))  # the final images: a list, where partial updates are tuples
+        except Exception as e:
+            updates.put(e)
+
+    threading.Thread(target=work, name="nextstep-demo", daemon=True).start()
+    try:
+        while isinstance(update := updates.get(), tuple):
+            yield update
+        if isinstance(update, Exception):
+            raise update
+        yield update, "Done"
+    finally:
+        stop.set()
 
 
 def build_demo(
@@ -45,16 +90,10 @@ def build_demo(
     track = gr.Progress(track_tqdm=True)  # as a default argument it tells Gradio to follow the pipeline's tqdm bar
 
     def generate(prompt, width, height, seed, cfg, num_steps, n, progress=track):
+        size = (int(height), int(width))
+        options = dict(size=size, seed=int(seed), cfg=float(cfg), steps=int(num_steps), n=int(n), progress=True)
         try:
-            return pipe.generate(
-                prompt,
-                size=(int(height), int(width)),
-                seed=int(seed),
-                cfg=float(cfg),
-                steps=int(num_steps),
-                n=int(n),
-                progress=True,
-            )
+            yield from progressive(pipe, size, lambda on_token: pipe.generate(prompt, on_token=on_token, **options))
         except ValueError as e:
             raise gr.Error(str(e)) from None
 
@@ -97,11 +136,13 @@ def build_demo(
                     cfg = slider("cfg", defaults.cfg)
                     num_steps = slider("steps", steps)
                     run = gr.Button("Generate", variant="primary", elem_id="t2i-run")
-                gallery = gr.Gallery(label="Images", columns=2, format="png", elem_id="t2i-gallery")
+                with gr.Column():
+                    gallery = gr.Gallery(label="Images", columns=2, format="png", elem_id="t2i-gallery")
+                    status = gr.Markdown(elem_id="t2i-status")
             run.click(
                 generate,
                 [prompt, width, height, seed, cfg, num_steps, n],
-                gallery,
+                [gallery, status],
                 concurrency_id="pipeline",
                 concurrency_limit=1,
             )
