@@ -8,6 +8,7 @@ nextstep demo --model path/to/checkpoint --host 127.0.0.1 --port 7860
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import queue
@@ -18,8 +19,9 @@ from collections.abc import Callable, Iterator
 from nextstep.io import MAX_PIXELS, open_image
 from nextstep.sampling.options import FIELDS, GenerateOptions, size_arg
 from nextstep.sampling.partial import every_rows
-from nextstep.sampling.pipeline import OnToken, Pipeline
+from nextstep.sampling.pipeline import Pipeline
 from nextstep.serve.api import fit_size
+from nextstep.serve.stream import DEFAULT_PARTIAL_IMAGES
 
 log = logging.getLogger(__name__)
 
@@ -28,17 +30,19 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]  # the default theme would fetch Google Fonts
 SYSTEM_MONO = ["ui-monospace", "monospace"]
-PREVIEWS = 3  # partial images shown while an image forms (each one a VAE decode: see BENCHMARKS.md)
 
 
 class Stopped(Exception):
     """Raised between image tokens once the page stopped listening (the generator was closed)."""
 
 
-def progressive(pipe: Pipeline, size: tuple[int, int], run: Callable[[OnToken], list]) -> Iterator[tuple[list, str]]:
-    """Yields (images, status) as `run(on_token)` draws images of (height, width) `size` in a worker thread:
-    PREVIEWS partial images spread over the token rows, then the final images with status "Done". Closing the
-    generator (the page went away) stops the generation at its next token; run's exceptions propagate."""
+def progressive(
+    pipe: Pipeline, size: tuple[int, int], run: Callable[..., list], *, previews: int
+) -> Iterator[tuple[list, str]]:
+    """Yields (images, status) as `run(on_token=...)` draws images of (height, width) `size` in a worker thread:
+    up to `previews` partial images, one every ceil(rows / (previews + 1)) token rows, then the final images
+    with status "Done". Closing the generator (the page went away) stops the generation at its next token and
+    waits for it; run's exceptions propagate."""
     grid = size[0] // pipe.down_factor
     updates: queue.Queue = queue.Queue()
     stop = threading.Event()
@@ -46,7 +50,8 @@ def progressive(pipe: Pipeline, size: tuple[int, int], run: Callable[[OnToken], 
     def on_partial(rows: int, images: list) -> None:
         updates.put((images, f"Partial image: {rows} of {grid} token rows drawn"))
 
-    partial = every_rows(pipe, size, rows=max(1, grid // (PREVIEWS + 1)), on_partial=on_partial, final=False)
+    every = max(1, -(-grid // (previews + 1)))  # a size too small for a token row: the pipeline says so
+    partial = every_rows(pipe, size, rows=every, on_partial=on_partial, final=False)
 
     def on_token(k: int, tokens) -> None:
         if stop.is_set():
@@ -55,11 +60,12 @@ def progressive(pipe: Pipeline, size: tuple[int, int], run: Callable[[OnToken], 
 
     def work() -> None:
         try:
-            updates.put(run(on_token))  # the final images: a list, where partial updates are tuples
+            updates.put(run(on_token=on_token))  # the final images: a list, where partial updates are tuples
         except Exception as e:
             updates.put(e)
 
-    threading.Thread(target=work, name="nextstep-demo", daemon=True).start()
+    worker = threading.Thread(target=work, name="nextstep-demo", daemon=True)
+    worker.start()
     try:
         while isinstance(update := updates.get(), tuple):
             yield update
@@ -68,6 +74,7 @@ def progressive(pipe: Pipeline, size: tuple[int, int], run: Callable[[OnToken], 
         yield update, "Done"
     finally:
         stop.set()
+        worker.join()  # the next call starts once this one has stopped: one pipeline, one call at a time
 
 
 def build_demo(
@@ -78,11 +85,14 @@ def build_demo(
     max_side: int = 1024,
     max_n: int = 4,
     max_pixels: int = MAX_PIXELS,
+    previews: int = DEFAULT_PARTIAL_IMAGES,
 ):
     """The gr.Blocks app. `size` (height, width) and `steps` set the controls' starting values; uploads over
-    `max_pixels` are refused before they are decoded."""
+    `max_pixels` are refused before they are decoded; `previews` partial images show text-to-image forming."""
     import gradio as gr
 
+    if previews < 0:
+        raise ValueError(f"partial images must be >= 0, got {previews}")
     defaults = GenerateOptions(**pipe.defaults)
     h, w = size or defaults.size
     steps = steps or defaults.steps
@@ -93,7 +103,7 @@ def build_demo(
         size = (int(height), int(width))
         options = dict(size=size, seed=int(seed), cfg=float(cfg), steps=int(num_steps), n=int(n), progress=True)
         try:
-            yield from progressive(pipe, size, lambda on_token: pipe.generate(prompt, on_token=on_token, **options))
+            yield from progressive(pipe, size, functools.partial(pipe.generate, prompt, **options), previews=previews)
         except ValueError as e:
             raise gr.Error(str(e)) from None
 
@@ -189,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="starting steps (default: the checkpoint's)")
     p.add_argument("--max-side", type=int, default=1024, help="largest width/height the sliders allow")
     p.add_argument("--max-n", type=int, default=4, help="most images per generation")
+    p.add_argument(
+        "--partial-images",
+        type=int,
+        default=DEFAULT_PARTIAL_IMAGES,
+        help="partial images shown as an image forms (0: none; each costs part of a decode, see BENCHMARKS.md)",
+    )
     return p
 
 
@@ -198,7 +214,9 @@ def main_demo(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     pipe = Pipeline.from_pretrained(resolve_model_dir(args.model), device=args.device)
-    demo = build_demo(pipe, size=args.size, steps=args.steps, max_side=args.max_side, max_n=args.max_n)
+    demo = build_demo(
+        pipe, size=args.size, steps=args.steps, max_side=args.max_side, max_n=args.max_n, previews=args.partial_images
+    )
     demo.queue().launch(server_name=args.host, server_port=args.port, theme=theme(), ssr_mode=False, share=False)
     return 0
 
