@@ -11,8 +11,8 @@ data: {"type": "image_generation.completed", "b64_json": "...", "image_index": 0
 
 A failure once the stream has started ends it with `event: error`, data {"type": "error", "error": {...}} (the
 JSON error body of a non-streamed request). `partial_images` (0-3, default 1) partial images are spread evenly
-over the image-token rows: image rows drawn so far, the rest of the grid filled with their mean
-(nextstep.sampling.partial), so the final image, the pipeline's own, equals the non-streamed one of the same seed.
+over the image-token rows: the rows drawn so far decoded, the rows below flat (nextstep.sampling.partial); the
+final image is the pipeline's own, equal to the non-streamed one of the same seed.
 
 Streams go through the micro-batcher like any request: a batch may mix streamed and plain requests of the same
 options, and its on_token hook decodes each streamed job's own rows of the batch at that job's rows and hands
