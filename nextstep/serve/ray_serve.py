@@ -265,7 +265,7 @@ class Gateway:
 
 def build_application(config: RayConfig) -> serve.Application:
     """The gateway bound to the model deployment, with replicas, resources and autoscaling from `config`."""
-    from nextstep.cli import resolve_model_dir
+    from nextstep.hub import resolve_model_dir
 
     model_dir = resolve_model_dir(config.model).resolve()
     serve_config = config.serve
