@@ -162,10 +162,11 @@ async def next_item(server, job: StreamJob, request: Request):
     when the generation failed (as the non-streamed request would)."""
     from nextstep.serve.api import DISCONNECT_POLL_S
 
+    timeout = ApiError(f"request timed out after {server.config.timeout_s:g} s", status=504, kind="timeout")
     while True:
         left = job.deadline - time.monotonic()
         if left <= 0:
-            raise ApiError(f"request timed out after {server.config.timeout_s:g} s", status=504, kind="timeout")
+            raise timeout
         try:
             item = await asyncio.wait_for(job.queue.get(), min(left, DISCONNECT_POLL_S))
         except asyncio.TimeoutError:
@@ -173,5 +174,7 @@ async def next_item(server, job: StreamJob, request: Request):
                 raise ApiError("client closed the request", status=499, kind="client_closed") from None
             continue
         if item is DONE and not job.future.cancelled() and job.future.exception() is not None:
+            if time.monotonic() > job.deadline:  # the batch stopped because the deadline had passed
+                raise timeout
             raise server.failure(job.future.exception())
         return item
