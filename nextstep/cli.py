@@ -80,7 +80,26 @@ def _add_sampling_args(p: argparse.ArgumentParser, *, edit: bool) -> None:
             help="edit the result again (repeatable); turn k takes seed + k - 1; with -o out.png the turns before "
             "the last are written as out.turn1.png, out.turn2.png, ... and the last as out.png; not with --n > 1",
         )
+    # an output option, not a sampling one (the images are the same with or without it): here, not in the schema
+    p.add_argument(
+        "--preview-every",
+        type=_positive,
+        default=None,
+        metavar="K",
+        help="also write the image as it forms, every K image-token rows: OUTPUT.partial-01.png, -02, ... next to "
+        "each output (rows not drawn yet filled with the mean of those drawn)",
+    )
     add_option_args(p, "edit" if edit else "generate")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of token rows, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,6 +145,22 @@ def check_prompt(text: str, model_dir: Path, what: str = "prompt") -> None:
         raise ValueError(f"{what} of {n_text} tokens exceeds the limit of {MAX_PROMPT_TOKENS}")
 
 
+def preview_writer(pipe, size: tuple[int, int], rows: int, paths: list[Path]):
+    """An on_token callback writing each output's partial images every `rows` token rows, as OUT.partial-NN.png."""
+    from nextstep.sampling.partial import every_rows
+
+    written = 0
+
+    def write(done_rows: int, images) -> None:
+        nonlocal written
+        written += 1
+        for image, path in zip(images, paths, strict=True):
+            save_png(image, path.with_name(f"{path.stem}.partial-{written:02d}{path.suffix}"))
+        logging.getLogger(__name__).info("partial image %d: %d token rows", written, done_rows)
+
+    return every_rows(pipe, size, rows=rows, on_partial=write, final=False)  # the final image is the output
+
+
 def run_sampling(args: argparse.Namespace) -> int:
     """Check everything a user typed (options, prompts, output, input image) before loading the model, then run."""
     import nextstep
@@ -137,6 +172,8 @@ def run_sampling(args: argparse.Namespace) -> int:
     prompts = [args.prompt, *getattr(args, "then", [])]
     if len(prompts) > 1 and options.get("n", 1) > 1:
         raise ValueError(f"--then makes one image per turn: it cannot go with --n {options['n']}")
+    if len(prompts) > 1 and args.preview_every is not None:
+        raise ValueError("--preview-every writes the partial images of one turn: it cannot go with --then")
     paths = output_paths(args.output, options.get("n", 1), len(prompts))
     for path in paths:
         check_writable(path)
@@ -147,6 +184,10 @@ def run_sampling(args: argparse.Namespace) -> int:
     source = open_image(args.image, what="input image") if args.command == "edit" else None
     pipe = nextstep.load(model_dir, device=args.device, quantize=args.quantize)
     options = {**options, "progress": True, "model": args.model or BUILTIN}
+    if args.preview_every is not None:
+        # the size the pipeline will use: the flag's, else the source's (snapped to tokens) or the checkpoint's
+        size = options.get("size") or (pipe._snap(source.size) if source else GenerateOptions(**pipe.defaults).size)
+        options["on_token"] = preview_writer(pipe, size, args.preview_every, paths)
     if args.command == "generate":
         images = chain.generate(pipe, args.prompt, **options)
     elif len(prompts) > 1:

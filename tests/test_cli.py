@@ -132,3 +132,22 @@ def test_main_reports_every_error_as_one_line(capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("nextstep: error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_preview_every_writes_the_partial_pngs_and_leaves_the_image_unchanged(tmp_path):
+    """--preview-every 1 on a 4-row grid (the built-in model's 16 px tokens at 64x64): partial images after rows
+    1, 2, 3 of each output, written next to it; the output itself equals a run without previews."""
+    base = ["generate", "a red circle", "--size", "64x64", "--steps", "2", "--seed", "4", "--n", "2"]
+    r = nextstep(*base, "-o", str(tmp_path / "x.png"), "--preview-every", "1")
+    assert r.returncode == 0, r.stderr
+    partials = sorted(p.name for p in tmp_path.glob("*.partial-*.png"))
+    assert partials == [f"x_{i}.partial-0{k}.png" for i in range(2) for k in (1, 2, 3)]
+    assert all(Image.open(tmp_path / name).size == (64, 64) for name in partials)
+    r = nextstep(*base, "-o", str(tmp_path / "plain.png"))
+    assert r.returncode == 0, r.stderr
+    for i in range(2):
+        final = Image.open(tmp_path / f"x_{i}.png").tobytes()
+        assert final == Image.open(tmp_path / f"plain_{i}.png").tobytes()
+        assert Image.open(tmp_path / f"x_{i}.partial-01.png").tobytes() != final
+    r = nextstep(*base, "-o", str(tmp_path / "bad.png"), "--preview-every", "0")
+    assert r.returncode == 2 and "argument --preview-every: must be > 0, got 0" in r.stderr

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, replace
 from PIL import Image
 
 from nextstep.sampling.options import FIELDS, MAX_SEED, GenerateOptions, OptionError, check_value
-from nextstep.sampling.pipeline import Pipeline
+from nextstep.sampling.pipeline import OnToken, Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -183,10 +183,13 @@ def edited(
     return image
 
 
-def generate(pipe: Pipeline, prompt: str, *, model: str | None = None, **options) -> list[Image.Image]:
-    """pipe.generate(prompt, **options), each image with its record (a random seed when seed is None)."""
+def generate(
+    pipe: Pipeline, prompt: str, *, model: str | None = None, on_token: OnToken | None = None, **options
+) -> list[Image.Image]:
+    """pipe.generate(prompt, **options), each image with its record (a random seed when seed is None);
+    on_token as in Pipeline.generate (not recorded: it does not change the images)."""
     opts = run_options(pipe, "generate", None, options)
-    images = pipe.generate(prompt, **asdict(opts))
+    images = pipe.generate(prompt, on_token=on_token, **asdict(opts))
     return [generated(image, prompt, opts, model=model, index=i) for i, image in enumerate(images)]
 
 
@@ -197,12 +200,14 @@ def edit(
     *,
     model: str | None = None,
     source_path: str | None = None,
+    on_token: OnToken | None = None,
     **options,
 ) -> list[Image.Image]:
-    """pipe.edit(image, instruction, **options), each of its n images with its record (see `edited`)."""
+    """pipe.edit(image, instruction, **options), each of its n images with its record (see `edited`);
+    on_token as in Pipeline.edit."""
     opts = run_options(pipe, "edit", image, options)
     parent = parent_of(image, source_path)
-    images = pipe.edit(image, instruction, **asdict(opts))
+    images = pipe.edit(image, instruction, on_token=on_token, **asdict(opts))
     return [edited(out, parent, instruction, opts, model=model, index=i) for i, out in enumerate(images)]
 
 

@@ -1,4 +1,4 @@
-"""Partial images of a generation in progress: the image tokens sampled so far, the rest of the grid filled, decoded.
+"""Partial images of a generation in progress: the token rows sampled so far decoded, the rows below them flat.
 
 previews = []
 on_token = every_rows(pipe, (128, 128), rows=2, on_partial=lambda rows, images: previews.append(images))
@@ -34,13 +34,18 @@ def fill_tokens(tokens: torch.Tensor, total: int) -> torch.Tensor:
 def decode_partial(pipe: Pipeline, tokens: torch.Tensor, size: tuple[int, int]) -> list[Image.Image]:
     """(B, k, D) image tokens sampled so far of (height, width) px images -> B partial PIL images of that size.
 
-    With every token (k = h*w) this is exactly the pipeline's final decode.
+    Only the token rows begun so far are decoded (a row begun is completed with fill_tokens): the decode, the
+    cost of a partial image, shrinks with the part drawn (half the grid, half a decode). The rows below are
+    each image's mean colour. With every token (k = h*w) this is exactly the pipeline's final decode.
     """
     h, w = size[0] // pipe.down_factor, size[1] // pipe.down_factor
     if not 0 < tokens.shape[1] <= h * w:
         raise ValueError(f"got {tokens.shape[1]} tokens for a grid of {h}x{w}")
+    rows = -(-tokens.shape[1] // w)
     with torch.inference_mode():
-        pixels = pipe.decode_tokens(fill_tokens(tokens.float(), h * w), h, w)  # (B, 3, H, W)
+        pixels = pipe.decode_tokens(fill_tokens(tokens.float(), rows * w), rows, w)  # (B, 3, rows * d, W)
+        below = pixels.mean(dim=(2, 3), keepdim=True).expand(-1, -1, size[0] - pixels.shape[2], size[1])
+        pixels = torch.cat([pixels, below], dim=2)  # (B, 3, H, W)
     return [pixels_to_pil(x) for x in pixels]
 
 

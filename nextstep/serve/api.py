@@ -46,6 +46,7 @@ from nextstep.sampling.options import (
 from nextstep.sampling.pipeline import Pipeline
 from nextstep.serve.batching import Batcher, BatchKey, Job, QueueFull, run_batch
 from nextstep.serve.middleware import ApiError, BodyLimit, CountResponses
+from nextstep.serve.stream import DEFAULT_PARTIAL_IMAGES, StreamStats, stream_response, with_partials
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,8 @@ class OpenAIRequest(BaseModel):
     quality: str | None = None  # accepted from OpenAI clients, no effect
     style: str | None = None  # accepted from OpenAI clients, no effect
     user: str | None = None  # accepted from OpenAI clients, no effect
+    stream: bool = False  # server-sent events: partial images, then the final ones (nextstep.serve.stream)
+    partial_images: int | None = None  # with stream: how many partial images (0-3; default 1)
 
 
 def api_options(task: str) -> list[str]:
@@ -173,12 +176,14 @@ class Server:
         if any(s % down or s > config.max_side for s in self.default_size):
             raise ValueError(f"default size {self.default_size} must be multiples of {down} within {config.max_side}")
         self.batcher = Batcher(
-            lambda jobs, on_token: run_batch(pipe, jobs, on_token),
+            lambda jobs, on_token: run_batch(pipe, jobs, with_partials(pipe, jobs, on_token)),
             max_batch=config.max_batch,
             max_wait_s=config.max_wait_ms / 1000,
             max_queue=config.max_queue,
         )
         self.responses: Counter = Counter()  # (path, status) -> responses
+        self.streams = StreamStats()
+        self.stream_refusal: str | None = None  # set where stream=true cannot be served: the 400's message
         self.started = time.time()
 
     def check_text(self, text: str, param: str, *, required: bool) -> None:
@@ -228,26 +233,47 @@ class Server:
         deadline = time.monotonic() + cfg.timeout_s
         return Job(key=key, prompt=req.prompt, seed=seed, n=req.n, image=image, deadline=deadline)
 
+    async def answer(self, req: OpenAIRequest, job: Job, request: Request, parent: tuple[Chain, str] | None = None):
+        """The route's answer to a valid request: JSON, or with stream=true an event stream; `parent`
+        (chain.parent_of of an edit's upload) is the chain an edit continues."""
+        if not req.stream:
+            if req.partial_images is not None:
+                raise ApiError("partial_images is for streaming: send stream=true with it", param="partial_images")
+            return await self.serve(job, request, parent)
+        if self.stream_refusal is not None:
+            raise ApiError(self.stream_refusal, param="stream")
+        partial_images = DEFAULT_PARTIAL_IMAGES if req.partial_images is None else req.partial_images
+        return stream_response(self, job, partial_images, request, parent)
+
+    def submit(self, job: Job) -> asyncio.Future:
+        """Queue a job (429 when the queue is full); its future resolves to its images."""
+        try:
+            return self.batcher.submit(job)
+        except QueueFull as e:
+            raise ApiError(f"server busy: {e}", status=429, kind="rate_limit_exceeded") from None
+
+    @staticmethod
+    def failure(e: BaseException) -> ApiError:
+        """A failed generation as the error the client gets."""
+        if isinstance(e, ValueError):  # the pipeline's own validation
+            return ApiError(str(e))
+        log.error("generation failed", exc_info=e)
+        return ApiError(f"image generation failed: {type(e).__name__}", status=500)
+
     async def serve(self, job: Job, request: Request, parent: tuple[Chain, str] | None = None) -> JSONResponse:
         """Queue a job, wait for its images, answer them as OpenAI does, plus the seed used and each image's
-        record (its PNG's too); `parent` (chain.parent_of of an edit's upload) is the chain an edit continues.
+        record (its PNG's too); `parent` as in answer().
 
         A job whose client disconnects or whose deadline passes is cancelled: it leaves the queue, and a
         running batch stops at its next image token once all of its jobs are cancelled."""
-        try:
-            future = self.batcher.submit(job)
-        except QueueFull as e:
-            raise ApiError(f"server busy: {e}", status=429, kind="rate_limit_exceeded") from None
+        future = self.submit(job)
         try:
             images = await self.wait(job, request)
         except (ApiError, asyncio.CancelledError):
             future.cancel()
             raise
-        except ValueError as e:  # the pipeline's own validation
-            raise ApiError(str(e)) from None
         except Exception as e:
-            log.error("generation failed", exc_info=e)
-            raise ApiError(f"image generation failed: {type(e).__name__}", status=500) from None
+            raise self.failure(e) from None
         data = await asyncio.to_thread(self.items, job, images, parent)
         return JSONResponse({"created": int(time.time()), "data": data, "seed": job.seed})
 
@@ -294,12 +320,14 @@ class Server:
             "batches": stats.batches,
             "batch_images": {str(k): v for k, v in sorted(stats.batch_images.items())},
             "batch_requests": {str(k): v for k, v in sorted(stats.batch_requests.items())},
+            "streams": asdict(self.streams),
             "config": {**asdict(self.config), "default_size": list(self.default_size)},
         }
 
 
-def png_base64(image: Image.Image, record: str) -> str:
-    return base64.b64encode(encode_png(image, {KEY: record})).decode("ascii")
+def png_base64(image: Image.Image, record: str | None = None) -> str:
+    """The image as base64 PNG, carrying its record (chain.KEY) when it has one (a partial image has none)."""
+    return base64.b64encode(encode_png(image, None if record is None else {KEY: record})).decode("ascii")
 
 
 def build_app(pipe: Pipeline, config: ServeConfig | None = None) -> FastAPI:
@@ -368,7 +396,7 @@ def build_app(pipe: Pipeline, config: ServeConfig | None = None) -> FastAPI:
         except ValidationError as e:
             message, param = validation_message(e)
             raise ApiError(message, param=param) from None
-        return await server.serve(server.job(req), request)
+        return await server.answer(req, server.job(req), request)
 
     @app.post("/v1/images/edits")
     async def edits(request: Request) -> JSONResponse:
@@ -398,7 +426,7 @@ def build_app(pipe: Pipeline, config: ServeConfig | None = None) -> FastAPI:
         parent = await asyncio.to_thread(parent_of, image)  # of the upload as sent: a replay resizes it as below
         if image.size != (size[1], size[0]):  # as the pipeline would; here it bounds what a queued job holds
             image = await asyncio.to_thread(image.resize, (size[1], size[0]), Image.BICUBIC)
-        return await server.serve(server.job(req, size=size, image=image), request, parent)
+        return await server.answer(req, server.job(req, size=size, image=image), request, parent)
 
     paths.update(route.path for route in app.routes)
     return app

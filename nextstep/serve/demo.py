@@ -1,4 +1,5 @@
-"""Gradio web demo: a text-to-image tab and an editing tab over one Pipeline, with a progress bar over image tokens.
+"""Gradio web demo: a text-to-image tab and an editing tab over one Pipeline, with a progress bar over image tokens;
+the text-to-image gallery shows the image forming (partial images as its token rows are drawn, then the final).
 Editing is multi-turn: "Edit this result" edits the latest result (or an image sent from the text-to-image tab)
 again, the history shows every turn with its instruction, and "Undo" drops the last one. Its sampling controls
 (ranges, labels) come from the GenerateOptions schema; uploads go through io.open_image.
@@ -9,17 +10,23 @@ nextstep demo --model path/to/checkpoint --host 127.0.0.1 --port 7860
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
+import queue
 import sys
+import threading
+from collections.abc import Callable, Iterator
 
 from PIL import Image
 
 from nextstep.io import MAX_PIXELS, open_image
 from nextstep.sampling import chain
 from nextstep.sampling.options import FIELDS, GenerateOptions, size_arg
+from nextstep.sampling.partial import every_rows
 from nextstep.sampling.pipeline import Pipeline
 from nextstep.serve.api import fit_size
+from nextstep.serve.stream import DEFAULT_PARTIAL_IMAGES
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +46,51 @@ def history(turns: list[Image.Image]) -> list[tuple[Image.Image, str]]:
     return out
 
 
+class Stopped(Exception):
+    """Raised between image tokens once the page stopped listening (the generator was closed)."""
+
+
+def progressive(
+    pipe: Pipeline, size: tuple[int, int], run: Callable[..., list], *, previews: int
+) -> Iterator[tuple[list, str]]:
+    """Yields (images, status) as `run(on_token=...)` draws images of (height, width) `size` in a worker thread:
+    up to `previews` partial images, one every ceil(rows / (previews + 1)) token rows, then the final images
+    with status "Done". Closing the generator (the page went away) stops the generation at its next token and
+    waits for it; run's exceptions propagate."""
+    grid = size[0] // pipe.down_factor
+    updates: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    def on_partial(rows: int, images: list) -> None:
+        updates.put((images, f"Partial image: {rows} of {grid} token rows drawn"))
+
+    every = max(1, -(-grid // (previews + 1)))  # a size too small for a token row: the pipeline says so
+    partial = every_rows(pipe, size, rows=every, on_partial=on_partial, final=False)
+
+    def on_token(k: int, tokens) -> None:
+        if stop.is_set():
+            raise Stopped(f"stopped after token {k}: nobody is watching")
+        partial(k, tokens)
+
+    def work() -> None:
+        try:
+            updates.put(run(on_token=on_token))  # the final images: a list, where partial updates are tuples
+        except Exception as e:
+            updates.put(e)
+
+    worker = threading.Thread(target=work, name="nextstep-demo", daemon=True)
+    worker.start()
+    try:
+        while isinstance(update := updates.get(), tuple):
+            yield update
+        if isinstance(update, Exception):
+            raise update
+        yield update, "Done"
+    finally:
+        stop.set()
+        worker.join()  # the next call starts once this one has stopped: one pipeline, one call at a time
+
+
 def build_demo(
     pipe: Pipeline,
     *,
@@ -48,12 +100,15 @@ def build_demo(
     max_side: int = 1024,
     max_n: int = 4,
     max_pixels: int = MAX_PIXELS,
+    previews: int = DEFAULT_PARTIAL_IMAGES,
 ):
     """The gr.Blocks app. `model` is the model's name as recorded in each image's settings; `size` (height,
     width) and `steps` set the controls' starting values; uploads over `max_pixels` are refused before they
-    are decoded."""
+    are decoded; `previews` partial images show text-to-image forming."""
     import gradio as gr
 
+    if previews < 0:
+        raise ValueError(f"partial images must be >= 0, got {previews}")
     defaults = GenerateOptions(**pipe.defaults)
     h, w = size or defaults.size
     steps = steps or defaults.steps
@@ -61,23 +116,17 @@ def build_demo(
     track = gr.Progress(track_tqdm=True)  # as a default argument it tells Gradio to follow the pipeline's tqdm bar
 
     def generate(prompt, width, height, seed, cfg, num_steps, n, progress=track):
-        """The images, and again as the state "Edit this result" picks from (the gallery's copies lose their
-        records); the selection goes back to the first."""
+        """Partial images as they form, then the images, again as the state "Edit this result" picks from (the
+        gallery's copies lose their records); the selection goes back to the first."""
+        size = (int(height), int(width))
+        options = dict(size=size, seed=int(seed), cfg=float(cfg), steps=int(num_steps), n=int(n), progress=True)
+        run = functools.partial(chain.generate, pipe, prompt, model=model, **options)
         try:
-            images = chain.generate(
-                pipe,
-                prompt,
-                model=model,
-                size=(int(height), int(width)),
-                seed=int(seed),
-                cfg=float(cfg),
-                steps=int(num_steps),
-                n=int(n),
-                progress=True,
-            )
+            for images, note in progressive(pipe, size, run, previews=previews):
+                done = note == "Done"
+                yield images, note, (images if done else gr.skip()), (0 if done else gr.skip())
         except ValueError as e:
             raise gr.Error(str(e)) from None
-        return images, images, 0
 
     def slider(name: str, value, **kwargs):
         """A slider for option `name`: range and step from the schema's `ui`, label from its help."""
@@ -158,6 +207,7 @@ def build_demo(
                         run = gr.Button("Generate", variant="primary", elem_id="t2i-run")
                     with gr.Column():
                         gallery = gr.Gallery(label="Images", columns=2, format="png", elem_id="t2i-gallery")
+                        status = gr.Markdown(elem_id="t2i-status")
                         to_edit = gr.Button("Edit this result", elem_id="t2i-edit")
             with gr.Tab("Edit", id="edit"):
                 with gr.Row():
@@ -187,7 +237,10 @@ def build_demo(
         controls = [instruction, edit_seed, edit_cfg, edit_cfg_img, edit_steps]
         one_at_a_time = dict(concurrency_id="pipeline", concurrency_limit=1)  # one pipeline, one KV cache
         run.click(
-            generate, [prompt, width, height, seed, cfg, num_steps, n], [gallery, generated, selected], **one_at_a_time
+            generate,
+            [prompt, width, height, seed, cfg, num_steps, n],
+            [gallery, status, generated, selected],
+            **one_at_a_time,
         )
         gallery.select(pick, None, selected)
         to_edit.click(send_to_edit, [generated, selected], [source, edited, turns, turn_list, tabs])
@@ -213,6 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="starting steps (default: the checkpoint's)")
     p.add_argument("--max-side", type=int, default=1024, help="largest width/height the sliders allow")
     p.add_argument("--max-n", type=int, default=4, help="most images per generation")
+    p.add_argument(
+        "--partial-images",
+        type=int,
+        default=DEFAULT_PARTIAL_IMAGES,
+        help="partial images shown as an image forms (0: none; each costs part of a decode, see BENCHMARKS.md)",
+    )
     return p
 
 
@@ -223,7 +282,15 @@ def main_demo(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     pipe = Pipeline.from_pretrained(resolve_model_dir(args.model), device=args.device)
     model = args.model or BUILTIN
-    demo = build_demo(pipe, model=model, size=args.size, steps=args.steps, max_side=args.max_side, max_n=args.max_n)
+    demo = build_demo(
+        pipe,
+        model=model,
+        size=args.size,
+        steps=args.steps,
+        max_side=args.max_side,
+        max_n=args.max_n,
+        previews=args.partial_images,
+    )
     demo.queue().launch(server_name=args.host, server_port=args.port, theme=theme(), ssr_mode=False, share=False)
     return 0
 

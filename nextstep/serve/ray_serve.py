@@ -166,6 +166,28 @@ class HttpReply:
     replica: str  # the answering replica's actor name
 
 
+STREAM_REFUSAL = (
+    "stream=true is not served by the Ray Serve deployment (the gateway answers whole responses); "
+    "use the single-process server (nextstep serve without --replicas) for streamed partial images"
+)
+
+
+def replica_app(pipe: Pipeline, config: ServeConfig) -> FastAPI:
+    """The API app of one replica: batches formed by @serve.batch; stream=true refused with a 400 (the gateway
+    forwards whole replies, so a stream would arrive in one piece at the end)."""
+    app = build_app(pipe, config)
+    server = app.state.server
+    server.batcher = RayBatcher(
+        server.batcher.run,
+        max_batch=config.max_batch,
+        max_wait_s=config.max_wait_ms / 1000,
+        max_queue=config.max_queue,
+        max_n=config.max_n,
+    )
+    server.stream_refusal = STREAM_REFUSAL
+    return app
+
+
 @serve.deployment(name="ImageModel")
 class ImageModel:
     """One model replica: the pipeline, warmed up before Ray routes to it, serving the API app in process."""
@@ -173,15 +195,8 @@ class ImageModel:
     async def __init__(self, config: RayConfig, model_dir: str):
         device = config.device or ("cuda" if config.gpus_per_replica > 0 else "cpu")
         self.pipe = await asyncio.to_thread(Pipeline.from_pretrained, model_dir, device=device)
-        self.app = build_app(self.pipe, config.serve)
+        self.app = replica_app(self.pipe, config.serve)
         server = self.app.state.server
-        server.batcher = RayBatcher(
-            server.batcher.run,
-            max_batch=config.serve.max_batch,
-            max_wait_s=config.serve.max_wait_ms / 1000,
-            max_queue=config.serve.max_queue,
-            max_n=config.serve.max_n,
-        )
         # Ray marks the replica ready when this constructor returns: warm up first, so the first request
         # does not pay for lazy initialisation (and on GPU the engine's CUDA-graph capture)
         await asyncio.to_thread(self.pipe.generate, "warm-up", size=server.default_size, steps=1, seed=0)

@@ -55,3 +55,17 @@ def test_partial_decode_refuses_more_tokens_than_the_grid(pipe):
         decode_partial(pipe, torch.zeros(1, 9, pipe.model.config.token_dim), SIZE)
     with pytest.raises(ValueError, match="rows .* must be > 0, got 0"):
         every_rows(pipe, SIZE, rows=0, on_partial=print)
+
+
+def test_only_the_rows_begun_are_decoded_and_the_rows_below_are_flat(pipe, monkeypatch):
+    """A partial image's cost shrinks with the part drawn: 3 tokens of a 4x2 grid decode 2 rows, not 4; the 2
+    rows below are each image's mean colour."""
+    grids = []
+    decode = pipe.decode_tokens
+    monkeypatch.setattr(pipe, "decode_tokens", lambda tokens, h, w: grids.append((h, w)) or decode(tokens, h, w))
+    tokens = torch.randn(2, 3, pipe.model.config.token_dim)  # (B, k, D)
+    images = decode_partial(pipe, tokens, SIZE)
+    assert grids == [(2, 2)]
+    for image in images:
+        below = np.asarray(image)[SIZE[0] // 2 :]  # (H/2, W, 3): the undrawn half
+        assert image.size == (32, 64) and len(np.unique(below.reshape(-1, 3), axis=0)) == 1

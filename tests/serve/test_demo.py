@@ -197,3 +197,38 @@ def test_demo_controls_come_from_the_option_schema(model_dir, tmp_path):  # noqa
     Image.new("1", (12000, 12000)).save(bomb, optimize=True)
     with pytest.raises(gr.Error, match="uploaded image .* is 12000x12000 .*more than the limit of 16777216 pixels"):
         _handler(demo, "edit")(str(bomb), "make it blue", 0, 3.0, 1.5, 2)
+
+
+WATCH = """() => {
+    window.seen = {status: [], images: new Set()};
+    const record = () => {
+        const text = document.querySelector('#t2i-status').innerText.trim();
+        if (text && text !== window.seen.status.at(-1)) window.seen.status.push(text);
+        document.querySelectorAll('#t2i-gallery img').forEach(img => window.seen.images.add(img.src));
+    };
+    new MutationObserver(record).observe(document.body, {subtree: true, childList: true, characterData: true,
+                                                         attributes: true});
+}"""
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium")
+def test_demo_shows_the_image_forming_before_the_final_one(demo_url, model_dir):  # noqa: F811
+    """The gallery shows partial images (their status names the token rows drawn) before the final image."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(demo_url, wait_until="networkidle")
+            page.evaluate(WATCH)
+            page.locator("#t2i-prompt textarea").fill("a red circle")
+            page.locator("#t2i-run").click()
+            page.wait_for_function("() => window.seen.status.at(-1) === 'Done'", timeout=60_000)
+            page.screenshot(path=str(ARTIFACTS / "demo_progressive.png"), full_page=True)
+            status = page.evaluate("() => window.seen.status")
+            images = page.evaluate("() => window.seen.images.size")
+        finally:
+            browser.close()
+    partial = [s for s in status if s.startswith("Partial image:")]
+    assert partial and status.index(partial[0]) < status.index("Done"), status
+    assert partial[0].endswith("token rows drawn") and images >= 2, (status, images)

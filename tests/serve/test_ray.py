@@ -174,7 +174,7 @@ class BatcherProbe:
     async def __call__(self) -> tuple[list, list[int], tuple[int, int, int]]:
         calls = []
 
-        def run(jobs):
+        def run(jobs, on_token):
             calls.append([(j.key.options[0][1], j.n) for j in jobs])
             return [[None] * j.n for j in jobs]
 
