@@ -122,6 +122,8 @@ def test_demo_generates_and_edits_in_headless_chromium(demo_url, model_dir, tmp_
             page.locator("#t2i-prompt textarea").fill("a red circle")
             page.locator("#t2i-run").click()
             page.locator("#t2i-gallery img").first.wait_for(timeout=60_000)
+            # the gallery shows partial images first; the result to edit again exists once the status says Done
+            sync_api.expect(page.locator("#t2i-status")).to_have_text("Done", timeout=60_000)
             page.screenshot(path=str(ARTIFACTS / "demo_generate.png"), full_page=True)
 
             page.locator("#t2i-edit").click()  # the generated image becomes the edit tab's source
@@ -164,7 +166,8 @@ def test_edit_this_result_continues_the_chain_and_undo_drops_a_turn(model_dir): 
     pipe.edit_chain's two turns after the generation (turns 0, 1, 2; seeds 3, 4); undo goes back to turn 1."""
     pipe = Pipeline.from_pretrained(model_dir, device="cpu")
     demo = build_demo(pipe, model="shapes")
-    images, _, _ = _handler(demo, "generate")("a red circle", 32, 32, 0, 3.0, 2, 1)
+    *_, (images, status, generated, selected) = _handler(demo, "generate")("a red circle", 32, 32, 0, 3.0, 2, 1)
+    assert status == "Done" and generated is images and selected == 0  # the last update holds the result
     _, _, turns, _, _ = _handler(demo, "send_to_edit")(images, 0)
     for instruction in ("make it blue", "add a star"):
         _, turns, shown = _handler(demo, "edit_again")(turns, instruction, 3, 3.0, 1.5, 2)
@@ -219,7 +222,7 @@ def test_demo_shows_the_image_forming_before_the_final_one(demo_url, model_dir):
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
             page = browser.new_page()
-            page.goto(demo_url, wait_until="networkidle")
+            page.goto(demo_url, wait_until="load")  # not networkidle: the page keeps a heartbeat open (gr.State)
             page.evaluate(WATCH)
             page.locator("#t2i-prompt textarea").fill("a red circle")
             page.locator("#t2i-run").click()
