@@ -183,11 +183,10 @@ def run_sampling(args: argparse.Namespace) -> int:
         check_prompt(prompt, model_dir)
     source = open_image(args.image, what="input image") if args.command == "edit" else None
     pipe = nextstep.load(model_dir, device=args.device, quantize=args.quantize)
-    options = {**options, "progress": True, "model": args.model or BUILTIN}
-    if args.preview_every is not None:
-        # the size the pipeline will use: the flag's, else the source's (snapped to tokens) or the checkpoint's
-        size = options.get("size") or (pipe._snap(source.size) if source else GenerateOptions(**pipe.defaults).size)
+    if args.preview_every is not None:  # at the size the pipeline will use (flag, source image or checkpoint)
+        size = chain.run_options(pipe, args.command, source, options).size
         options["on_token"] = preview_writer(pipe, size, args.preview_every, paths)
+    options = {**options, "progress": True, "model": args.model or BUILTIN}
     if args.command == "generate":
         images = chain.generate(pipe, args.prompt, **options)
     elif len(prompts) > 1:

@@ -55,7 +55,7 @@ def sample_rollout(
         n=1,
         seed=seed,
     )
-    input_ids, mask = pipe._tokenize(prompts, size)
+    input_ids, mask = pipe.tokenize(prompts, size)
     dev = pipe.model.embed_tokens.weight.device
     h, w = size[0] // pipe.down_factor, size[1] // pipe.down_factor
     record = Recording(steps)

@@ -105,7 +105,7 @@ def run_options(pipe: Pipeline, command: str, image: Image.Image | None, options
     source's size, as Pipeline.edit does), then `options`; a seed of None becomes a random one, to be recorded."""
     defaults = {**pipe.defaults}
     if command == "edit":
-        defaults.update(pipe.edit_defaults, size=pipe._snap(image.size))
+        defaults.update(pipe.edit_defaults, size=pipe.snap_size(image.size))
     opts = replace(GenerateOptions(**defaults), **options)
     return opts if opts.seed is not None else replace(opts, seed=secrets.randbelow(2**31))
 

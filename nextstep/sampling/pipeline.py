@@ -157,7 +157,7 @@ class Pipeline:
         instructions = _as_list(instructions, "instruction")
         if len(images) != len(instructions):
             raise ValueError(f"got {len(images)} images for {len(instructions)} instructions")
-        opts = GenerateOptions(**{**self.defaults, **self.edit_defaults, "size": self._snap(images[0].size)})
+        opts = GenerateOptions(**{**self.defaults, **self.edit_defaults, "size": self.snap_size(images[0].size)})
         opts = replace(opts, **options)
         check_options(opts, self.down_factor)
         warn_unknown_instructions(self.trained, instructions)
@@ -177,7 +177,9 @@ class Pipeline:
         return edit_chain(self, image, instructions, **options)
 
     # ---- prompt building -----------------------------------------------------------------------
-    def _snap(self, wh: tuple[int, int]) -> tuple[int, int]:
+    def snap_size(self, wh: tuple[int, int]) -> tuple[int, int]:
+        """An input image's (width, height) -> the (height, width) an edit makes by default: at most MAX_SIDE,
+        snapped down to whole image tokens."""
         d = self.down_factor
         w, h = wh
         if w < d or h < d:
@@ -206,7 +208,7 @@ class Pipeline:
             images += [[] for _ in captions]
         return texts, images
 
-    def _tokenize(self, texts: list[str], size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def tokenize(self, texts: list[str], size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded ids and mask (R, L), every row ending with `<|image_area|>h*w` + boi."""
         ids = [self.tokenizer.encode(t) for t in texts]
         placeholder = self.model.config.image_placeholder_id
@@ -240,7 +242,7 @@ class Pipeline:
             last_step_size=opts.last_step_size,
         )
         texts, images = self._rows(captions, sources, opts)
-        input_ids, attn = self._tokenize(texts, opts.size)
+        input_ids, attn = self.tokenize(texts, opts.size)
         pixels = [pil_to_pixels(img) for row in images for img in row]
         latents = self.encode_images(pixels)
         seed = opts.seed if opts.seed is not None else int(torch.randint(0, 2**31 - 1, (1,)).item())

@@ -55,7 +55,7 @@ def inputs(pipe: Pipeline, opts: GenerateOptions, captions: list[str], edit: boo
     else:
         sources = [[] for _ in captions]
     texts, images = pipe._rows(captions, sources, opts)
-    ids, mask = pipe._tokenize(texts, opts.size)
+    ids, mask = pipe.tokenize(texts, opts.size)
     latents = pipe.encode_images([pil_to_pixels(i) for r in images for i in r])
     settings = FlowSettings(
         family=pipe.family,
