@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +27,8 @@ from nextstep.train.config import (
     resolve,
 )
 from nextstep.train.export import export
-from nextstep.train.metrics import MetricsWriter
 from tests.refs import ROOT
+from tests.train.harness import free_port, killed_at
 
 TINY = ROOT / "nextstep11-tiny"
 
@@ -89,17 +88,8 @@ def test_kill_and_resume_reproduce_the_rewards(tmp_path, monkeypatch):
     cfg = apply_overrides(cfg, ["training.max_steps=4", "training.save_steps=2"])
     full = loop.train(apply_overrides(cfg, [f"training.output_dir={tmp_path / 'full'}"]))
     assert full[0]["kl"] == 0 and full[-1]["kl"] > 0  # the policy moves away from the reference
-    real_log = MetricsWriter.log
-
-    def crash_at_3(self, step, values):
-        if step == 3:
-            raise KeyboardInterrupt("simulated kill")
-        real_log(self, step, values)
-
-    monkeypatch.setattr(MetricsWriter, "log", crash_at_3)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at(monkeypatch, 3):
         loop.train(cfg)
-    monkeypatch.setattr(MetricsWriter, "log", real_log)
     resumed = loop.train(apply_overrides(cfg, ["training.resume=true"]))
     assert [h["step"] for h in resumed] == [3, 4]
     for key in ("reward_mean", "reward_std", "loss", "kl"):
@@ -163,10 +153,7 @@ def _two_rank_worker(rank: int, port: int, out: str) -> None:
 def test_two_process_fsdp_rl(tmp_path):
     """Two ranks sharded with FSDP2: each gathers its own rollout copy and rolls out its own prompts; the
     update and the KL term run through the sharded model."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_two_rank_worker, args=(port, str(tmp_path / "run")), nprocs=2)
+    mp.spawn(_two_rank_worker, args=(free_port(), str(tmp_path / "run")), nprocs=2)
     history = json.loads((tmp_path / "run/history.json").read_text())
     assert [h["step"] for h in history] == [1, 2]
     assert all(np.isfinite(h["loss"]) and h["ratio_dev"] < 1e-3 for h in history)

@@ -5,7 +5,6 @@ import json
 import multiprocessing
 import os
 import signal
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +34,7 @@ from nextstep.train.metrics import MetricsWriter
 from nextstep.train.optim import lr_factor
 from nextstep.train.step import image_targets, train_step
 from tests.refs import ROOT
+from tests.train.harness import free_port, killed_at
 
 TINY = ROOT / "nextstep11-tiny"
 ARCH = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, fm_head_dim=32)
@@ -71,12 +71,6 @@ def latent_batches(n_batches: int, batch: int, *, rank: int = 0, world: int = 1,
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _fsdp_worker(rank: int, world: int, port: int, out: str, result: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
@@ -90,7 +84,7 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str, result: str) -> Non
 def test_two_process_fsdp_matches_one_process(tmp_path):
     single = loop.train(tiny_cfg(tmp_path / "one", max_steps=4, save_steps=0), data=latent_batches(4, 4))
     result = tmp_path / "two.json"
-    mp.spawn(_fsdp_worker, args=(2, _free_port(), str(tmp_path / "two"), str(result)), nprocs=2)
+    mp.spawn(_fsdp_worker, args=(2, free_port(), str(tmp_path / "two"), str(result)), nprocs=2)
     double = json.loads(result.read_text())
     for a, b in zip(single, double, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
@@ -152,17 +146,8 @@ def test_kill_and_resume_reproduces_losses(shard_run, tmp_path, monkeypatch):
     metrics = [json.loads(line) for line in (tmp_path / "full/metrics.jsonl").read_text().splitlines()]
     assert max(m["data/shard_errors"] for m in metrics) >= 1  # the corrupt shard was skipped and counted
 
-    real_log = MetricsWriter.log
-
-    def crash_at_5(self, step, values):
-        if step == 5:
-            raise KeyboardInterrupt("simulated kill")
-        real_log(self, step, values)
-
-    monkeypatch.setattr(MetricsWriter, "log", crash_at_5)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at(monkeypatch, 5):
         loop.train(shard_run)
-    monkeypatch.setattr(MetricsWriter, "log", real_log)
     assert (tmp_path / "run/checkpoints/step-00000004").is_dir()
     assert not list((tmp_path / "run/checkpoints").glob("*.tmp"))
     resumed = loop.train(apply_overrides(shard_run, ["training.resume=true"]))
