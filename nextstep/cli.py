@@ -14,6 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
+from nextstep.args import ArgumentParser
 from nextstep.io import MAX_PIXELS, check_writable, open_image, save_png
 from nextstep.sampling.options import (
     MAX_PROMPT_TOKENS,
@@ -44,17 +45,6 @@ FORWARDED = {
     ("models",): "nextstep.hub:main_models",
     ("download",): "nextstep.hub:main_download",
 }
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad command line as one `nextstep: error: ...` line, like every other error."""
-
-    def error(self, message: str):
-        raise UsageError(f"{message} (see {self.prog} --help)")
-
-
-class UsageError(ValueError):
-    pass
 
 
 def _add_model_args(p: argparse.ArgumentParser, default: str) -> None:
@@ -103,9 +93,9 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="nextstep", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="nextstep", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     _add_sampling_args(sub.add_parser("generate", help="text-to-image"), edit=False)
     _add_sampling_args(sub.add_parser("edit", help="instruction-based image editing"), edit=True)
     replay = sub.add_parser("replay", help="make a PNG of generate or edit again from the settings it records")
@@ -249,7 +239,10 @@ def main(argv: list[str] | None = None) -> int:
             if tuple(argv[: len(path)]) == path:
                 module, func = target.split(":")
                 return getattr(importlib.import_module(module), func)(argv[len(path) :]) or 0
-        args = build_parser().parse_args(argv)
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as e:  # a bad command line (its one line is printed) or --help
+            return e.code
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
         return run_replay(args) if args.command == "replay" else run_sampling(args)
     except (ValueError, OSError) as e:  # OSError: FileNotFoundError, an unreadable file, a full disk

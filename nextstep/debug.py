@@ -15,9 +15,11 @@ import socket
 import subprocess
 import sys
 
+from nextstep.args import ArgumentParser
+
 
 def build_parser(prog: str, *, multi: bool) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog=prog,
         description=__doc__.split("\n\n")[0],
         epilog=f"`{prog} [options] -- COMMAND ...` runs `nextstep COMMAND ...` instead of training",

@@ -7,7 +7,6 @@ checkpoint directory through the huggingface_hub cache (HF_HOME, HF_HUB_CACHE, H
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -16,6 +15,8 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from nextstep.args import ArgumentParser
 
 VAE_REPO = "stepfun-ai/NextStep-1-f8ch16-Tokenizer"  # the release VAE, for checkpoints that ship without vae/
 NEXTSTEP_MODEL_TYPES = ("nextstep", "stepx_llama")  # config.json model_type of the two families (model/config.py)
@@ -231,7 +232,7 @@ def format_zoo() -> str:
 
 def main_models(argv: list[str]) -> int:
     """`nextstep models`: the zoo, marking what is already in the local cache."""
-    argparse.ArgumentParser(prog="nextstep models", description="list the model zoo").parse_args(argv)
+    ArgumentParser(prog="nextstep models", description="list the model zoo").parse_args(argv)
     print(format_zoo())
     return 0
 
@@ -239,7 +240,7 @@ def main_models(argv: list[str]) -> int:
 def main_download(argv: list[str]) -> int:
     """`nextstep download NAME [DIR]`: fetch a checkpoint (and its VAE) into the cache, or into DIR as plain files;
     run again to resume an interrupted download. Prints the checkpoint directory."""
-    p = argparse.ArgumentParser(prog="nextstep download", description=main_download.__doc__.split(";")[0])
+    p = ArgumentParser(prog="nextstep download", description=main_download.__doc__.split(";")[0])
     p.add_argument("name", help="zoo name or Hugging Face id, optionally @revision (`nextstep models` lists them)")
     p.add_argument("dir", nargs="?", type=Path, default=None, help="write a plain checkpoint directory here")
     args = p.parse_args(argv)

@@ -151,3 +151,15 @@ def test_preview_every_writes_the_partial_pngs_and_leaves_the_image_unchanged(tm
         assert Image.open(tmp_path / f"x_{i}.partial-01.png").tobytes() != final
     r = nextstep(*base, "-o", str(tmp_path / "bad.png"), "--preview-every", "0")
     assert r.returncode == 2 and "argument --preview-every: must be > 0, got 0" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "argv", [["train", "--bogus"], ["export"], ["eval", "shapes", "--split", "x"], ["models", "-x"]]
+)
+def test_forwarded_commands_report_a_bad_command_line_as_one_line(capsys, argv):
+    """Every command's parser (nextstep.args.ArgumentParser) prints one `nextstep: error:` line, no usage block."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nextstep: error: ") and err.count("\n") == 1, err

@@ -14,7 +14,6 @@ and the command then exits with status 1.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -28,6 +27,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from nextstep.args import ArgumentParser
 from nextstep.data.buckets import make_buckets, nearest_bucket, normalize_pixels, resize_center_crop
 from nextstep.data.config import DataConfig
 from nextstep.data.format import Sample, ShardWriter, decode_sample, iter_raw_samples
@@ -216,7 +216,7 @@ def encode_latents(
 
 def main(argv: list[str] | None = None) -> int:
     """`nextstep data encode-latents SRC OUT --vae DIR [--size 256 --aspect-ratios 1.0 --batch 256]`."""
-    p = argparse.ArgumentParser(prog="nextstep data encode-latents", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="nextstep data encode-latents", description=__doc__.splitlines()[0])
     p.add_argument("src", type=Path, help="directory of image shards")
     p.add_argument("out", type=Path, help="output directory for the latent shards")
     p.add_argument("--vae", type=Path, required=True, help="VAE directory (config.json + checkpoint.pt)")

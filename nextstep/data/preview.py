@@ -7,7 +7,6 @@ streamlit run nextstep/data/preview.py --server.port 8501 --server.address local
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import subprocess
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nextstep.args import ArgumentParser
 from nextstep.data.config import DataConfig
 from nextstep.data.format import Sample, caption_segments, decode_sample, iter_raw_samples
 from nextstep.data.index import META_NAME
@@ -176,7 +176,7 @@ def main_preview(argv: list[str] | None = None) -> int:
     """Launch the preview app: nextstep data preview [PATH] [--port 8501] [--host localhost]. It listens on
     this machine only unless --host says otherwise (0.0.0.0: every interface), and sends Streamlit no usage
     statistics."""
-    p = argparse.ArgumentParser(prog="nextstep data preview", description=main_preview.__doc__)
+    p = ArgumentParser(prog="nextstep data preview", description=main_preview.__doc__)
     p.add_argument("path", nargs="?", default="", help="shard folder, shard pattern or data config JSON")
     p.add_argument("--port", type=int, default=8501)
     p.add_argument("--host", default="localhost", help="address to listen on (default: localhost)")

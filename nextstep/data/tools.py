@@ -7,7 +7,6 @@ nextstep data warmup shards/ --n_jobs 32                                 # or: w
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import io
@@ -26,6 +25,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from nextstep.args import ArgumentParser
 from nextstep.data.format import (
     PLACEHOLDER_RE,
     Sample,
@@ -313,7 +313,7 @@ def warmup_index(root: str | os.PathLike, *, n_jobs: int = 1, progress: bool = F
 
 def main_build_wds(argv: list[str] | None = None) -> int:
     """build_wds SOURCE OUT_DIR: folder (image + .txt), manifest.jsonl or data.csv -> tar shards."""
-    p = argparse.ArgumentParser(prog="build_wds", description=main_build_wds.__doc__)
+    p = ArgumentParser(prog="build_wds", description=main_build_wds.__doc__)
     p.add_argument("source", help="folder of images with same-name .txt captions, a .jsonl manifest or a .csv")
     p.add_argument("out_dir")
     p.add_argument("--prefix", default="data", help="shard file name prefix: PREFIX-000000.tar")
@@ -345,7 +345,7 @@ def main_build_wds(argv: list[str] | None = None) -> int:
 
 def main_gen_meta(argv: list[str] | None = None) -> int:
     """gen_meta ROOT: per-shard counts, checksums and image sizes -> ROOT/meta.json."""
-    p = argparse.ArgumentParser(prog="gen_meta", description=main_gen_meta.__doc__)
+    p = ArgumentParser(prog="gen_meta", description=main_gen_meta.__doc__)
     p.add_argument("root")
     p.add_argument("--workers", "--n_jobs", type=int, default=os.cpu_count() or 1)
     args = p.parse_args(argv)
@@ -366,7 +366,7 @@ def main_gen_meta(argv: list[str] | None = None) -> int:
 
 def main_warmup(argv: list[str] | None = None) -> int:
     """warmup_data ROOT --n_jobs N: cache per-shard keys/offsets/counts -> ROOT/index.json."""
-    p = argparse.ArgumentParser(prog="warmup_data", description=main_warmup.__doc__)
+    p = ArgumentParser(prog="warmup_data", description=main_warmup.__doc__)
     p.add_argument("root")
     p.add_argument("--n_jobs", "--workers", type=int, default=os.cpu_count() or 1)
     args = p.parse_args(argv)

@@ -12,7 +12,6 @@ plus OUT/prompts.jsonl. Finished prompts are skipped, so an interrupted run resu
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from nextstep.args import ArgumentParser
 from nextstep.io import save_png, write_text
 from nextstep.sampling.pipeline import Pipeline
 
@@ -109,7 +109,7 @@ def generate_all(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="nextstep eval gen-images", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="nextstep eval gen-images", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="checkpoint directory (default: the built-in model)")
     p.add_argument("--prompts", type=Path, required=True, help="JSONL (geneval), TXT or a folder of .txt (dpg)")
     p.add_argument("--format", choices=FORMATS, default="plain", help="output layout")

@@ -32,6 +32,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from nextstep.args import ArgumentParser
 from nextstep.io import MAX_PIXELS, encode_png, open_image
 from nextstep.sampling.chain import KEY, Chain, edited, generated, parent_of, run_options
 from nextstep.sampling.options import (
@@ -434,7 +435,7 @@ def build_app(pipe: Pipeline, config: ServeConfig | None = None) -> FastAPI:
 
 def build_parser() -> argparse.ArgumentParser:
     d = ServeConfig()
-    p = argparse.ArgumentParser(prog="nextstep serve", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="nextstep serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="checkpoint directory (default: the built-in model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000)

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 
 from PIL import Image
 
+from nextstep.args import ArgumentParser
 from nextstep.io import MAX_PIXELS, open_image
 from nextstep.sampling import chain
 from nextstep.sampling.options import FIELDS, GenerateOptions, size_arg
@@ -257,7 +258,7 @@ def theme():
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nextstep demo", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="nextstep demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="checkpoint directory (default: the built-in model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=7860)

@@ -6,7 +6,6 @@ set and writes per-category accuracy and a pass/fail grid.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import random
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from nextstep.args import ArgumentParser
 from nextstep.hub import resolve_model_dir
 from nextstep.io import write_bytes
 from nextstep.shapes.prompts import Prompt, build_prompts, parse_prompt, reference_scene, source_image
@@ -111,7 +111,7 @@ def main(argv: list[str] | None, generate_fn_factory: Callable[..., GenerateFn])
     Prints a one-line JSON summary; full results go to `--out` (default DIR/eval/shapes_<split>, or
     ./eval/nextstep-shapes/... for the built-in model).
     """
-    p = argparse.ArgumentParser(prog="nextstep eval shapes", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="nextstep eval shapes", description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: the built-in model)")
     p.add_argument("--split", choices=("in", "heldout"), default="in", help="prompt distribution")
     p.add_argument("--n", type=int, default=50, help="prompts per category")

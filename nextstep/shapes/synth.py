@@ -9,7 +9,6 @@ Held-out color-shape pairs and relations (`nextstep.shapes.scenes.HELDOUT_*`) ne
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import logging
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from nextstep.args import ArgumentParser
 from nextstep.data.format import Sample, ShardWriter, shard_path
 from nextstep.io import write_json
 from nextstep.shapes.scenes import (
@@ -363,7 +363,7 @@ def write_synthetic(
 def main(argv: list[str] | None = None) -> int:
     """`nextstep data synth-shapes OUT --n N --seed S [--workers W --size 128 --shard-size 1000 --p-no-color P
     --p-group-relation P]`."""
-    p = argparse.ArgumentParser(prog="nextstep data synth-shapes", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="nextstep data synth-shapes", description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path, help="output directory for the tar shards")
     p.add_argument("--n", type=int, required=True, help="number of samples")
     p.add_argument("--seed", type=int, default=0, help="stream seed; sample i depends only on (seed, i)")

@@ -7,7 +7,6 @@ dotted command-line overrides (`training.max_steps=1000`), preset loading, and s
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib
 import importlib.util
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nextstep.args import ArgumentParser
 from nextstep.data.config import DataConfig
 from nextstep.model.config import NextStepConfig
 
@@ -458,7 +458,7 @@ def diff(a: TrainConfig, b: TrainConfig) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """`nextstep config show NAME [overrides]` / `nextstep config diff A B`."""
-    parser = argparse.ArgumentParser(prog="nextstep config", description="inspect training configs")
+    parser = ArgumentParser(prog="nextstep config", description="inspect training configs")
     sub = parser.add_subparsers(dest="cmd", required=True)
     show = sub.add_parser("show", help="print the resolved config as JSON")
     show.add_argument("name", help="preset module (configs.debug / debug) or file (configs/debug.py)")

@@ -6,7 +6,6 @@ config.json + safetensors + tokenizer files + vae/, loadable with `from_pretrain
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from nextstep.args import ArgumentParser
 from nextstep.io import write_json
 from nextstep.model.checkpoint import save_pretrained
 from nextstep.model.nextstep import NextStep
@@ -83,7 +83,7 @@ def export(path: str | Path, out: str | Path, *, dtype: str = "float32", max_sha
 
 def main(argv: list[str] | None = None) -> int:
     """`nextstep export CKPT OUT [--dtype bfloat16] [--max-shard-mb 5000]`."""
-    parser = argparse.ArgumentParser(prog="nextstep export", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="nextstep export", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="step-XXXXXXXX directory, or a run directory (newest step)")
     parser.add_argument("out", help="output directory (official format)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPE), help="weight dtype written")

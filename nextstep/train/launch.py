@@ -6,11 +6,12 @@ across nodes when MASTER_ADDR / MASTER_PORT / NNODES / NODE_RANK are set.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
 import subprocess
 import sys
+
+from nextstep.args import ArgumentParser
 
 
 def count_gpus() -> int:
@@ -49,7 +50,7 @@ def build_command(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="smartrun", description="torchrun a training preset on all GPUs")
+    parser = ArgumentParser(prog="smartrun", description="torchrun a training preset on all GPUs")
     parser.add_argument("-m", "--module", required=True, help="preset module, e.g. configs.shapes")
     parser.add_argument("--nproc-per-node", type=int, default=0, help="processes per node (0: one per GPU)")
     parser.add_argument("--dry-run", action="store_true", help="print the command without running it")

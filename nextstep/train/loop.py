@@ -8,7 +8,6 @@ torchrun --nproc_per_node=8 -m configs.nextstep_qwen14b_512px training.resume=tr
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -16,6 +15,7 @@ from collections.abc import Iterable
 
 import torch.distributed as dist
 
+from nextstep.args import ArgumentParser
 from nextstep.train.checkpoint import latest_checkpoint
 from nextstep.train.config import TrainConfig, resolve
 from nextstep.train.metrics import StepLog, write_samples
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None, *, base: TrainConfig | None = None) -> i
     """`nextstep train -m configs.NAME [--resume] key=value ...` (--resume anywhere among the overrides);
     presets run this as their __main__. A bad config or data, or a resume that cannot work, is one
     `nextstep: error:` line and exit status 2."""
-    parser = argparse.ArgumentParser(prog="nextstep train", description="train NextStep")
+    parser = ArgumentParser(prog="nextstep train", description="train NextStep")
     parser.add_argument("-m", "--module", "--config", dest="preset", help="preset, e.g. configs.shapes")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.max_steps=1000")

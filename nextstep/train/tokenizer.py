@@ -9,7 +9,6 @@ boi, eoi, placeholder).
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from collections.abc import Iterable, Iterator
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from nextstep.args import ArgumentParser
 from nextstep.io import write_json
 from nextstep.model.tokenizer import BOI, EOI, EOS, IMAGE_AREA, IMAGE_PLACEHOLDER, PAD
 
@@ -85,7 +85,7 @@ def shard_captions(root: str | Path) -> Iterator[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="nextstep data train-tokenizer", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="nextstep data train-tokenizer", description=__doc__.split("\n\n")[0])
     parser.add_argument("shards", help="folder of WebDataset shards whose captions to learn from")
     parser.add_argument("out", help="output folder")
     parser.add_argument("--vocab-size", type=int, default=1024, help="size including the special tokens")

@@ -26,6 +26,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from tqdm import tqdm
 
+from nextstep.args import ArgumentParser
 from nextstep.io import torch_save
 from nextstep.model.vae import AutoEncoder, VAEConfig, pil_to_pixels, save_vae
 
@@ -362,7 +363,7 @@ def _save(
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m nextstep.train.vae", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m nextstep.train.vae", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, type=Path, help="folder of *.png files or of *.tar shards")
     p.add_argument("--out", required=True, type=Path, help="output folder (VAE + train state)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
