@@ -202,7 +202,7 @@ def find_source(recorded: str | None, png: Path) -> str | None:
 def run_replay(args: argparse.Namespace) -> int:
     """Re-run the turns a PNG records; exit 0 when every turn gives the recorded pixels, 1 when one differs."""
     import nextstep
-    from nextstep.sampling.chain import KEY, Chain, diverged, replay
+    from nextstep.sampling.chain import KEY, Chain, diverged, platform_of, replay
 
     png = Path(args.png)
     record = open_image(png, what="image to replay").info.get(KEY)
@@ -226,7 +226,14 @@ def run_replay(args: argparse.Namespace) -> int:
     print(output)
     k = diverged(chain, images)
     if k is not None:
-        print(f"nextstep: turn {chain.turns[k].turn} ({chain.turns[k].prompt!r}) gave other pixels", file=sys.stderr)
+        turn, here = chain.turns[k], platform_of(pipe)
+        print(f"nextstep: turn {turn.turn} ({turn.prompt!r}) gave other pixels", file=sys.stderr)
+        if turn.platform is not None and turn.platform != here:
+            print(
+                f"nextstep: it was made on {turn.platform} and replayed on {here}; pixels reproduce only on the "
+                "same device kind, dtype, quantisation and torch version",
+                file=sys.stderr,
+            )
         return 1
     print(f"nextstep: {len(images)} turn(s) replayed to the recorded pixels", file=sys.stderr)
     return 0

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from nextstep.cli import build_parser, main
+from nextstep.io import save_png
 from nextstep.sampling.chain import KEY, Chain
 from nextstep.sampling.options import FIELDS
 from nextstep.shapes.synth import make_sample
@@ -103,6 +104,22 @@ def test_then_writes_each_turn_with_its_record_and_replay_remakes_it(tmp_path):
     assert same_pixels(tmp_path / "again.png", out)
     r = nextstep("replay", str(out), "--image", str(tmp_path / "out.turn1.png"))
     assert r.returncode == 2 and "other pixels" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_replay_names_both_platforms_when_pixels_differ(tmp_path):
+    """A record made elsewhere (another device or dtype) that replays to other pixels says where each ran."""
+    out = tmp_path / "out.png"
+    r = nextstep("generate", "a red circle", "--steps", "2", "--seed", "1", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    image = Image.open(out)
+    raw = Chain.from_json(image.info[KEY])
+    assert raw.turns[0].platform.startswith("cpu ")
+    elsewhere = "cuda NVIDIA H200, bfloat16, torch 2.11.0"
+    raw.turns[0].platform, raw.turns[0].sha256 = elsewhere, "0" * 64  # as if made there, with other pixels
+    save_png(image, out, metadata={KEY: raw.to_json()})
+    r = nextstep("replay", str(out), "-o", str(tmp_path / "again.png"))
+    assert r.returncode == 1 and "gave other pixels" in r.stderr
+    assert f"made on {elsewhere} and replayed on cpu " in r.stderr
 
 
 def test_flags_come_from_the_option_schema():

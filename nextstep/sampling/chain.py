@@ -14,9 +14,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import platform
 import secrets
 from dataclasses import asdict, dataclass, replace
 
+import torch
 from PIL import Image
 
 from nextstep.sampling.options import FIELDS, MAX_SEED, GenerateOptions, OptionError, check_value
@@ -43,6 +45,9 @@ class Turn:
     parent_sha256: str | None  # pixel_sha256 of the image this edit started from; None for generate
     sha256: str  # pixel_sha256 of the image this turn made
     index: int = 0  # which of the call's options["n"] images
+    # Where it ran (platform_of): pixels reproduce on the same device kind, dtype, quantisation and torch.
+    # None in records written before it was recorded.
+    platform: str | None = None
 
 
 @dataclass
@@ -83,8 +88,9 @@ def _check(chain: Chain) -> None:
             raise ValueError(f"turn {k}: a {t.command!r} turn numbered {t.turn!r} cannot come there")
         if k and (t.parent_sha256 != chain.turns[k - 1].sha256 or t.turn != chain.turns[k - 1].turn + 1):
             raise ValueError(f"turn {k} does not start from the image turn {k - 1} made")
-        if not (isinstance(t.prompt, str) and isinstance(t.model, str | None) and isinstance(t.sha256, str)):
-            raise ValueError(f"turn {k}: model, prompt or sha256 of the wrong type")
+        texts, optional = (t.prompt, t.sha256), (t.model, t.platform)
+        if not (all(isinstance(x, str) for x in texts) and all(isinstance(x, str | None) for x in optional)):
+            raise ValueError(f"turn {k}: model, prompt, sha256 or platform of the wrong type")
         if type(t.seed) is not int or type(t.index) is not int or not 0 <= t.index < unrecorded(t).n:
             raise ValueError(f"turn {k}: bad seed {t.seed!r} or index {t.index!r}")
 
@@ -93,6 +99,20 @@ def pixel_sha256(image: Image.Image) -> str:
     """sha256 of an image's size and RGB pixels: the same for a PNG with or without its record."""
     rgb = image.convert("RGB")
     return hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode() + rgb.tobytes()).hexdigest()
+
+
+def platform_of(pipe: Pipeline) -> str:
+    """The device, dtype, weight quantisation and torch version a pipeline samples with, e.g.
+    "cuda NVIDIA H200, bfloat16, fp8 weights, torch 2.11.0" or "cpu x86_64, float32, torch 2.13.0"."""
+    from nextstep.sampling.quantize import QuantizedLinear
+
+    weight = pipe.model.embed_tokens.weight
+    where = torch.cuda.get_device_name(weight.device) if weight.device.type == "cuda" else platform.machine()
+    parts = [f"{weight.device.type} {where}", str(weight.dtype).removeprefix("torch.")]
+    quantized = next((m for m in pipe.model.modules() if isinstance(m, QuantizedLinear)), None)
+    if quantized is not None:
+        parts.append("fp8 weights" if quantized.weight.dtype.is_floating_point else "int8 weights")
+    return ", ".join([*parts, f"torch {torch.__version__}"])
 
 
 def turn_seed(seed: int, k: int) -> int:
@@ -148,10 +168,16 @@ def chain_of(image: Image.Image) -> Chain | None:
 
 
 def generated(
-    image: Image.Image, prompt: str, opts: GenerateOptions, *, model: str | None, index: int = 0
+    image: Image.Image,
+    prompt: str,
+    opts: GenerateOptions,
+    *,
+    model: str | None,
+    index: int = 0,
+    platform: str | None = None,
 ) -> Image.Image:
-    """`image`, made by generate(prompt, **opts) as image `index`, with its record in info."""
-    turn = Turn(model, "generate", prompt, opts.seed, recorded(opts), 0, None, pixel_sha256(image), index)
+    """`image`, made by generate(prompt, **opts) as image `index` (on `platform`), with its record in info."""
+    turn = Turn(model, "generate", prompt, opts.seed, recorded(opts), 0, None, pixel_sha256(image), index, platform)
     image.info[KEY] = Chain([turn]).to_json()
     return image
 
@@ -173,12 +199,14 @@ def edited(
     *,
     model: str | None,
     index: int = 0,
+    platform: str | None = None,
 ) -> Image.Image:
-    """`image`, made by edit(source, instruction, **opts) as image `index`, with its record in info: the chain
-    `parent` (parent_of(source)) continued by this turn."""
+    """`image`, made by edit(source, instruction, **opts) as image `index` (on `platform`), with its record in
+    info: the chain `parent` (parent_of(source)) continued by this turn."""
     before, sha256 = parent
     number = before.turns[-1].turn + 1 if before.turns else 1
-    turn = Turn(model, "edit", instruction, opts.seed, recorded(opts), number, sha256, pixel_sha256(image), index)
+    sha = pixel_sha256(image)
+    turn = Turn(model, "edit", instruction, opts.seed, recorded(opts), number, sha256, sha, index, platform)
     image.info[KEY] = before.then(turn).to_json()
     return image
 
@@ -190,7 +218,8 @@ def generate(
     on_token as in Pipeline.generate (not recorded: it does not change the images)."""
     opts = run_options(pipe, "generate", None, options)
     images = pipe.generate(prompt, on_token=on_token, **asdict(opts))
-    return [generated(image, prompt, opts, model=model, index=i) for i, image in enumerate(images)]
+    where = platform_of(pipe)
+    return [generated(image, prompt, opts, model=model, index=i, platform=where) for i, image in enumerate(images)]
 
 
 def edit(
@@ -208,7 +237,10 @@ def edit(
     opts = run_options(pipe, "edit", image, options)
     parent = parent_of(image, source_path)
     images = pipe.edit(image, instruction, on_token=on_token, **asdict(opts))
-    return [edited(out, parent, instruction, opts, model=model, index=i) for i, out in enumerate(images)]
+    where = platform_of(pipe)
+    return [
+        edited(out, parent, instruction, opts, model=model, index=i, platform=where) for i, out in enumerate(images)
+    ]
 
 
 def edit_chain(

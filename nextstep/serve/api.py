@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nextstep.args import ArgumentParser
 from nextstep.io import MAX_PIXELS, encode_png, open_image
-from nextstep.sampling.chain import KEY, Chain, edited, generated, parent_of, run_options
+from nextstep.sampling.chain import KEY, Chain, edited, generated, parent_of, platform_of, run_options
 from nextstep.sampling.options import (
     FIELDS,
     MAX_BATCH,
@@ -282,13 +282,13 @@ class Server:
         """The response's data: each image as a PNG carrying its record, and the record as `nextstep`."""
         options = {**dict(job.key.options), "seed": job.seed, "n": job.n}
         opts = run_options(self.pipe, job.key.kind, job.image, options)
-        model = self.config.model_name
+        model, where = self.config.model_name, platform_of(self.pipe)
         out = []
         for i, image in enumerate(images):
             if parent is None:
-                image = generated(image, job.prompt, opts, model=model, index=i)
+                image = generated(image, job.prompt, opts, model=model, index=i, platform=where)
             else:
-                image = edited(image, parent, job.prompt, opts, model=model, index=i)
+                image = edited(image, parent, job.prompt, opts, model=model, index=i, platform=where)
             record = image.info[KEY]
             out.append({"b64_json": png_base64(image, record), "nextstep": json.loads(record)})
         return out

@@ -19,6 +19,7 @@ from nextstep.sampling.chain import (
     generate,
     generated,
     pixel_sha256,
+    platform_of,
     replay,
 )
 from nextstep.sampling.options import GenerateOptions
@@ -100,6 +101,8 @@ def test_generated_images_record_their_index_and_replay(pipe):
     chain = Chain.from_json(images[1].info[KEY])
     (turn,) = chain.turns
     assert (turn.command, turn.turn, turn.index, turn.seed, turn.parent_sha256) == ("generate", 0, 1, 3, None)
+    assert turn.platform == platform_of(pipe)
+    assert turn.platform.startswith("cpu ") and ", float32, torch " in turn.platform
     assert same(replay(pipe, chain)[0], images[1])
 
 
@@ -128,6 +131,7 @@ BAD = [
     (lambda r: r["turns"][0].update(seed=None), "bad seed None"),
     (lambda r: r["turns"][0].update(index=1), "bad seed 0 or index 1"),
     (lambda r: r["turns"][0].update(colour="red"), "unexpected keyword argument 'colour'"),
+    (lambda r: r["turns"][0].update(platform=["cpu"]), "platform of the wrong type"),
     (lambda r: r["turns"].append({**_edit_turn(r), "parent_sha256": "0" * 64}), "turn 1 does not start from"),
     (lambda r: r["turns"].append({**_edit_turn(r), "turn": 3}), "turn 1 does not start from"),
     (lambda r: r["turns"].append(r["turns"][0]), "a 'generate' turn numbered 0 cannot come there"),
