@@ -18,11 +18,12 @@ Triton's CPU interpreter (TRITON_INTERPRET=1).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
 from nextstep.model.head import compute_dtype
+from nextstep.sampling.tuning import TuningCache, entry_key
 
 try:
     import triton
@@ -216,8 +217,9 @@ if triton is not None:
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """How the block kernels are launched; `tune` picks one per GPU, head width and row count, and the
-    engine that tuned it keeps it. Small N tiles give one program per SM or more for a 1536-wide layer."""
+    """How the block kernels are launched; `tune` picks one per GPU, head width, weight format and row
+    count, and the engine that tuned it keeps it. Small N tiles give one program per SM or more for a
+    1536-wide layer."""
 
     block_n: int = 8  # output columns per program
     block_k: int = 256  # reduction tile
@@ -373,11 +375,28 @@ def _graph_time(run, reps: int = 12) -> float:
     return min(triton.testing.do_bench(graph.replay, warmup=2, rep=10) for _ in range(3)) / reps
 
 
-def tune(net, rows: int, device: torch.device) -> LaunchConfig:
-    """The fastest LaunchConfig for this GPU, head width and row count, by timing one block's two kernels
-    (a few seconds; the caller keeps the result). The default off CUDA."""
+def tune(net, rows: int, device: torch.device, *, persist: bool = True) -> LaunchConfig:
+    """The fastest LaunchConfig on this GPU for this head width, weight format and row count: from the GPU's
+    tuning cache on disk (nextstep.sampling.tuning), else by timing one block's two kernels (a few seconds)
+    and stored there (persist=False: neither read nor stored). The caller keeps the result. The default
+    off CUDA."""
     if device.type != "cuda":
         return LaunchConfig()
+    linear = net.res_blocks[0].mlp[0]
+    dtypes = (str(d).removeprefix("torch.") for d in (linear.weight.dtype, compute_dtype(linear)))
+    key = entry_key(*dtypes, rows, linear.in_features)
+    cache = TuningCache(torch.cuda.get_device_properties(device).name) if persist else None
+    stored = cache.get("head", key) if cache else None
+    if stored:
+        return LaunchConfig(**stored)
+    best = _fastest(net, rows, device)
+    if cache:
+        cache.put("head", key, asdict(best))
+    return best
+
+
+def _fastest(net, rows: int, device: torch.device) -> LaunchConfig:
+    """Time every candidate launch of one block's two kernels in CUDA graphs; the fastest."""
     w = net.input_proj.out_features
     block = net.res_blocks[0]
     h = torch.randn(rows, w, device=device, dtype=compute_dtype(net.input_proj))
