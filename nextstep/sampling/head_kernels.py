@@ -18,7 +18,7 @@ Triton's CPU interpreter (TRITON_INTERPRET=1).
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -386,12 +386,12 @@ def tune(net, rows: int, device: torch.device, *, persist: bool = True) -> Launc
     dtypes = (str(d).removeprefix("torch.") for d in (linear.weight.dtype, compute_dtype(linear)))
     key = entry_key(*dtypes, rows, linear.in_features)
     cache = TuningCache(torch.cuda.get_device_properties(device).name) if persist else None
-    stored = cache.get("head", key) if cache else None
+    stored = cache.get("head", key, LaunchConfig) if cache else None
     if stored:
-        return LaunchConfig(**stored)
+        return stored
     best = _fastest(net, rows, device)
     if cache:
-        cache.put("head", key, asdict(best))
+        cache.put("head", key, best)
     return best
 
 

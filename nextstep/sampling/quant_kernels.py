@@ -14,7 +14,7 @@ The definition is `quantize.reference_linear`; tests also run this kernel in Tri
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -233,17 +233,17 @@ class Tuner:
         if key in self.table:
             return self.table[key]
         disk = self._cache(props.name)
-        stored = disk.get("quant_linear", entry_key(*key[1:])) if disk else None
+        stored = disk.get("quant_linear", entry_key(*key[1:]), LaunchConfig) if disk else None
         if stored:
-            self.table[key] = LaunchConfig(**stored)
-            return self.table[key]
+            self.table[key] = stored
+            return stored
         sms = props.multi_processor_count
         if torch.cuda.is_current_stream_capturing():  # no timing inside a capture: a fair default, not kept
             return default_config(n, k, x.shape[0], sms)
         rows = torch.randn(key[2], k, dtype=x.dtype, device=x.device)  # (bucket, K)
         self.table[key] = _fastest(candidates(n, k, key[2], sms), rows, weight, scale, bias)
         if disk:
-            disk.put("quant_linear", entry_key(*key[1:]), asdict(self.table[key]))
+            disk.put("quant_linear", entry_key(*key[1:]), self.table[key])
         return self.table[key]
 
     def _cache(self, gpu: str) -> TuningCache | None:

@@ -11,15 +11,18 @@ read, is ignored with a warning (and replaced on the next write). Writes are ato
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import re
 from pathlib import Path
+from typing import TypeVar
 
 from nextstep.io import write_json
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def cache_dir() -> Path:
@@ -76,14 +79,23 @@ class TuningCache:
             return {}
         return {k: v for k, v in data.items() if k != "triton"}
 
-    def get(self, kernel: str, key: str) -> dict | None:
-        """The stored launch configuration (its fields) of `kernel` for `key`, if any."""
-        return self.data.get(kernel, {}).get(key)
+    def get(self, kernel: str, key: str, kind: type[T]) -> T | None:
+        """The stored launch configuration of `kernel` for `key`, as the dataclass `kind`; None if there is
+        none or its fields are not `kind`'s (written by another version of the kernel: tuned again)."""
+        entry = self.data.get(kernel, {}).get(key)
+        if entry is None:
+            return None
+        try:
+            return kind(**entry)
+        except TypeError:
+            log.warning("ignoring the tuning cache's %s entry %s: %s is not a %s", kernel, key, entry, kind.__name__)
+            return None
 
-    def put(self, kernel: str, key: str, config: dict) -> None:
-        """Store one configuration; a cache that cannot be written only costs the next process a tuning."""
+    def put(self, kernel: str, key: str, config) -> None:
+        """Store one configuration (a dataclass); a cache that cannot be written only costs the next process
+        a tuning."""
         self.data = self._read()
-        self.data.setdefault(kernel, {})[key] = config
+        self.data.setdefault(kernel, {})[key] = dataclasses.asdict(config)
         try:
             write_json(self.path, {"triton": self.version, **self.data})
         except OSError as e:

@@ -16,6 +16,7 @@ from nextstep.sampling import head_kernels, quant_kernels, tuning
 from nextstep.sampling.quantize import quantize_linear, quantize_linears
 
 GPU = "NVIDIA H200"
+Head = head_kernels.LaunchConfig
 
 
 @pytest.fixture(autouse=True)
@@ -35,16 +36,17 @@ def test_path_per_gpu_under_cache_dir(cache_root, monkeypatch):
 
 def test_round_trip_and_merge():
     a = tuning.TuningCache(GPU)
-    assert a.get("head", "bfloat16/bfloat16/2/1536") is None
-    a.put("head", "bfloat16/bfloat16/2/1536", {"block_n": 4, "block_k": 512, "num_warps": 8})
+    assert a.get("head", "bfloat16/bfloat16/2/1536", Head) is None
+    a.put("head", "bfloat16/bfloat16/2/1536", Head(4, 512, 8))
     b = tuning.TuningCache(GPU)  # another process, started later
-    b.put("quant_linear", tuning.entry_key("float8_e4m3fn", 16, 7168, 5120), {"block_n": 32})
-    a.put("head", "bfloat16/bfloat16/4/1536", {"block_n": 8})  # merges with b's entry, does not drop it
+    gemm = quant_kernels.LaunchConfig(32, 256, 1, 4, 4)
+    b.put("quant_linear", tuning.entry_key("float8_e4m3fn", 16, 7168, 5120), gemm)
+    a.put("head", "bfloat16/bfloat16/4/1536", Head(8, 256, 4))  # merges with b's entry, does not drop it
     c = tuning.TuningCache(GPU)
-    assert c.get("head", "bfloat16/bfloat16/2/1536") == {"block_n": 4, "block_k": 512, "num_warps": 8}
-    assert c.get("head", "bfloat16/bfloat16/4/1536") == {"block_n": 8}
-    assert c.get("quant_linear", "float8_e4m3fn/16/7168/5120") == {"block_n": 32}
-    assert tuning.TuningCache("NVIDIA H100 80GB HBM3").get("head", "bfloat16/bfloat16/2/1536") is None
+    assert c.get("head", "bfloat16/bfloat16/2/1536", Head) == Head(4, 512, 8)
+    assert c.get("head", "bfloat16/bfloat16/4/1536", Head) == Head(8, 256, 4)
+    assert c.get("quant_linear", "float8_e4m3fn/16/7168/5120", quant_kernels.LaunchConfig) == gemm
+    assert tuning.TuningCache("NVIDIA H100 80GB HBM3").get("head", "bfloat16/bfloat16/2/1536", Head) is None
     assert not list(c.path.parent.glob(".*.tmp"))  # atomic writes leave no temporary files
 
 
@@ -55,18 +57,27 @@ def test_corrupt_file_is_ignored_with_a_warning(text, caplog):
     path.write_text(text)
     with caplog.at_level(logging.WARNING):
         cache = tuning.TuningCache(GPU)
-    assert cache.get("head", "k") is None and str(path) in caplog.text
-    cache.put("head", "k", {"block_n": 2})  # replaced by a good file
-    assert tuning.TuningCache(GPU).get("head", "k") == {"block_n": 2}
+    assert cache.get("head", "k", Head) is None and str(path) in caplog.text
+    cache.put("head", "k", Head(2))  # replaced by a good file
+    assert tuning.TuningCache(GPU).get("head", "k", Head) == Head(2)
+
+
+def test_entry_of_other_fields_is_ignored(caplog):
+    """An entry written by another version of a kernel (other launch fields) is tuned again, not a crash."""
+    cache = tuning.TuningCache(GPU)
+    cache.put("head", "k", quant_kernels.LaunchConfig(32, 256, 1, 4, 4))
+    with caplog.at_level(logging.WARNING):
+        assert tuning.TuningCache(GPU).get("head", "k", Head) is None
+    assert "split_k" in caplog.text
 
 
 def test_other_triton_version_is_ignored(caplog):
     cache = tuning.TuningCache(GPU)
-    cache.put("head", "k", {"block_n": 2})
+    cache.put("head", "k", Head(2))
     data = json.loads(cache.path.read_text())
     cache.path.write_text(json.dumps({**data, "triton": "0.0.1"}))
     with caplog.at_level(logging.WARNING):
-        assert tuning.TuningCache(GPU).get("head", "k") is None
+        assert tuning.TuningCache(GPU).get("head", "k", Head) is None
     assert "0.0.1" in caplog.text
 
 
@@ -74,8 +85,8 @@ def test_unwritable_cache_only_warns(cache_root, caplog):
     (cache_root / "tuning").write_text("a file where the folder should be")
     with caplog.at_level(logging.WARNING):
         cache = tuning.TuningCache(GPU)
-        cache.put("head", "k", {"block_n": 2})
-    assert cache.get("head", "k") == {"block_n": 2} and "could not write" in caplog.text
+        cache.put("head", "k", Head(2))
+    assert cache.get("head", "k", Head) == Head(2) and "could not write" in caplog.text
 
 
 @pytest.fixture
@@ -95,8 +106,10 @@ def test_gemm_tuner_reads_what_another_process_stored(fake_gpu, monkeypatch):
     x = torch.randn(2, 48)
     assert quant_kernels.Tuner().config(x, layer.weight, layer.scale, layer.bias) == best
     assert len(timed) == 1
-    entry = tuning.TuningCache(GPU).get("quant_linear", "float8_e4m3fn/16/40/48")
-    assert entry == {"block_n": 64, "block_k": 256, "split_k": 2, "num_warps": 8, "num_stages": 3}
+    stored = json.loads(tuning.cache_path(GPU).read_text())["quant_linear"]
+    assert stored == {
+        "float8_e4m3fn/16/40/48": {"block_n": 64, "block_k": 256, "split_k": 2, "num_warps": 8, "num_stages": 3}
+    }
     second = quant_kernels.Tuner()  # a new process: reads the file, times nothing
     assert second.config(x, layer.weight, layer.scale, layer.bias) == best and len(timed) == 1
     assert list(second.table) == [(GPU, "float8_e4m3fn", 16, 40, 48)]
@@ -115,16 +128,12 @@ def test_head_tune_reads_what_another_process_stored(fake_gpu, monkeypatch):
     cuda = torch.device("cuda")
     assert head_kernels.tune(net, 2, cuda) == best and timed == [2]
     assert head_kernels.tune(net, 2, cuda) == best and timed == [2]  # from disk
-    assert tuning.TuningCache(GPU).get("head", "bfloat16/bfloat16/2/48") == {
-        "block_n": 4,
-        "block_k": 512,
-        "num_warps": 8,
-    }
+    assert tuning.TuningCache(GPU).get("head", "bfloat16/bfloat16/2/48", Head) == best
     head_kernels.tune(net, 4, cuda)
     quantize_linears(net, "fp8", tuner=quant_kernels.Tuner())
     head_kernels.tune(net, 2, cuda)  # fp8 weights: their own entry
     assert timed == [2, 4, 2]
-    assert tuning.TuningCache(GPU).get("head", "float8_e4m3fn/bfloat16/2/48") is not None
+    assert tuning.TuningCache(GPU).get("head", "float8_e4m3fn/bfloat16/2/48", Head) == best
     assert head_kernels.tune(net, 2, torch.device("cpu")) == head_kernels.LaunchConfig()  # off CUDA: the default
     head_kernels.tune(net, 2, cuda, persist=False)
     assert timed == [2, 4, 2, 2]
