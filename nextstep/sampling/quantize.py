@@ -148,15 +148,25 @@ def _fuse(layers: list[QuantizedLinear]) -> QuantizedLinear:
     return fused
 
 
-def _is_fused(fused: nn.Module | None, first: QuantizedLinear) -> bool:
-    return isinstance(fused, QuantizedLinear) and fused.weight.data_ptr() == first.weight.data_ptr()
+def _is_fused(fused: nn.Module | None, layers: list[QuantizedLinear]) -> bool:
+    """Whether `fused` is _fuse(layers) and still their memory (`.to()` or an assigning load copies them apart)."""
+    if not isinstance(fused, QuantizedLinear):
+        return False
+    start = 0
+    for layer in layers:
+        for name in ("weight", "scale", "bias"):
+            part, whole = getattr(layer, name), getattr(fused, name)
+            if part is not None and (whole is None or part.data_ptr() != whole[start].data_ptr()):
+                return False
+        start += layer.out_features
+    return True
 
 
 def fuse_quantized(layers: nn.ModuleList) -> bool:
     """The quantised counterpart of backbone.fuse_projections: each layer's q/k/v and gate/up
     QuantizedLinears run as one kernel each (`self_attn.qkv_proj`, `mlp.gate_up_proj`); official names and
-    the state_dict unchanged. Idempotent. False, and nothing changed, unless all five are QuantizedLinears
-    of one weight format and (for gate/up) bias-free."""
+    the state_dict unchanged. Idempotent; fuses again where the layers' memory was copied apart. False, and
+    nothing changed, unless all five are QuantizedLinears of one weight format and (for gate/up) bias-free."""
     for layer in layers:
         a, m = layer.self_attn, layer.mlp
         linears = (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj)
@@ -166,10 +176,11 @@ def fuse_quantized(layers: nn.ModuleList) -> bool:
             return False
     for layer in layers:
         a, m = layer.self_attn, layer.mlp
-        if not _is_fused(a.qkv_proj, a.q_proj):
-            a.qkv_proj = _fuse([a.q_proj, a.k_proj, a.v_proj])
-        if not _is_fused(m.gate_up_proj, m.gate_proj):
-            m.gate_up_proj = _fuse([m.gate_proj, m.up_proj])
+        qkv, gate_up = [a.q_proj, a.k_proj, a.v_proj], [m.gate_proj, m.up_proj]
+        if not _is_fused(a.qkv_proj, qkv):
+            a.qkv_proj = _fuse(qkv)
+        if not _is_fused(m.gate_up_proj, gate_up):
+            m.gate_up_proj = _fuse(gate_up)
     return True
 
 

@@ -192,6 +192,16 @@ def test_fused_quantized_projections_equal_unfused(mode):
         torch.testing.assert_close(
             model.layers[0].self_attn.qkv_proj.scale[v_rows], state["layers.0.self_attn.v_proj.scale"]
         )
+        # An assigning load gives the layers new memory: the stale fused copy is rebuilt, and again shares it.
+        state["layers.0.self_attn.v_proj.scale"] /= 2  # the weights `unfused` was computed with
+        model.load_state_dict({k: v.clone() for k, v in state.items()}, assign=True)
+        stale = model.layers[0].mlp.gate_up_proj
+        assert fuse_quantized(model.layers) and model.layers[0].mlp.gate_up_proj is not stale
+        assert (
+            model.layers[0].mlp.up_proj.weight.data_ptr()
+            == model.layers[0].mlp.gate_up_proj.weight[model.layers[0].mlp.gate_proj.out_features].data_ptr()
+        )
+        torch.testing.assert_close(model.forward_hidden(embeds), unfused, rtol=1e-5, atol=1e-5)
 
 
 def test_fuse_quantized_needs_quantized_layers():
