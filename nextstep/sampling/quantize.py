@@ -4,7 +4,7 @@ that linear with the fused Triton kernel (`quant_kernels`) on CUDA and as the re
 
     layer = quantize_linear(nn.Linear(5120, 5120), "fp8")      # weight (N, K) float8_e4m3fn, scale (N,)
     apply_quantization(model, "fp8")                           # every decoder, projector and head linear
-    fuse_quantized(model.layers)                               # q/k/v and gate/up as one kernel each
+    fuse_quantized(model.layers)                               # q/k/v and gate/up as one kernel each (Engine)
 """
 
 from __future__ import annotations
@@ -189,8 +189,9 @@ QUANTIZE = ("none", *MODES)  # what `--quantize` and `nextstep.load(quantize=...
 
 def apply_quantization(model: NextStep, mode: str) -> NextStep:
     """Swap the decoder layers', projectors' and flow head's linears for weight-only fp8/int8 ones, in
-    place, all sharing one launch tuner, and fuse q/k/v and gate/up (fuse_quantized). Run it after the
-    model has its device and dtype."""
+    place, all sharing one launch tuner. Run it after the model has its device and dtype. The engine then
+    fuses q/k/v and gate/up (fuse_quantized), as it fuses float weights; until then the state_dict's
+    tensors share no memory (safetensors refuses tensors that do)."""
     if mode not in QUANTIZE:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, got {mode!r}")
     if mode == "none":
@@ -202,5 +203,4 @@ def apply_quantization(model: NextStep, mode: str) -> NextStep:
         quantize_linears(root, mode, tuner=tuner)
     model.image_in_projector = quantize_linear(model.image_in_projector, mode, tuner=tuner)
     model.image_out_projector = quantize_linear(model.image_out_projector, mode, tuner=tuner)
-    fuse_quantized(model.layers)
     return model

@@ -159,11 +159,15 @@ def _model(dtype=torch.float32):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_fused_quantized_projections_equal_unfused(mode):
-    """apply_quantization runs q/k/v and gate/up as one QuantizedLinear each: the hidden states equal the
+    """fuse_quantized runs q/k/v and gate/up as one QuantizedLinear each: the hidden states equal the
     unfused quantised path's, the state_dict (names and values) is that of the unfused model, and the fused
     weights are the layers' own memory (views), so load_state_dict writes through to them."""
     model = _model()
     apply_quantization(model, mode)
+    state = model.state_dict()
+    assert model.layers[0].self_attn.qkv_proj is None  # fused by the engine: until then no tensor shares memory
+    assert len({t.untyped_storage().data_ptr() for t in state.values()}) == len(state)
+    assert fuse_quantized(model.layers)
     a, m = model.layers[0].self_attn, model.layers[0].mlp
     assert isinstance(a.qkv_proj, QuantizedLinear) and isinstance(m.gate_up_proj, QuantizedLinear)
     assert a.qkv_proj.out_features == a.q_proj.out_features + 2 * a.k_proj.out_features
@@ -218,6 +222,7 @@ def test_fused_quantized_projections_equal_unfused_gpu(mode):
     separate ones: bf16 hidden states equal within bf16 rounding, at decode (2 rows) and prefill rows."""
     model = _model().to("cuda", torch.bfloat16)
     apply_quantization(model, mode)
+    assert fuse_quantized(model.layers)
     for rows, length in ((2, 1), (2, 9)):
         embeds = torch.randn(rows, length, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
         with torch.no_grad():
