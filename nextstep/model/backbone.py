@@ -3,7 +3,7 @@
 Parameter names follow Hugging Face Qwen2 (`self_attn.q_proj`, `mlp.gate_proj`, `input_layernorm`, ...)
 so official checkpoints load with no renaming. Numerics follow HF: norms and RoPE tables in fp32.
 One forward serves training, prefill and decode (gpt-fast's pattern); `fuse_projections` adds the
-inference-time fused q/k/v and gate/up matrices.
+inference-time fused q/k/v and gate/up projections (`qkv_proj`, `gate_up_proj`, outside the state_dict).
 """
 
 from __future__ import annotations
@@ -85,8 +85,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, hkv * hd, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(h * hd, d, bias=cfg.o_attention_bias)
         self.cache: KVCache | None = None
-        self.register_buffer("qkv_weight", None, persistent=False)  # ((H + 2 Hkv) D, d) from fuse_projections
-        self.register_buffer("qkv_bias", None, persistent=False)
+        self.qkv_proj: nn.Module | None = None  # d -> (H + 2 Hkv) D, from fuse_projections (or a quantised one)
 
     def forward(
         self,
@@ -98,10 +97,10 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         b, n, _ = x.shape
         h, hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        if self.qkv_weight is None:
+        if self.qkv_proj is None:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         else:
-            q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split([h * hd, hkv * hd, hkv * hd], dim=-1)
+            q, k, v = self.qkv_proj(x).split([h * hd, hkv * hd, hkv * hd], dim=-1)
         q = q.view(b, n, h, hd).transpose(1, 2)  # (B, H, L, D)
         k = k.view(b, n, hkv, hd).transpose(1, 2)  # (B, Hkv, L, D)
         v = v.view(b, n, hkv, hd).transpose(1, 2)
@@ -127,13 +126,13 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(d, f, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(d, f, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(f, d, bias=cfg.mlp_bias)
-        self.register_buffer("gate_up_weight", None, persistent=False)  # (2f, d) from fuse_projections
+        self.gate_up_proj: nn.Module | None = None  # d -> 2f, from fuse_projections (or a quantised one)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_weight is None:
+        if self.gate_up_proj is None:
             gate, up = self.gate_proj(x), self.up_proj(x)
         else:
-            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -150,23 +149,35 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def fuse_projections(layers: nn.ModuleList) -> bool:
-    """Add each layer's q/k/v and gate/up weights concatenated as non-persistent buffers, so inference runs
-    one GEMM instead of three (two). The parameters (and state_dict) are untouched; the fused copies cost
-    their memory again and are stale once the weights change (rebuild by calling this again).
+class FusedLinear(nn.Module):
+    """F.linear over weights concatenated from several linears, held as non-persistent buffers: an
+    inference copy that adds nothing to the state_dict."""
 
-    False, and nothing changed, when the layers hold other modules (quantised) or an MLP bias.
+    def __init__(self, linears: list[nn.Linear]):
+        super().__init__()
+        self.register_buffer("weight", torch.cat([lin.weight.detach() for lin in linears]), persistent=False)
+        bias = None if linears[0].bias is None else torch.cat([lin.bias.detach() for lin in linears])
+        self.register_buffer("bias", bias, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def fuse_projections(layers: nn.ModuleList) -> bool:
+    """Give each layer a `FusedLinear` for q/k/v and one for gate/up, so inference runs one GEMM instead of
+    three (two). The parameters (and state_dict) are untouched; the fused copies cost their memory again
+    and are stale once the weights change (rebuild by calling this again).
+
+    False, and nothing changed, when the layers hold other modules (quantised: see
+    nextstep.sampling.quantize.fuse_quantized) or an MLP bias.
     """
     for layer in layers:
         a, m = layer.self_attn, layer.mlp
         linears = (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj)
         if any(type(lin) is not nn.Linear for lin in linears) or m.gate_proj.bias is not None:
             return False
-    with torch.no_grad():
-        for layer in layers:
-            a, m = layer.self_attn, layer.mlp
-            qkv = (a.q_proj, a.k_proj, a.v_proj)
-            a.qkv_weight = torch.cat([p.weight for p in qkv])
-            a.qkv_bias = None if a.q_proj.bias is None else torch.cat([p.bias for p in qkv])
-            m.gate_up_weight = torch.cat([m.gate_proj.weight, m.up_proj.weight])
+    for layer in layers:
+        a, m = layer.self_attn, layer.mlp
+        a.qkv_proj = FusedLinear([a.q_proj, a.k_proj, a.v_proj])
+        m.gate_up_proj = FusedLinear([m.gate_proj, m.up_proj])
     return True

@@ -24,7 +24,7 @@ from nextstep.model.head import AdaLNMLP, compute_dtype
 from nextstep.model.nextstep import NextStep
 from nextstep.sampling import head_kernels as head_kernels_mod
 from nextstep.sampling.flow import FlowSettings, guidance_rows, guidance_table, guided_update, plan_steps
-from nextstep.sampling.quantize import is_quantized
+from nextstep.sampling.quantize import fuse_quantized
 
 
 # ---- the flow head at decode time ----------------------------------------------------------------
@@ -187,14 +187,13 @@ class Engine:
         self.model = model
         self.graphs = dev.type == "cuda" if graphs is None else graphs  # capture CUDA graphs
         self.compile = compile  # torch.compile the decoder layer and the torch head before capture
-        # Fused Triton head blocks (head_kernels.py); None: on wherever Triton can run them.
-        if head_kernels is None:  # they read bf16 weights: a quantised head runs its QuantizedLinears instead
-            head_kernels = head_kernels_mod.available(dev) and not is_quantized(model.image_head.net)
-        self.head_kernels = head_kernels
+        # Fused Triton head blocks (head_kernels.py, float or fp8/int8 weights); None: wherever Triton runs them.
+        self.head_kernels = head_kernels_mod.available(dev) if head_kernels is None else head_kernels
         self._launch: dict[int, head_kernels_mod.LaunchConfig] = {}  # tuned per row count, kept across states
         self.kv_block = kv_block  # cache length granularity: one decode graph per kv_block slots
         self._state: _State | None = None  # one at a time: a batch-32 cache is ~14 GB at 14B
-        fuse_projections(model.layers)  # one GEMM for q/k/v and one for gate/up (a no-op when quantised)
+        # One GEMM for q/k/v and one for gate/up: float copies, or quantised ones sharing the weights' memory.
+        fuse_projections(model.layers) or fuse_quantized(model.layers)
 
     def use_head_kernels(self, rows: int) -> bool:
         """Fused head kernels for `rows` guidance rows x images (small batches, where launches dominate)."""

@@ -9,6 +9,8 @@ bound that loop. Each block becomes
 
 and the final layer is `modulated_linear` without activation. Each program owns BLOCK_N output columns
 for all rows (a few: batch 1-4 with guidance), so every weight is read once per step, at GEMV bandwidth.
+Weight-only fp8/int8 linears (quantize.QuantizedLinear) are read as 1 byte per weight, converted in
+registers, and their per-output-channel scale multiplies the fp32 sums: no dequantised copy in HBM.
 Used by the engine on CUDA when Triton is present (`Engine(head_kernels=...)`); tests also run them in
 Triton's CPU interpreter (TRITON_INTERPRET=1).
 """
@@ -19,6 +21,9 @@ import os
 from dataclasses import dataclass
 
 import torch
+
+from nextstep.model.head import compute_dtype
+from nextstep.sampling.tuning import TuningCache, entry_key
 
 try:
     import triton
@@ -49,7 +54,8 @@ if triton is not None:
         lnb_ptr,  # (K,) LayerNorm bias
         scale_ptr,  # (R, K) 1 + adaLN scale
         shift_ptr,  # (R, K) adaLN shift
-        w_ptr,  # (N, K) linear weight
+        w_ptr,  # (N, K) linear weight: float, or fp8/int8 with a scale
+        ws_ptr,  # (N,) fp32 per-channel weight scale (unused without HAS_SCALE)
         b_ptr,  # (N,) linear bias
         out_ptr,  # (R, N)
         R,
@@ -57,6 +63,7 @@ if triton is not None:
         N,
         eps,
         HAS_AFFINE: tl.constexpr,
+        HAS_SCALE: tl.constexpr,
         SILU: tl.constexpr,
         BLOCK_R: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -88,8 +95,10 @@ if triton is not None:
                 a = a * lw[None, :] + lb[None, :]
             sc = tl.load(scale_ptr + offs, mask=m, other=0.0).to(tl.float32)
             sh = tl.load(shift_ptr + offs, mask=m, other=0.0).to(tl.float32)
-            a = (a * sc + sh).to(w.dtype).to(tl.float32)  # rounded like the eager op's input
+            a = (a * sc + sh).to(x_ptr.dtype.element_ty).to(tl.float32)  # rounded like the eager op's input
             acc += _rows_dot(a, w)
+        if HAS_SCALE:
+            acc *= tl.load(ws_ptr + cols, mask=nmask, other=0.0)[None, :]
         acc += tl.load(b_ptr + cols, mask=nmask, other=0.0).to(tl.float32)[None, :]
         if SILU:
             acc = acc * tl.sigmoid(acc)
@@ -99,7 +108,8 @@ if triton is not None:
     @triton.jit
     def _gated_linear(
         a_ptr,  # (R, K) hidden activations
-        w_ptr,  # (N, K) linear weight
+        w_ptr,  # (N, K) linear weight: float, or fp8/int8 with a scale
+        ws_ptr,  # (N,) fp32 per-channel weight scale (unused without HAS_SCALE)
         b_ptr,  # (N,) bias
         gate_ptr,  # (R, N) adaLN gate
         res_ptr,  # (R, N) residual h
@@ -107,6 +117,7 @@ if triton is not None:
         R,
         K: tl.constexpr,  # as in _modulated_linear
         N,
+        HAS_SCALE: tl.constexpr,
         BLOCK_R: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -122,6 +133,8 @@ if triton is not None:
             w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
             a = tl.load(a_ptr + rows[:, None] * K + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
             acc += _rows_dot(a.to(tl.float32), w)
+        if HAS_SCALE:
+            acc *= tl.load(ws_ptr + cols, mask=nmask, other=0.0)[None, :]
         acc += tl.load(b_ptr + cols, mask=nmask, other=0.0).to(tl.float32)[None, :]
         offs = rows[:, None] * N + cols[None, :]
         m = rmask[:, None] & nmask[None, :]
@@ -132,13 +145,15 @@ if triton is not None:
     @triton.jit
     def _input_rows(
         x_ptr,  # (B, K) tokens, fp32
-        w_ptr,  # (N, K) input_proj weight
+        w_ptr,  # (N, K) input_proj weight: float, or fp8/int8 with a scale
+        ws_ptr,  # (N,) fp32 per-channel weight scale (unused without HAS_SCALE)
         b_ptr,  # (N,)
         out_ptr,  # (R, N), row r = input_proj(x[r % B]): the guidance rows share one token
         B,
         R,
         K,
         N,
+        HAS_SCALE: tl.constexpr,
         BLOCK_R: tl.constexpr,
         BLOCK_N: tl.constexpr,
         K_POW2: tl.constexpr,
@@ -151,7 +166,9 @@ if triton is not None:
         kmask = ks < K
         w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
         a = tl.load(x_ptr + (rows % B)[:, None] * K + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        acc = _rows_dot(a.to(w.dtype).to(tl.float32), w)
+        acc = _rows_dot(a.to(out_ptr.dtype.element_ty).to(tl.float32), w)  # input in the linear's dtype
+        if HAS_SCALE:
+            acc *= tl.load(ws_ptr + cols, mask=nmask, other=0.0)[None, :]
         acc += tl.load(b_ptr + cols, mask=nmask, other=0.0).to(tl.float32)[None, :]
         tl.store(
             out_ptr + rows[:, None] * N + cols[None, :],
@@ -200,12 +217,20 @@ if triton is not None:
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """How the block kernels are launched; `tune` picks one per GPU, head width and row count, and the
-    engine that tuned it keeps it. Small N tiles give one program per SM or more for a 1536-wide layer."""
+    """How the block kernels are launched; `tune` picks one per GPU, head width, weight format and row
+    count, and the engine that tuned it keeps it. Small N tiles give one program per SM or more for a
+    1536-wide layer."""
 
     block_n: int = 8  # output columns per program
     block_k: int = 256  # reduction tile
     num_warps: int = 4
+
+
+def _weights(linear: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(weight, scale, has scale) of an nn.Linear or a weight-only quantised one (QuantizedLinear: 1-byte
+    weight, (N,) fp32 scale); a float weight passes itself as the unused scale pointer."""
+    scale = getattr(linear, "scale", None)
+    return linear.weight, linear.weight if scale is None else scale, scale is not None
 
 
 def _launch_args(n: int, rows: int, config: LaunchConfig) -> tuple[tuple[int], dict]:
@@ -235,13 +260,15 @@ def modulated_linear(
     out = torch.empty(r, n, dtype=x.dtype, device=x.device)
     affine = ln.weight is not None
     grid, meta = _launch_args(n, r, config)
+    weight, wscale, has_scale = _weights(linear)
     _modulated_linear[grid](
         x,
         ln.weight if affine else x,
         ln.bias if affine else x,
         scale1,
         shift,
-        linear.weight,
+        weight,
+        wscale,
         linear.bias,
         out,
         r,
@@ -249,6 +276,7 @@ def modulated_linear(
         n,
         ln.eps,
         HAS_AFFINE=affine,
+        HAS_SCALE=has_scale,
         SILU=silu,
         K_POW2=triton.next_power_of_2(k),
         **meta,
@@ -269,7 +297,8 @@ def gated_linear(
     n = linear.out_features
     out = torch.empty(r, n, dtype=residual.dtype, device=a.device)
     grid, meta = _launch_args(n, r, config)
-    _gated_linear[grid](a, linear.weight, linear.bias, gate, residual, out, r, k, n, **meta)
+    weight, wscale, has_scale = _weights(linear)
+    _gated_linear[grid](a, weight, wscale, linear.bias, gate, residual, out, r, k, n, HAS_SCALE=has_scale, **meta)
     return out
 
 
@@ -282,11 +311,14 @@ def velocity(
     bsz, d = x.shape
     r = rows * bsz
     width = net.input_proj.out_features
-    h = torch.empty(r, width, dtype=net.input_proj.weight.dtype, device=x.device)
+    h = torch.empty(r, width, dtype=compute_dtype(net.input_proj), device=x.device)
     grid, meta = _launch_args(width, r, config)
     meta.pop("BLOCK_K")
+    weight, wscale, has_scale = _weights(net.input_proj)
     k_pow2 = triton.next_power_of_2(d)
-    _input_rows[grid](x, net.input_proj.weight, net.input_proj.bias, h, bsz, r, d, width, K_POW2=k_pow2, **meta)
+    _input_rows[grid](
+        x, weight, wscale, net.input_proj.bias, h, bsz, r, d, width, HAS_SCALE=has_scale, K_POW2=k_pow2, **meta
+    )
     for block, (shift, scale1, gate) in zip(net.res_blocks, mods, strict=False):
         act = modulated_linear(h, block.in_ln, scale1, shift, block.mlp[0], silu=True, config=config)
         h = gated_linear(act, block.mlp[2], gate, h, config=config)
@@ -343,14 +375,31 @@ def _graph_time(run, reps: int = 12) -> float:
     return min(triton.testing.do_bench(graph.replay, warmup=2, rep=10) for _ in range(3)) / reps
 
 
-def tune(net, rows: int, device: torch.device) -> LaunchConfig:
-    """The fastest LaunchConfig for this GPU, head width and row count, by timing one block's two kernels
-    (a few seconds; the caller keeps the result). The default off CUDA."""
+def tune(net, rows: int, device: torch.device, *, persist: bool = True) -> LaunchConfig:
+    """The fastest LaunchConfig on this GPU for this head width, weight format and row count: from the GPU's
+    tuning cache on disk (nextstep.sampling.tuning), else by timing one block's two kernels (a few seconds)
+    and stored there (persist=False: neither read nor stored). The caller keeps the result. The default
+    off CUDA."""
     if device.type != "cuda":
         return LaunchConfig()
+    linear = net.res_blocks[0].mlp[0]
+    dtypes = (str(d).removeprefix("torch.") for d in (linear.weight.dtype, compute_dtype(linear)))
+    key = entry_key(*dtypes, rows, linear.in_features)
+    cache = TuningCache(torch.cuda.get_device_properties(device).name) if persist else None
+    stored = cache.get("head", key, LaunchConfig) if cache else None
+    if stored:
+        return stored
+    best = _fastest(net, rows, device)
+    if cache:
+        cache.put("head", key, best)
+    return best
+
+
+def _fastest(net, rows: int, device: torch.device) -> LaunchConfig:
+    """Time every candidate launch of one block's two kernels in CUDA graphs; the fastest."""
     w = net.input_proj.out_features
     block = net.res_blocks[0]
-    h = torch.randn(rows, w, device=device, dtype=net.input_proj.weight.dtype)
+    h = torch.randn(rows, w, device=device, dtype=compute_dtype(net.input_proj))
     ones, zeros = torch.ones_like(h), torch.zeros_like(h)
     best = None
     for block_n in (2, 4, 8, 16):

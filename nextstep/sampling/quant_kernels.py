@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from nextstep.sampling.tuning import TuningCache, entry_key
+
 try:
     import triton
     import triton.language as tl
@@ -211,11 +213,14 @@ def candidates(n: int, k: int, bucket: int, sms: int) -> list[LaunchConfig]:
 
 
 class Tuner:
-    """Launch configuration per (GPU name, weight dtype, row bucket, N, K), chosen by timing the candidates
-    on the first call with that key (outside CUDA-graph capture) and kept in `table`."""
+    """Launch configuration per (GPU name, weight dtype, row bucket, N, K), kept in `table`: read from the
+    GPU's tuning cache on disk (nextstep.sampling.tuning), else chosen by timing the candidates on the first
+    call with that key (outside CUDA-graph capture) and stored there. persist=False: memory only."""
 
-    def __init__(self):
+    def __init__(self, *, persist: bool = True):
         self.table: dict[tuple[str, str, int, int, int], LaunchConfig] = {}
+        self.persist = persist
+        self._disk: dict[str, TuningCache] = {}  # by GPU name, read on first use
 
     def config(
         self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
@@ -227,12 +232,26 @@ class Tuner:
         key = (props.name, str(weight.dtype).removeprefix("torch."), row_bucket(x.shape[0]), n, k)
         if key in self.table:
             return self.table[key]
+        disk = self._cache(props.name)
+        stored = disk.get("quant_linear", entry_key(*key[1:]), LaunchConfig) if disk else None
+        if stored:
+            self.table[key] = stored
+            return stored
         sms = props.multi_processor_count
         if torch.cuda.is_current_stream_capturing():  # no timing inside a capture: a fair default, not kept
             return default_config(n, k, x.shape[0], sms)
         rows = torch.randn(key[2], k, dtype=x.dtype, device=x.device)  # (bucket, K)
         self.table[key] = _fastest(candidates(n, k, key[2], sms), rows, weight, scale, bias)
+        if disk:
+            disk.put("quant_linear", entry_key(*key[1:]), self.table[key])
         return self.table[key]
+
+    def _cache(self, gpu: str) -> TuningCache | None:
+        if not self.persist:
+            return None
+        if gpu not in self._disk:
+            self._disk[gpu] = TuningCache(gpu)
+        return self._disk[gpu]
 
 
 def _fastest(found: list[LaunchConfig], x, weight, scale, bias) -> LaunchConfig:

@@ -4,6 +4,7 @@ that linear with the fused Triton kernel (`quant_kernels`) on CUDA and as the re
 
     layer = quantize_linear(nn.Linear(5120, 5120), "fp8")      # weight (N, K) float8_e4m3fn, scale (N,)
     apply_quantization(model, "fp8")                           # every decoder, projector and head linear
+    fuse_quantized(model.layers)                               # q/k/v and gate/up as one kernel each (Engine)
 """
 
 from __future__ import annotations
@@ -71,14 +72,16 @@ class QuantizedLinear(nn.Module):
         *,
         tuner: quant_kernels.Tuner | None = None,
         compute_dtype: torch.dtype | None = None,
+        persistent: bool = True,
     ):
         super().__init__()
         # The dtype inputs arrive in (the original linear's weight dtype; model code reads it, not `weight`).
         self.compute_dtype = compute_dtype or (torch.bfloat16 if bias is None else bias.dtype)
         self.in_features, self.out_features = weight_q.shape[1], weight_q.shape[0]
-        self.register_buffer("weight", weight_q)
-        self.register_buffer("scale", scale.float())
-        self.register_buffer("bias", bias)
+        # persistent=False: an inference-time fused copy (fuse_quantized) that adds nothing to the state_dict.
+        self.register_buffer("weight", weight_q, persistent=persistent)
+        self.register_buffer("scale", scale.float(), persistent=persistent)
+        self.register_buffer("bias", bias, persistent=persistent)
         # Launch configurations, shared by all layers that `quantize_linear` was given the same tuner for.
         self.tuner = quant_kernels.Tuner() if tuner is None else tuner
 
@@ -116,7 +119,7 @@ def quantize_linears(root: nn.Module, mode: str, *, tuner: quant_kernels.Tuner) 
     return count
 
 
-def concat_quantized(layers: list[QuantizedLinear]) -> QuantizedLinear:
+def concat_quantized(layers: list[QuantizedLinear], *, persistent: bool = True) -> QuantizedLinear:
     """One QuantizedLinear whose output is the layers' outputs side by side (fused q/k/v or gate/up): with
     per-output-channel scales this is a concatenation of rows."""
     biases = [layer.bias for layer in layers]
@@ -125,7 +128,60 @@ def concat_quantized(layers: list[QuantizedLinear]) -> QuantizedLinear:
     bias = None if biases[0] is None else torch.cat(biases)
     weight = torch.cat([layer.weight for layer in layers])
     scale = torch.cat([layer.scale for layer in layers])
-    return QuantizedLinear(weight, scale, bias, tuner=layers[0].tuner, compute_dtype=layers[0].compute_dtype)
+    return QuantizedLinear(
+        weight, scale, bias, tuner=layers[0].tuner, compute_dtype=layers[0].compute_dtype, persistent=persistent
+    )
+
+
+def _fuse(layers: list[QuantizedLinear]) -> QuantizedLinear:
+    """concat_quantized outside the state_dict, with each layer's buffers then made views of its rows: the
+    fused weight costs no memory again (1-byte weights: the fp8 model's peak stays the model's size), and
+    load_state_dict into the layers writes through to it."""
+    fused = concat_quantized(layers, persistent=False)
+    start = 0
+    for layer in layers:
+        rows = slice(start, start + layer.out_features)  # contiguous row blocks: views the kernel reads as is
+        layer.weight, layer.scale = fused.weight[rows], fused.scale[rows]
+        if fused.bias is not None:
+            layer.bias = fused.bias[rows]
+        start += layer.out_features
+    return fused
+
+
+def _is_fused(fused: nn.Module | None, layers: list[QuantizedLinear]) -> bool:
+    """Whether `fused` is _fuse(layers) and still their memory (`.to()` or an assigning load copies them apart)."""
+    if not isinstance(fused, QuantizedLinear):
+        return False
+    start = 0
+    for layer in layers:
+        for name in ("weight", "scale", "bias"):
+            part, whole = getattr(layer, name), getattr(fused, name)
+            if part is not None and (whole is None or part.data_ptr() != whole[start].data_ptr()):
+                return False
+        start += layer.out_features
+    return True
+
+
+def fuse_quantized(layers: nn.ModuleList) -> bool:
+    """The quantised counterpart of backbone.fuse_projections: each layer's q/k/v and gate/up
+    QuantizedLinears run as one kernel each (`self_attn.qkv_proj`, `mlp.gate_up_proj`); official names and
+    the state_dict unchanged. Idempotent; fuses again where the layers' memory was copied apart. False, and
+    nothing changed, unless all five are QuantizedLinears of one weight format and (for gate/up) bias-free."""
+    for layer in layers:
+        a, m = layer.self_attn, layer.mlp
+        linears = (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj)
+        if any(type(lin) is not QuantizedLinear for lin in linears) or m.gate_proj.bias is not None:
+            return False
+        if len({lin.weight.dtype for lin in linears}) != 1:
+            return False
+    for layer in layers:
+        a, m = layer.self_attn, layer.mlp
+        qkv, gate_up = [a.q_proj, a.k_proj, a.v_proj], [m.gate_proj, m.up_proj]
+        if not _is_fused(a.qkv_proj, qkv):
+            a.qkv_proj = _fuse(qkv)
+        if not _is_fused(m.gate_up_proj, gate_up):
+            m.gate_up_proj = _fuse(gate_up)
+    return True
 
 
 QUANTIZE = ("none", *MODES)  # what `--quantize` and `nextstep.load(quantize=...)` take
@@ -133,21 +189,18 @@ QUANTIZE = ("none", *MODES)  # what `--quantize` and `nextstep.load(quantize=...
 
 def apply_quantization(model: NextStep, mode: str) -> NextStep:
     """Swap the decoder layers', projectors' and flow head's linears for weight-only fp8/int8 ones, in
-    place, all sharing one launch tuner. Run it after the model has its device and dtype."""
+    place, all sharing one launch tuner. Run it after the model has its device and dtype. The engine then
+    fuses q/k/v and gate/up (fuse_quantized), as it fuses float weights; until then the state_dict's
+    tensors share no memory (safetensors refuses tensors that do)."""
     if mode not in QUANTIZE:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, got {mode!r}")
     if mode == "none":
         return model
     for layer in model.layers:  # fuse_projections' bf16 copies would bypass the quantised weights
-        layer.self_attn.qkv_weight = layer.self_attn.qkv_bias = layer.mlp.gate_up_weight = None
+        layer.self_attn.qkv_proj = layer.mlp.gate_up_proj = None
     tuner = quant_kernels.Tuner()
     for root in (model.layers, model.image_head.net):
         quantize_linears(root, mode, tuner=tuner)
     model.image_in_projector = quantize_linear(model.image_in_projector, mode, tuner=tuner)
     model.image_out_projector = quantize_linear(model.image_out_projector, mode, tuner=tuner)
     return model
-
-
-def is_quantized(module: nn.Module) -> bool:
-    """Whether any linear below `module` is a QuantizedLinear (the fused bf16 head kernels cannot read it)."""
-    return any(isinstance(m, QuantizedLinear) for m in module.modules())

@@ -146,6 +146,6 @@ def test_fused_projections_same_output_and_state_dict():
         plain = model.forward_hidden(embeds)
         assert fuse_projections(model.layers)
         fused = model.forward_hidden(embeds)
-    assert model.layers[0].self_attn.qkv_weight is not None
+    assert model.layers[0].self_attn.qkv_proj is not None and model.layers[0].mlp.gate_up_proj is not None
     assert list(model.state_dict()) == keys and [n for n, _ in model.named_parameters()] == params
     assert max_diff(fused, plain) < 1e-5

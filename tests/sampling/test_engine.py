@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from nextstep.model.backbone import build_attention_mask
+from nextstep.model.backbone import FusedLinear, build_attention_mask
 from nextstep.model.nextstep import NextStep
 from nextstep.model.vae import pil_to_pixels
 from nextstep.sampling.engine import Engine
 from nextstep.sampling.flow import FlowSettings, guidance_rows, guidance_table, sample_token
 from nextstep.sampling.pipeline import GenerateOptions, Pipeline
-from nextstep.sampling.quantize import apply_quantization, quantize_linear
+from nextstep.sampling.quantize import QuantizedLinear, apply_quantization, quantize_linear
 from tests.refs import ROOT
 
 REFERENCE = ROOT
@@ -187,12 +187,14 @@ def test_quantized_engine_runs():
         pytest.skip("reference checkpoint not found")
     pipe = Pipeline.from_pretrained(path, device="cpu")
     Engine(pipe.model)  # fuses q/k/v and gate/up copies of the float weights
-    assert pipe.model.layers[0].mlp.gate_up_weight is not None
+    assert isinstance(pipe.model.layers[0].mlp.gate_up_proj, FusedLinear)
     apply_quantization(pipe.model, "int8")
     assert not any(isinstance(m, torch.nn.Linear) for m in pipe.model.layers.modules())
     assert not any(isinstance(m, torch.nn.Linear) for m in pipe.model.image_head.net.modules())
-    assert not Engine(pipe.model).head_kernels  # the fused head kernels read bf16 weights
-    assert all(layer.mlp.gate_up_weight is None and layer.self_attn.qkv_weight is None for layer in pipe.model.layers)
+    assert not Engine(pipe.model).head_kernels  # no Triton on CPU
+    # The float copies are gone; the quantised fusion replaced them (a float one would bypass the quantised weights).
+    fused = [(layer.self_attn.qkv_proj, layer.mlp.gate_up_proj) for layer in pipe.model.layers]
+    assert all(isinstance(m, QuantizedLinear) and m.weight.dtype == torch.int8 for pair in fused for m in pair)
     opts = GenerateOptions(size=(32, 32), steps=3)
     ids, mask, latents, settings = inputs(pipe, opts, ["a fox"])
     out = Engine(pipe.model).generate(ids, mask, latents, settings, opts, n_tokens=4, seed=0)

@@ -1,5 +1,6 @@
 """Fused Triton head kernels: equal to the torch head (CPU, Triton's interpreter) and to the eager pipeline
-through the engine; on CUDA the same within bf16 tolerance. Skipped where Triton is not installed (the CPU
+through the engine; with fp8/int8 weights equal to the dequantised reference (the torch head over
+QuantizedLinear); on CUDA the same within bf16 tolerance. Skipped where Triton is not installed (the CPU
 install has no Triton: there the engine never uses these kernels)."""
 
 from __future__ import annotations
@@ -69,16 +70,69 @@ print("ok")
 """
 
 
-def test_fused_head_equals_torch_head_interpreted():
+QUANTIZED = r"""
+import sys, torch
+from nextstep.model.head import AdaLNMLP
+from nextstep.sampling import head_kernels as hk, quant_kernels
+from nextstep.sampling.engine import Engine, head_velocity, step_modulations
+from nextstep.sampling.quantize import MODES, apply_quantization, quantize_linears
+
+torch.manual_seed(0)
+for mode in MODES:
+    net = AdaLNMLP(16, 40, 48, 3)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    quantize_linears(net, mode, tuner=quant_kernels.Tuner())
+    assert net.res_blocks[0].mlp[0].weight.element_size() == 1
+    with torch.no_grad():
+        for batch, rows in ((1, 2), (3, 1)):
+            r = batch * rows
+            mods = step_modulations(net, net.time_embed(torch.rand(5)), torch.randn(r, 40))
+            x = torch.randn(batch, 16)
+            want = head_velocity(net, x, mods[2], rows)  # QuantizedLinear off CUDA: the dequantised reference
+            got = hk.velocity(net, x, mods[2], rows)
+            err = (got - want).abs().max().item()
+            assert err < 1e-4 * want.abs().max().item() + 1e-5, (mode, batch, rows, err)
+
+# The engine keeps its fused head on a quantised model and equals the engine with the torch head.
+sys.path.insert(0, sys.argv[2])
+from test_engine import inputs  # noqa: E402
+from nextstep.sampling.pipeline import GenerateOptions, Pipeline  # noqa: E402
+
+pipe = Pipeline.from_pretrained(sys.argv[1])
+apply_quantization(pipe.model, "fp8")
+opts = GenerateOptions(size=(32, 32), steps=3, sampler="sde", cfg=3.0)
+ids, mask, latents, settings = inputs(pipe, opts, ["a fox"], False)
+outs = []
+for fused in (False, True):
+    engine = Engine(pipe.model, head_kernels=fused)
+    outs.append(engine.generate(ids, mask, latents, settings, opts, n_tokens=3, seed=3))
+    assert engine._state.head_kernels == fused
+torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+print("ok")
+"""
+
+
+def _interpret(script: str) -> None:
     path = REFERENCE / "nextstep11-tiny"
     if not path.is_dir():
         pytest.skip(f"reference checkpoint {path} not found")
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
     here = str(Path(__file__).resolve().parent)
     out = subprocess.run(
-        [sys.executable, "-c", INTERPRETED, str(path), here], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", script, str(path), here], env=env, capture_output=True, text=True, timeout=600
     )
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr
+
+
+def test_fused_head_equals_torch_head_interpreted():
+    _interpret(INTERPRETED)
+
+
+def test_fused_quantized_head_equals_dequantized_reference_interpreted():
+    """fp32 head, fp8 and int8 weights: the kernels' (sum of a * W_q) * scale against F.linear with the
+    dequantised weight, within fp32 rounding (1e-4 of the largest velocity)."""
+    _interpret(QUANTIZED)
 
 
 @pytest.mark.gpu
@@ -99,4 +153,54 @@ def test_fused_head_matches_torch_head_gpu():
         assert engine._state.head_kernels == fused
     err = ((outs[1] - outs[0]).norm() / outs[0].norm()).item()
     first = ((outs[1][:, 0] - outs[0][:, 0]).norm() / outs[0][:, 0].norm()).item()
+    assert first < 2e-2 and err < 5e-2, (first, err)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["fp8", "int8"])
+def test_fused_quantized_head_gpu(mode):
+    """The 14B head's shape (width 1536, 12 blocks, 64-dim tokens, 5120-dim condition) in bf16 with fp8/int8
+    weights: the fused kernels (tuned launch) against the torch head over the same QuantizedLinears (the
+    dequantised reference, run by the fp8/int8 GEMM), 2 and 8 rows, within bf16 rounding; and the engine on
+    the tiny checkpoint keeps its fused head once quantised, matching its torch head."""
+    from nextstep.model.head import AdaLNMLP
+    from nextstep.sampling import head_kernels as hk
+    from nextstep.sampling import quant_kernels
+    from nextstep.sampling.engine import Engine, head_velocity, step_modulations
+    from nextstep.sampling.pipeline import GenerateOptions, Pipeline
+    from nextstep.sampling.quantize import quantize_linears
+    from tests.sampling.test_engine import inputs
+
+    torch.manual_seed(0)
+    net = AdaLNMLP(64, 5120, 1536, 12).to("cuda", torch.bfloat16)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.03)
+    quantize_linears(net, mode, tuner=quant_kernels.Tuner())
+    with torch.no_grad():
+        for batch, rows in ((1, 2), (4, 2)):
+            r = batch * rows
+            t_embed = net.time_embed(torch.rand(30, device="cuda"))
+            mods = step_modulations(net, t_embed, torch.randn(r, 5120, device="cuda", dtype=torch.bfloat16))
+            x = torch.randn(batch, 64, device="cuda")
+            config = hk.tune(net, r, torch.device("cuda"))
+            for i in (0, 29):
+                want = head_velocity(net, x, mods[i], rows)
+                got = hk.velocity(net, x, mods[i], rows, config=config).float()
+                err = ((got - want).norm() / want.norm()).item()
+                assert err < 2e-2, (batch, rows, i, err)
+
+    path = REFERENCE / "nextstep11-tiny"
+    if not path.is_dir():
+        pytest.skip(f"reference checkpoint {path} not found")
+    pipe = Pipeline.from_pretrained(path, device="cuda", quantize=mode)
+    assert Engine(pipe.model).head_kernels  # the default keeps the fused head on a quantised model
+    opts = GenerateOptions(size=(64, 64), steps=8, cfg=3.0, sampler="sde")
+    ids, mask, latents, settings = inputs(pipe, opts, ["a fox", "a longer prompt about a red fox in snow"])
+    outs = [
+        Engine(pipe.model, head_kernels=fused).generate(ids, mask, latents, settings, opts, n_tokens=16, seed=0)
+        for fused in (False, True)
+    ]
+    first = ((outs[1][:, 0] - outs[0][:, 0]).norm() / outs[0][:, 0].norm()).item()
+    err = ((outs[1] - outs[0]).norm() / outs[0].norm()).item()
     assert first < 2e-2 and err < 5e-2, (first, err)

@@ -11,8 +11,10 @@ from nextstep.sampling import quant_kernels
 from nextstep.sampling.quantize import (
     MODES,
     QuantizedLinear,
+    apply_quantization,
     concat_quantized,
     dequantize_weight,
+    fuse_quantized,
     quantize_linear,
     quantize_linears,
     quantize_weight,
@@ -143,3 +145,93 @@ def test_concat_quantized_rejects_mixed_bias():
     parts = [quantize_linear(nn.Linear(8, 8, bias=b), "int8") for b in (True, False)]
     with pytest.raises(ValueError, match="bias"):
         concat_quantized(parts)
+
+
+def _model(dtype=torch.float32):
+    from nextstep.model.checkpoint import from_pretrained
+    from tests.refs import reference_dirs
+
+    dirs = reference_dirs()
+    if not dirs:
+        pytest.skip("reference checkpoints not found")
+    return from_pretrained(dirs[0]).to(dtype).eval()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fused_quantized_projections_equal_unfused(mode):
+    """fuse_quantized runs q/k/v and gate/up as one QuantizedLinear each: the hidden states equal the
+    unfused quantised path's, the state_dict (names and values) is that of the unfused model, and the fused
+    weights are the layers' own memory (views), so load_state_dict writes through to them."""
+    model = _model()
+    apply_quantization(model, mode)
+    state = model.state_dict()
+    assert model.layers[0].self_attn.qkv_proj is None  # fused by the engine: until then no tensor shares memory
+    assert len({t.untyped_storage().data_ptr() for t in state.values()}) == len(state)
+    assert fuse_quantized(model.layers)
+    a, m = model.layers[0].self_attn, model.layers[0].mlp
+    assert isinstance(a.qkv_proj, QuantizedLinear) and isinstance(m.gate_up_proj, QuantizedLinear)
+    assert a.qkv_proj.out_features == a.q_proj.out_features + 2 * a.k_proj.out_features
+    assert a.k_proj.weight.data_ptr() == a.qkv_proj.weight[a.q_proj.out_features :].data_ptr()
+    assert m.up_proj.scale.data_ptr() == m.gate_up_proj.scale[m.gate_proj.out_features :].data_ptr()
+    embeds = torch.randn(2, 5, model.config.hidden_size)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert not any("qkv_proj" in k or "gate_up_proj" in k for k in state)
+    with torch.no_grad():
+        fused = model.forward_hidden(embeds)
+        fused_modules = [(layer.self_attn.qkv_proj, layer.mlp.gate_up_proj) for layer in model.layers]
+        for layer in model.layers:
+            layer.self_attn.qkv_proj = layer.mlp.gate_up_proj = None
+        assert list(model.state_dict()) == list(state)
+        unfused = model.forward_hidden(embeds)
+        torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)
+        assert fuse_quantized(model.layers)  # fuses again; a second call keeps the same fused modules
+        again = [(layer.self_attn.qkv_proj, layer.mlp.gate_up_proj) for layer in model.layers]
+        assert fuse_quantized(model.layers)
+        assert [(layer.self_attn.qkv_proj, layer.mlp.gate_up_proj) for layer in model.layers] == again
+        assert again[0][0] is not fused_modules[0][0]
+        # New values through the official names reach the fused kernel's weights.
+        state["layers.0.self_attn.v_proj.scale"] *= 2
+        model.load_state_dict(state)
+        v_rows = slice(a.q_proj.out_features + a.k_proj.out_features, None)
+        torch.testing.assert_close(
+            model.layers[0].self_attn.qkv_proj.scale[v_rows], state["layers.0.self_attn.v_proj.scale"]
+        )
+        # An assigning load gives the layers new memory: the stale fused copy is rebuilt, and again shares it.
+        state["layers.0.self_attn.v_proj.scale"] /= 2  # the weights `unfused` was computed with
+        model.load_state_dict({k: v.clone() for k, v in state.items()}, assign=True)
+        stale = model.layers[0].mlp.gate_up_proj
+        assert fuse_quantized(model.layers) and model.layers[0].mlp.gate_up_proj is not stale
+        assert (
+            model.layers[0].mlp.up_proj.weight.data_ptr()
+            == model.layers[0].mlp.gate_up_proj.weight[model.layers[0].mlp.gate_proj.out_features].data_ptr()
+        )
+        torch.testing.assert_close(model.forward_hidden(embeds), unfused, rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_quantized_needs_quantized_layers():
+    model = _model()
+    assert not fuse_quantized(model.layers)  # float layers: fuse_projections' job
+    assert model.layers[0].self_attn.qkv_proj is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", MODES)
+def test_fused_quantized_projections_equal_unfused_gpu(mode):
+    """On CUDA the fused q/k/v and gate/up run the fp8/int8 GEMM at other N (and tuned launches) than the
+    separate ones: bf16 hidden states equal within bf16 rounding, at decode (2 rows) and prefill rows."""
+    model = _model().to("cuda", torch.bfloat16)
+    apply_quantization(model, mode)
+    assert fuse_quantized(model.layers)
+    for rows, length in ((2, 1), (2, 9)):
+        embeds = torch.randn(rows, length, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            fused = model.forward_hidden(embeds).float()
+            saved = [(layer.self_attn.qkv_proj, layer.mlp.gate_up_proj) for layer in model.layers]
+            for layer in model.layers:
+                layer.self_attn.qkv_proj = layer.mlp.gate_up_proj = None
+            unfused = model.forward_hidden(embeds).float()
+            for layer, (qkv, gate_up) in zip(model.layers, saved, strict=True):
+                layer.self_attn.qkv_proj, layer.mlp.gate_up_proj = qkv, gate_up
+        err = ((fused - unfused).norm() / unfused.norm()).item()
+        assert err < 1e-2, (rows, length, err)

@@ -1,0 +1,139 @@
+"""The tuning cache on disk (CPU): where it lives, round trip between processes, merging, corrupt and stale
+files ignored with a warning; and that the fp8/int8 GEMM Tuner and the fused head's `tune` read it instead
+of timing again (the timing itself faked: it needs a GPU)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import types
+
+import pytest
+import torch
+
+from nextstep.model.head import AdaLNMLP
+from nextstep.sampling import head_kernels, quant_kernels, tuning
+from nextstep.sampling.quantize import quantize_linear, quantize_linears
+
+GPU = "NVIDIA H200"
+Head = head_kernels.LaunchConfig
+
+
+@pytest.fixture(autouse=True)
+def cache_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("NEXTSTEP_CACHE_DIR", str(tmp_path))
+    return tmp_path
+
+
+def test_path_per_gpu_under_cache_dir(cache_root, monkeypatch):
+    assert tuning.cache_path(GPU) == cache_root / "tuning" / "NVIDIA_H200.json"
+    assert tuning.cache_path("NVIDIA H100 80GB HBM3").name == "NVIDIA_H100_80GB_HBM3.json"
+    assert tuning.cache_path("a/../b").parent == cache_root / "tuning"  # no path escapes the folder
+    monkeypatch.delenv("NEXTSTEP_CACHE_DIR")
+    monkeypatch.setenv("HOME", str(cache_root / "home"))
+    assert tuning.cache_path(GPU) == cache_root / "home" / ".cache" / "nextstep" / "tuning" / "NVIDIA_H200.json"
+
+
+def test_round_trip_and_merge():
+    a = tuning.TuningCache(GPU)
+    assert a.get("head", "bfloat16/bfloat16/2/1536", Head) is None
+    a.put("head", "bfloat16/bfloat16/2/1536", Head(4, 512, 8))
+    b = tuning.TuningCache(GPU)  # another process, started later
+    gemm = quant_kernels.LaunchConfig(32, 256, 1, 4, 4)
+    b.put("quant_linear", tuning.entry_key("float8_e4m3fn", 16, 7168, 5120), gemm)
+    a.put("head", "bfloat16/bfloat16/4/1536", Head(8, 256, 4))  # merges with b's entry, does not drop it
+    c = tuning.TuningCache(GPU)
+    assert c.get("head", "bfloat16/bfloat16/2/1536", Head) == Head(4, 512, 8)
+    assert c.get("head", "bfloat16/bfloat16/4/1536", Head) == Head(8, 256, 4)
+    assert c.get("quant_linear", "float8_e4m3fn/16/7168/5120", quant_kernels.LaunchConfig) == gemm
+    assert tuning.TuningCache("NVIDIA H100 80GB HBM3").get("head", "bfloat16/bfloat16/2/1536", Head) is None
+    assert not list(c.path.parent.glob(".*.tmp"))  # atomic writes leave no temporary files
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"triton": "x", "head": 3}', ""])
+def test_corrupt_file_is_ignored_with_a_warning(text, caplog):
+    path = tuning.cache_path(GPU)
+    path.parent.mkdir(parents=True)
+    path.write_text(text)
+    with caplog.at_level(logging.WARNING):
+        cache = tuning.TuningCache(GPU)
+    assert cache.get("head", "k", Head) is None and str(path) in caplog.text
+    cache.put("head", "k", Head(2))  # replaced by a good file
+    assert tuning.TuningCache(GPU).get("head", "k", Head) == Head(2)
+
+
+def test_entry_of_other_fields_is_ignored(caplog):
+    """An entry written by another version of a kernel (other launch fields) is tuned again, not a crash."""
+    cache = tuning.TuningCache(GPU)
+    cache.put("head", "k", quant_kernels.LaunchConfig(32, 256, 1, 4, 4))
+    with caplog.at_level(logging.WARNING):
+        assert tuning.TuningCache(GPU).get("head", "k", Head) is None
+    assert "split_k" in caplog.text
+
+
+def test_other_triton_version_is_ignored(caplog):
+    cache = tuning.TuningCache(GPU)
+    cache.put("head", "k", Head(2))
+    data = json.loads(cache.path.read_text())
+    cache.path.write_text(json.dumps({**data, "triton": "0.0.1"}))
+    with caplog.at_level(logging.WARNING):
+        assert tuning.TuningCache(GPU).get("head", "k", Head) is None
+    assert "0.0.1" in caplog.text
+
+
+def test_unwritable_cache_only_warns(cache_root, caplog):
+    (cache_root / "tuning").write_text("a file where the folder should be")
+    with caplog.at_level(logging.WARNING):
+        cache = tuning.TuningCache(GPU)
+        cache.put("head", "k", Head(2))
+    assert cache.get("head", "k", Head) == Head(2) and "could not write" in caplog.text
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """get_device_properties answers for a fake H200 (the tuners ask it for the GPU name and SM count)."""
+    props = types.SimpleNamespace(name=GPU, multi_processor_count=132)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+
+
+def test_gemm_tuner_reads_what_another_process_stored(fake_gpu, monkeypatch):
+    timed = []
+    best = quant_kernels.LaunchConfig(64, 256, 2, 8, 3)
+    monkeypatch.setattr(quant_kernels, "candidates", lambda n, k, bucket, sms: [best])
+    monkeypatch.setattr(quant_kernels, "_fastest", lambda found, *args: timed.append(found) or found[0])
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    layer = quantize_linear(torch.nn.Linear(48, 40), "fp8")
+    x = torch.randn(2, 48)
+    assert quant_kernels.Tuner().config(x, layer.weight, layer.scale, layer.bias) == best
+    assert len(timed) == 1
+    stored = json.loads(tuning.cache_path(GPU).read_text())["quant_linear"]
+    assert stored == {
+        "float8_e4m3fn/16/40/48": {"block_n": 64, "block_k": 256, "split_k": 2, "num_warps": 8, "num_stages": 3}
+    }
+    second = quant_kernels.Tuner()  # a new process: reads the file, times nothing
+    assert second.config(x, layer.weight, layer.scale, layer.bias) == best and len(timed) == 1
+    assert list(second.table) == [(GPU, "float8_e4m3fn", 16, 40, 48)]
+    other_rows = torch.randn(20, 48)  # another row bucket is another entry: timed
+    quant_kernels.Tuner().config(other_rows, layer.weight, layer.scale, layer.bias)
+    assert len(timed) == 2
+    quant_kernels.Tuner(persist=False).config(x, layer.weight, layer.scale, layer.bias)
+    assert len(timed) == 3  # memory only: times again
+
+
+def test_head_tune_reads_what_another_process_stored(fake_gpu, monkeypatch):
+    timed = []
+    best = head_kernels.LaunchConfig(4, 512, 8)
+    monkeypatch.setattr(head_kernels, "_fastest", lambda net, rows, device: timed.append(rows) or best)
+    net = AdaLNMLP(16, 40, 48, 2).to(torch.bfloat16)
+    cuda = torch.device("cuda")
+    assert head_kernels.tune(net, 2, cuda) == best and timed == [2]
+    assert head_kernels.tune(net, 2, cuda) == best and timed == [2]  # from disk
+    assert tuning.TuningCache(GPU).get("head", "bfloat16/bfloat16/2/48", Head) == best
+    head_kernels.tune(net, 4, cuda)
+    quantize_linears(net, "fp8", tuner=quant_kernels.Tuner())
+    head_kernels.tune(net, 2, cuda)  # fp8 weights: their own entry
+    assert timed == [2, 4, 2]
+    assert tuning.TuningCache(GPU).get("head", "float8_e4m3fn/bfloat16/2/48", Head) == best
+    assert head_kernels.tune(net, 2, torch.device("cpu")) == head_kernels.LaunchConfig()  # off CUDA: the default
+    head_kernels.tune(net, 2, cuda, persist=False)
+    assert timed == [2, 4, 2, 2]
