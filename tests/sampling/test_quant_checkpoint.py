@@ -181,3 +181,22 @@ def test_load_never_holds_full_precision_weights(tmp_path):
     assert r.returncode == 0, r.stderr
     peak = int(r.stdout.split()[-1]) * 1024
     assert peak < float_bytes / 2, (peak, float_bytes)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["fp8", "int8"])
+def test_bf16_checkpoint_on_cuda_equals_quantizing_at_load(tmp_path, mode):
+    """A bf16 checkpoint (as the official releases are), loaded on CUDA in bf16: the quantised checkpoint holds
+    the same weights as --quantize and gives the same image, through the fused decode kernels."""
+    ref = ROOT / "nextstep11-tiny"
+    save_pretrained(
+        from_pretrained(ref, dtype=torch.bfloat16), tmp_path / "bf16", tokenizer_dir=ref, vae_dir=ref / "vae"
+    )
+    q = quantize_checkpoint(tmp_path / "bf16", tmp_path / "q", mode=mode)
+    stored = nextstep.load(q, device="cuda", dtype=torch.bfloat16)
+    at_load = nextstep.load(tmp_path / "bf16", device="cuda", dtype=torch.bfloat16, quantize=mode)
+    a, b = stored.model.state_dict(), at_load.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k].float(), b[k].float()) for k in a)
+    opts = dict(size=(32, 32), steps=3, seed=2)
+    x, y = stored.generate("a cat", **opts)[0], at_load.generate("a cat", **opts)[0]
+    assert np.array_equal(np.asarray(x), np.asarray(y))
