@@ -136,9 +136,10 @@ def quantize_checkpoint(
     src, dst = check_model_dir(src), Path(dst)
     if dst.exists():
         raise ValueError(f"output {str(dst)!r} already exists: give a new directory")
+    done = quantization_of(src)  # also validates config.json
+    if done is not None:
+        raise ValueError(f"{src} is already quantised ({done['mode']})")
     raw = json.loads((src / "config.json").read_text())
-    if quantization_of(src) is not None:
-        raise ValueError(f"{src} is already quantised ({raw[QUANTIZATION_KEY]['mode']})")
     _, modules = build_quantized(load_config(src / "config.json"), mode, torch.float32)
     weights = {f"{name}.weight" for name in modules}
     with ExitStack() as stack:
@@ -150,7 +151,12 @@ def quantize_checkpoint(
                 view = f.get_slice(name)
                 shape, numel = view.get_shape(), int(torch.Size(view.get_shape()).numel())
                 files[name] = f
-                sizes[name] = numel + 4 * shape[0] if name in weights else numel * _ITEMSIZE[view.get_dtype()]
+                if name in weights:
+                    sizes[name] = numel + 4 * shape[0]  # 1 byte per entry + a float32 scale per row
+                elif view.get_dtype() in _ITEMSIZE:
+                    sizes[name] = numel * _ITEMSIZE[view.get_dtype()]
+                else:
+                    raise ValueError(f"{file}: {name} is stored as {view.get_dtype()}, a dtype no release uses")
         missing = sorted(weights - set(files))
         if missing:
             raise ValueError(f"{src} has no {missing[0]} ({len(missing)} quantised weights missing)")
