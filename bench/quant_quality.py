@@ -17,6 +17,7 @@ One JSON line per result: {"what", "config", "device", "number", "unit"}.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -119,7 +120,8 @@ def shapes_scores(model: str | None, n: int, seed: int, out: Path) -> None:
     scores = {}
     for mode in ("none", *MODES):
         argv = ["--n", str(n), "--seed", str(seed), "--out", str(out / mode), "--quantize", mode]
-        main_shapes(argv + (["--model", model] if model else []))
+        with contextlib.redirect_stdout(sys.stderr):  # its summary line is not one of our result lines
+            main_shapes(argv + (["--model", model] if model else []))
         scores[mode] = json.loads((out / mode / "results.json").read_text())
     for mode in ("none", *MODES):
         config = {"model": model or "built in", "split": "in", "n_per_category": n, "seed": seed, "quantize": mode}
