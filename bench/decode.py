@@ -3,8 +3,11 @@
     PYTHONUNBUFFERED=1 python bench/decode.py                  # official 14B shape, batch 1, 8, 32
     python bench/decode.py --shape 1.5b --batches 1 --compile  # quick run
     python bench/decode.py --batches 1 --heads fused --tokens 32 --official-eager-s 217  # engine vs eager
+    python bench/decode.py --quantize fp8,int8 --tokens 0          # fp8 and int8 rows beside bf16's
+    python bench/decode.py --cold-start --quantize fp8 --steps 30   # fresh processes, empty then warm caches
 
-Random bf16 weights built directly on the GPU. One JSON line per result:
+Random bf16 weights built directly on the GPU (then quantised for --quantize rows); each row's roofline
+counts the bytes of its own precision. One JSON line per result:
 {"what", "config", "device", "number", "unit"}; ratios as their own lines.
 """
 
@@ -14,8 +17,13 @@ import argparse
 import dataclasses
 import gc
 import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -26,15 +34,20 @@ from nextstep.sampling.engine import Engine
 from nextstep.sampling.flow import FlowSettings, guidance_rows, guidance_table
 from nextstep.sampling.head_kernels import MAX_ROWS
 from nextstep.sampling.pipeline import GenerateOptions, Pipeline
-from nextstep.sampling.quantize import apply_quantization
+from nextstep.sampling.quantize import MODES, apply_quantization
 
 SHAPES = {
     "14b": dict(hidden_size=5120, num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8,
                 intermediate_size=13824, vocab_size=152064),
     "1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
                  intermediate_size=8960, vocab_size=151936),
+    "tiny": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=704, vocab_size=1024, head_dim=64, fm_head_dim=256, fm_head_layers=3),
 }  # fmt: skip
+HEAD = dict(head_dim=128, fm_head_dim=1536, fm_head_layers=12)  # the official flow head and head_dim
 DEVICE = "cuda"  # everything runs here
+# Where Triton, inductor and our tuner (quant_kernels / head_kernels) keep what a later process reuses.
+CACHE_ENV = ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "NEXTSTEP_CACHE_DIR")
 PROMPT_LEN = 40  # longest prompt row in tokens; other rows are left padded
 
 
@@ -58,11 +71,12 @@ def hbm_bandwidth(gib: float = 2.0) -> float:
     return 2 * src.numel() * 4 / statistics.median(times[3:])
 
 
-def build_model(shape: str, quantize: str) -> NextStep:
-    cfg = NextStepConfig(**SHAPES[shape], head_dim=128, fm_head_dim=1536, fm_head_layers=12, rms_norm_eps=1e-5)
+def build_model(shape: str, quantize: str, *, device: str = DEVICE) -> NextStep:
+    """A random bf16 model of `shape` on `device` (default inits: no zero-init adaLN, no host copy)."""
+    cfg = NextStepConfig(**{**HEAD, **SHAPES[shape]}, rms_norm_eps=1e-5)
     torch.set_default_dtype(torch.bfloat16)
-    with torch.device(DEVICE):
-        model = NextStep(cfg)  # default (random) inits on the GPU: no zero-init adaLN, no host copy
+    with torch.device(device):
+        model = NextStep(cfg)
     torch.set_default_dtype(torch.float32)
     return apply_quantization(model.eval(), quantize)
 
@@ -70,7 +84,7 @@ def build_model(shape: str, quantize: str) -> NextStep:
 def prompt(cfg: NextStepConfig, batch: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows * B, PROMPT_LEN) random ids ending with boi; row i left padded by i % 8 tokens."""
     r = rows * batch
-    ids = torch.randint(0, 150000, (r, PROMPT_LEN))
+    ids = torch.randint(0, min(cfg.vocab_size, 150000), (r, PROMPT_LEN))
     ids[:, -1] = cfg.boi
     mask = torch.ones(r, PROMPT_LEN, dtype=torch.long)
     for i in range(r):
@@ -80,7 +94,9 @@ def prompt(cfg: NextStepConfig, batch: int, rows: int) -> tuple[torch.Tensor, to
 
 
 def num_bytes(module: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+    """Bytes of the module's weights as stored (its state_dict): fp8/int8 weights at 1 byte plus their scales;
+    not the derived copies an engine adds (fused q/k/v and gate/up buffers are non-persistent)."""
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
 def roofline(model: NextStep, batch: int, rows: int, n_tokens: int, steps: int, bw: float) -> dict:
@@ -185,52 +201,77 @@ def profile_kernels(model, rows, settings, opts, n_tokens: int) -> tuple[float, 
     return sums[0], sums[1], table
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="14b")
-    ap.add_argument("--batches", default="1,8,32")
-    ap.add_argument("--size", type=int, default=512, help="image side in pixels (512 -> 1024 tokens)")
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--cfg", type=float, default=7.5)
-    ap.add_argument("--window", type=int, default=32, help="timed tokens per window (3 windows)")
-    ap.add_argument("--tokens", type=int, default=32, help="image tokens timed on --engine eager, batch 1 (0: skip)")
-    ap.add_argument(
-        "--official-eager-s",
-        type=float,
-        default=None,
-        help="seconds per image of the official eager pipeline measured on this machine, for a ratio line",
-    )
-    ap.add_argument("--quantize", default="none")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the layer and head step")
-    ap.add_argument("--profile", action="store_true", help="kernel-time split of one token, no graphs")
-    ap.add_argument(
-        "--heads",
-        default="fused,torch",
-        help="comma list of head implementations per batch: fused (Triton kernels, the default) | torch",
-    )
-    args = ap.parse_args()
-    torch.backends.cuda.matmul.allow_tf32 = True
+def first_and_steady(args, quantize: str) -> tuple[float, float]:
+    """Seconds from `start` (the parent's clock when it launched this process) to the first image, and of a
+    second image in the same process: one 512px (--size) batch-1 image of --shape's random model through the
+    default engine, or of --model's pipeline (nextstep.load + generate, VAE decode included)."""
+    if args.model is not None:
+        import nextstep
 
-    bw = hbm_bandwidth()
-    base = {"shape": args.shape, "size": args.size, "steps": args.steps, "cfg": args.cfg, "dtype": "bf16"}
-    emit(
-        "hbm_bandwidth",
-        {"method": "2 GiB device-to-device copy, read+write bytes, median of 20"},
-        bw / 1e12,
-        "TB/s",
-    )
-    model = build_model(args.shape, args.quantize)
+        pipe = nextstep.load(args.model, device=args.device, quantize=quantize)
+        options = dict(size=(args.size, args.size), steps=args.steps, cfg=args.cfg, seed=0)
+        image = lambda: pipe.generate("two red circles above a blue star", **options)  # noqa: E731
+    else:
+        model = build_model(args.shape, quantize, device=args.device)
+        opts = GenerateOptions(size=(args.size, args.size), steps=args.steps, cfg=args.cfg, sampler="sde")
+        settings = FlowSettings(family=model.config.family, num_steps=args.steps, rule="sde")
+        ids, mask = prompt(model.config, 1, guidance_rows(opts.cfg, opts.cfg_img))
+        latents = torch.zeros(0, model.config.token_dim, device=args.device)
+        engine = Engine(model, compile=args.compile)
+        n_tokens = (args.size // 16) ** 2
+        image = lambda: engine.generate(ids, mask, latents, settings, opts, n_tokens=n_tokens, seed=0)  # noqa: E731
+    times = []
+    for _ in range(2):
+        image()
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.time())
+    return times[0] - args.cold_start_child, times[1] - times[0]
+
+
+def cold_start_child(args) -> None:
+    """The measured process (one --quantize value): [first, steady] seconds on its last stdout line."""
+    print(json.dumps(first_and_steady(args, args.quantize)), flush=True)
+
+
+def cold_start(args, base: dict, modes: list[str]) -> None:
+    """Per precision: two fresh processes sharing cache directories that start empty (Triton, inductor,
+    NEXTSTEP_CACHE_DIR for our tuner, and --cache-env), the first compiling and tuning into them, the
+    second reusing them; each reports time to first image (process start to image) minus steady image time."""
+    names = [*CACHE_ENV, *filter(None, args.cache_env.split(","))]
+    forwarded = ["--shape", args.shape, "--size", str(args.size), "--steps", str(args.steps), "--cfg", str(args.cfg)]
+    forwarded += ["--device", args.device] + (["--model", args.model] if args.model else [])
+    forwarded += ["--compile"] if args.compile else []
+    for quantize in modes:
+        with tempfile.TemporaryDirectory(prefix="nextstep-cold-") as tmp:
+            env = {**os.environ, **{name: str(Path(tmp) / name.lower()) for name in names}}
+            for run in ("cold", "warm"):
+                argv = [sys.executable, __file__, *forwarded, "--quantize", quantize, "--cold-start-child"]
+                r = subprocess.run([*argv, repr(time.time())], env=env, capture_output=True, text=True)
+                if r.returncode != 0:
+                    raise SystemExit(f"cold-start child failed ({r.returncode}):\n{r.stderr[-4000:]}")
+                first, steady = json.loads(r.stdout.strip().splitlines()[-1])
+                cfg = {**base, "quantize": quantize, "batch": 1, "caches": run, "cache_env": names,
+                       "model": args.model or f"random {args.shape}", "compile": args.compile}  # fmt: skip
+                emit("cold_start_first_image", cfg, first, "s")
+                emit("cold_start_steady_image", cfg, steady, "s")
+                emit("cold_start_first_minus_steady", cfg, first - steady, "s")
+
+
+def time_precision(args, quantize: str, bw: float, base: dict) -> dict[int, float]:
+    """Every row of one weight precision (engine per batch and head, roofline of the same bytes, eager,
+    profile); returns seconds per image by batch (the engine's default head where both ran)."""
+    torch.manual_seed(0)  # the same random weights for every precision
+    model = build_model(args.shape, quantize)
     opts = GenerateOptions(size=(args.size, args.size), steps=args.steps, cfg=args.cfg, sampler="sde")
     settings = FlowSettings(family=model.config.family, num_steps=args.steps, rule="sde")
     rows = guidance_rows(opts.cfg, opts.cfg_img)
     n_tokens = (args.size // 16) ** 2
     w = args.window
     offsets = (0, n_tokens // 2 - w // 2, n_tokens - w)
+    base = {**base, "quantize": quantize}
     per_image = {}
-
     heads = args.heads.split(",")
-    if set(heads) - {"fused", "torch"}:
-        ap.error(f"--heads takes fused and/or torch, got {args.heads!r}")
     for batch, head_impl in [(int(b), h) for b in args.batches.split(",") for h in heads]:
         if head_impl == "fused" and batch * rows > MAX_ROWS and "torch" in heads:
             continue  # too many rows for the fused kernels: the engine would run the torch head anyway
@@ -245,7 +286,6 @@ def main() -> None:
             **base,
             "batch": batch,
             "rows": rows * batch,
-            "quantize": args.quantize,
             "compile": args.compile,
             "head": head_impl,
             "head_kernel_config": tuned,
@@ -266,12 +306,13 @@ def main() -> None:
         emit("engine_images_per_second", cfg, batch / t["image"], "images/s")
         floor, floor_engine = roof["backbone"] + roof["head"], roof["backbone"] + roof["head_engine"]
         emit("roofline_token_latency", {**cfg, "bytes": roof["bytes"]}, floor * 1e3, "ms/token")
+        emit("roofline_seconds_per_image", {**cfg, "bytes": roof["bytes"]}, floor * n_tokens / batch, "s/image")
         note = "adaLN, cond and time weights read once per token"
         emit("roofline_token_latency_engine_algorithm", {**cfg, "note": note}, floor_engine * 1e3, "ms/token")
         emit("ratio_engine_over_roofline", cfg, step / floor, "x")
         if head_impl == "fused" or batch not in per_image:  # the engine's default where both ran
             per_image[batch] = t["image"] / batch
-        print(f"# batch {batch} ({head_impl} head): head {t['head'] * 1e3:.2f} ms "
+        print(f"# {quantize} batch {batch} ({head_impl} head): head {t['head'] * 1e3:.2f} ms "
               f"backbone {t['backbone'] * 1e3:.2f} ms roofline {floor * 1e3:.2f} ms", flush=True)  # fmt: skip
     if 1 in per_image and 32 in per_image:
         emit("ratio_images_per_s_batch32_over_batch1", base, per_image[1] / per_image[32], "x")
@@ -291,6 +332,72 @@ def main() -> None:
         cfg = {**base, "batch": 1, "note": "sum of kernel times, one token, eager launches (no graph)"}
         emit("kernel_time_head", cfg, head * 1e3, "ms/token")
         emit("kernel_time_backbone", cfg, backbone * 1e3, "ms/token")
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return per_image
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="14b")
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--size", type=int, default=512, help="image side in pixels (512 -> 1024 tokens)")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--cfg", type=float, default=7.5)
+    ap.add_argument("--window", type=int, default=32, help="timed tokens per window (3 windows)")
+    ap.add_argument("--tokens", type=int, default=32, help="image tokens timed on --engine eager, batch 1 (0: skip)")
+    ap.add_argument(
+        "--official-eager-s",
+        type=float,
+        default=None,
+        help="seconds per image of the official eager pipeline measured on this machine, for a ratio line",
+    )
+    ap.add_argument(
+        "--quantize",
+        default="none",
+        help="comma list of weight precisions timed after bf16 in the same run: fp8, int8 (none: bf16 only)",
+    )
+    ap.add_argument("--compile", action="store_true", help="torch.compile the layer and head step")
+    ap.add_argument("--profile", action="store_true", help="kernel-time split of one token, no graphs")
+    ap.add_argument(
+        "--heads",
+        default="fused,torch",
+        help="comma list of head implementations per batch: fused (Triton kernels, the default) | torch",
+    )
+    ap.add_argument(
+        "--cold-start",
+        action="store_true",
+        help="time to first image minus steady image time of two fresh processes, empty caches then reused",
+    )
+    ap.add_argument("--cache-env", default="", help="comma list of more cache-directory variables to empty")
+    ap.add_argument("--model", default=None, help="--cold-start: time nextstep.load(DIR) + generate, not --shape")
+    ap.add_argument("--device", default=DEVICE, help="--cold-start: cuda, or cpu for a smoke test")
+    ap.add_argument("--cold-start-child", type=float, default=None, help=argparse.SUPPRESS)  # its start time
+    args = ap.parse_args()
+    modes = [m for m in args.quantize.split(",") if m != "none"]
+    if set(modes) - set(MODES):
+        ap.error(f"--quantize takes none or a comma list of {', '.join(MODES)}, got {args.quantize!r}")
+    if args.cold_start_child is not None:
+        return cold_start_child(args)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    base = {"shape": args.shape, "size": args.size, "steps": args.steps, "cfg": args.cfg, "dtype": "bf16"}
+    if args.cold_start:
+        return cold_start(args, base, ["none", *modes])
+
+    bw = hbm_bandwidth()
+    emit(
+        "hbm_bandwidth",
+        {"method": "2 GiB device-to-device copy, read+write bytes, median of 20"},
+        bw / 1e12,
+        "TB/s",
+    )
+    per_image = {quantize: time_precision(args, quantize, bw, base) for quantize in ["none", *modes]}
+    for quantize in modes:
+        for batch, seconds in per_image[quantize].items():
+            if batch in per_image["none"]:
+                cfg = {**base, "quantize": quantize, "batch": batch}
+                emit("ratio_seconds_per_image_over_bf16", cfg, seconds / per_image["none"][batch], "x")
 
 
 if __name__ == "__main__":

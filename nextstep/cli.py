@@ -4,6 +4,7 @@ nextstep generate "two red circles above a blue star" -o out.png [--model DIR]
 nextstep edit --image in.png "make the star green" -o out.png
 nextstep edit --image in.png "make the star yellow" --then "add a blue circle on the left" -o out.png
 nextstep replay out.png
+nextstep quantize path/to/NextStep-1.1 path/to/NextStep-1.1-fp8 --mode fp8
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ FORWARDED = {
     ("train",): "nextstep.train.loop:main",
     ("launch",): "nextstep.train.launch:main",
     ("export",): "nextstep.train.export:main",
+    ("quantize",): "nextstep.sampling.quant_checkpoint:main",
     ("config",): "nextstep.train.config:main",
     ("data", "synth-shapes"): "nextstep.shapes.synth:main",
     ("data", "build-wds"): "nextstep.data.tools:main_build_wds",

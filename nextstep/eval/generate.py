@@ -13,11 +13,14 @@ from nextstep.shapes.evaluate import GenerateFn, reference_fn
 from nextstep.shapes.prompts import Prompt
 
 
-def pipeline_generate_fn(model_dir: Path, *, seed: int = 0, edit_options: dict | None = None, **options) -> GenerateFn:
+def pipeline_generate_fn(
+    model_dir: Path, *, seed: int = 0, edit_options: dict | None = None, quantize: str = "none", **options
+) -> GenerateFn:
     """Text-to-image items go through `generate`, items with a source image through `edit`, in order.
-    `options` override the checkpoint's sampling defaults for both; `edit_options` for edits only."""
+    `options` override the checkpoint's sampling defaults for both; `edit_options` for edits only; quantize:
+    none | fp8 | int8 weights (Pipeline.from_pretrained)."""
     edit_options = {**options, **(edit_options or {})}
-    pipe = Pipeline.from_pretrained(model_dir)
+    pipe = Pipeline.from_pretrained(model_dir, quantize=quantize)
 
     def generate(items: list[tuple[str, Image.Image | None]]) -> list[Image.Image]:
         out: list[Image.Image | None] = [None] * len(items)

@@ -19,6 +19,7 @@ from nextstep.model.vae import VAEConfig
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+QUANTIZATION_KEY = "quantization"  # config.json entry of a `nextstep quantize` checkpoint (its mode and modules)
 VAE_FILES = ("config.json", "checkpoint.pt")
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -100,23 +101,33 @@ def check_state_dict(model: NextStep, state: dict[str, torch.Tensor]) -> None:
         raise ValueError(f"checkpoint has unexpected parameter {unexpected[0]!r} ({len(unexpected)} in all)")
 
 
+def assign_state(model: NextStep, state: dict[str, torch.Tensor]) -> NextStep:
+    """Check `state` against `model` (built on the meta device) and make its tensors the model's own, tying
+    lm_head to embed_tokens where the config says so; the model in eval mode."""
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    check_state_dict(model, state)
+    model.load_state_dict(state, strict=True, assign=True)
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    return model.eval()
+
+
 def from_pretrained(
     path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> NextStep:
     """Load a NextStep model (either official family) from a checkpoint directory."""
     path = check_model_dir(path)
     config = load_config(path / "config.json")
+    if QUANTIZATION_KEY in config.extra:
+        raise ValueError(
+            f"{path} holds {config.extra[QUANTIZATION_KEY].get('mode')} weights (nextstep quantize): "
+            "load it with nextstep.load or Pipeline.from_pretrained"
+        )
     with torch.device("meta"):
         model = NextStep(config)
-    state = load_state_dict(path, dtype, device)
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-        state["lm_head.weight"] = state["embed_tokens.weight"]
-    check_state_dict(model, state)
-    model.load_state_dict(state, strict=True, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    return model.eval()
+    return assign_state(model, load_state_dict(path, dtype, device))
 
 
 def save_pretrained(

@@ -38,6 +38,7 @@ HF_BOOKKEEPING_KEYS = frozenset(
         "sliding_window",
         "layer_types",
         "vae_name_or_path",
+        "quantization",  # `nextstep quantize`'s weight format (nextstep/sampling/quant_checkpoint.py)
         "latent_size",
         "image_size",
         "genloss_type",

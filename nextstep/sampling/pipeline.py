@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from nextstep.model.checkpoint import check_model_dir, from_pretrained
+from nextstep.model.checkpoint import check_model_dir
 from nextstep.model.nextstep import NextStep, patchify, unpatchify
 from nextstep.model.tokenizer import BOI, EOI, IMAGE_AREA, IMAGE_PLACEHOLDER, TextTokenizer
 from nextstep.model.vae import AutoEncoder, load_vae, pil_to_pixels, pixels_to_pil
@@ -32,6 +32,7 @@ from nextstep.sampling.options import (  # noqa: F401  (re-exported: the schema'
     GenerateOptions,
     check_options,
 )
+from nextstep.sampling.quant_checkpoint import load_model
 
 # on_token(k, tokens): called after image token k with the (B, k + 1, D) float32 tokens sampled so far.
 OnToken = Callable[[int, torch.Tensor], None]
@@ -101,11 +102,7 @@ class Pipeline:
         path = check_model_dir(path)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        model = from_pretrained(path, dtype=dtype, device=device)
-        if quantize != "none":
-            from nextstep.sampling.quantize import apply_quantization
-
-            apply_quantization(model, quantize)
+        model = load_model(path, dtype=dtype, device=device, quantize=quantize)  # a quantised checkpoint as stored
         vae = load_vae(path / "vae", dtype=dtype, device=device)
         return cls(model, vae, TextTokenizer(path), defaults=read_defaults(path))
 

@@ -18,6 +18,7 @@ from PIL import Image
 from nextstep.args import ArgumentParser
 from nextstep.hub import resolve_model_dir
 from nextstep.io import write_bytes
+from nextstep.sampling.quantize import QUANTIZE
 from nextstep.shapes.prompts import Prompt, build_prompts, parse_prompt, reference_scene, source_image
 from nextstep.shapes.scenes import render
 from nextstep.shapes.score import score_image
@@ -103,10 +104,10 @@ def evaluate(
 
 def main(argv: list[str] | None, generate_fn_factory: Callable[..., GenerateFn]) -> int:
     """`nextstep eval shapes [--model DIR] [--split in|heldout] [--n 50] [--seed 0] [--out DIR] [--ceiling]
-    [--prompt TEXT]`.
+    [--prompt TEXT] [--quantize fp8|int8]`.
 
     `generate_fn_factory(model_dir, **options)` loads the model and returns a GenerateFn (see `evaluate`);
-    options are the sampling overrides given (cfg, steps, edit_options={"cfg_img": ...}), or with
+    options are the sampling overrides given (cfg, steps, edit_options={"cfg_img": ...}) and quantize, or with
     `--ceiling` only reference=<the prompts>: answer with their reference scenes through DIR's VAE.
     Prints a one-line JSON summary; full results go to `--out` (default DIR/eval/shapes_<split>, or
     ./eval/nextstep-shapes/... for the built-in model).
@@ -121,6 +122,7 @@ def main(argv: list[str] | None, generate_fn_factory: Callable[..., GenerateFn])
     p.add_argument("--cfg", type=float, default=None, help="text guidance scale (default: the model's)")
     p.add_argument("--steps", type=int, default=None, help="flow-matching head steps (default: the model's)")
     p.add_argument("--cfg-img", type=float, default=None, help="image guidance scale for edits")
+    p.add_argument("--quantize", choices=QUANTIZE, default="none", help="weight-only quantisation (decoder, head)")
     p.add_argument(
         "--ceiling",
         action="store_true",
@@ -141,10 +143,12 @@ def main(argv: list[str] | None, generate_fn_factory: Callable[..., GenerateFn])
     if args.steps is not None and args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}")
     options = {k: v for k, v in (("cfg", args.cfg), ("steps", args.steps)) if v is not None}
+    if args.quantize != "none":
+        options["quantize"] = args.quantize
     if args.cfg_img is not None:
         options["edit_options"] = {"cfg_img": args.cfg_img}
     if args.ceiling and options:
-        p.error("--ceiling samples nothing: it takes no --cfg, --steps or --cfg-img")
+        p.error("--ceiling samples nothing: it takes no --cfg, --steps, --cfg-img or --quantize")
     if args.prompt is not None:
         if args.ceiling:
             p.error("--prompt scores samples; --ceiling is for the prompt sets")

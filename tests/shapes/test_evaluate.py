@@ -200,6 +200,12 @@ def test_main_passes_sampling_overrides(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--model", str(tmp_path), "--cfg", "0.5"], factory)
     assert "--cfg and --cfg-img must be >= 1, got 0.5" in capsys.readouterr().err
+    seen.clear()
+    assert main(["--model", str(tmp_path), "--n", "1", "--quantize", "fp8"], factory) == 0
+    assert seen == {"quantize": "fp8"}
+    with pytest.raises(SystemExit):
+        main(["--model", str(tmp_path), "--ceiling", "--quantize", "int8"], factory)
+    assert "takes no --cfg, --steps, --cfg-img or --quantize" in capsys.readouterr().err
 
 
 def test_ceiling_scores_reference_scenes_through_the_vae(tmp_path, capsys):
