@@ -24,7 +24,7 @@ def test_roofline_bytes_are_the_stored_weights_of_each_precision():
     weights count 1 byte each plus a float32 scale per output channel."""
     model = build_model("tiny", "none", device="cpu")
     before = num_bytes(model.layers)
-    assert fuse_projections(model.layers) and model.layers[0].mlp.gate_up_weight is not None
+    assert fuse_projections(model.layers) and model.layers[0].mlp.gate_up_proj is not None
     assert num_bytes(model.layers) == before
     fp8 = build_model("tiny", "fp8", device="cpu")
     linears = [m for m in model.layers.modules() if isinstance(m, torch.nn.Linear)]
