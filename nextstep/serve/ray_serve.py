@@ -54,7 +54,7 @@ class RayConfig:
     replicas: int = 1  # replicas at start; with max_replicas, the autoscaling floor
     max_replicas: int | None = None  # autoscaling ceiling; None: a fixed number of replicas
     target_ongoing_requests: float = 16  # autoscaling aims at this many requests in flight per replica
-    gpus_per_replica: float = 0  # GPUs per replica (0: CPU replicas)
+    gpus_per_replica: float = 0  # GPUs per replica (0: CPU replicas; 0.5: two replicas share a GPU)
     cpus_per_replica: float = 1  # CPU cores per replica (the torch threads of a CPU replica)
     health_check_period_s: float = 10  # Ray calls each replica's check_health this often
     serve: ServeConfig = field(default_factory=ServeConfig)  # limits, batching and timeouts of each replica
@@ -69,6 +69,9 @@ class RayConfig:
                 f"need gpus_per_replica >= 0, cpus_per_replica >= 0 and target_ongoing_requests > 0, got "
                 f"{self.gpus_per_replica}, {self.cpus_per_replica}, {self.target_ongoing_requests}"
             )
+        if self.gpus_per_replica > 1 and not float(self.gpus_per_replica).is_integer():
+            # Ray shares a GPU between actors, never one actor across a fraction of a second GPU
+            raise ValueError(f"gpus_per_replica above 1 must be a whole number, got {self.gpus_per_replica}")
 
     @classmethod
     def from_dict(cls, args: dict) -> RayConfig:
@@ -302,7 +305,12 @@ def build_ray_parser() -> argparse.ArgumentParser:
     g.add_argument("--replicas", type=int, default=1, help="model replicas (the autoscaling floor with --max-replicas)")
     g.add_argument("--max-replicas", type=int, default=None, help="autoscale up to this many replicas")
     g.add_argument("--target-ongoing-requests", type=float, default=RayConfig.target_ongoing_requests)
-    g.add_argument("--gpus-per-replica", type=float, default=None, help="default: 1 if the cluster has GPUs, else 0")
+    g.add_argument(
+        "--gpus-per-replica",
+        type=float,
+        default=None,
+        help="GPUs per replica; a fraction shares one (0.5: two replicas a GPU). Default: 1 if the cluster has GPUs",
+    )
     g.add_argument("--cpus-per-replica", type=float, default=RayConfig.cpus_per_replica)
     g.add_argument("--address", default=None, help="Ray cluster (ray://head:10001, auto); default: start one here")
     return p
@@ -336,7 +344,7 @@ def main_serve_ray(argv: list[str] | None = None) -> int:
             config = replace(config, gpus_per_replica=1)
         application = build_application(config)
         serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(application, name=APP_NAME, route_prefix="/")
+        serve.run(application, name=APP_NAME, route_prefix="/", logging_config={"log_level": args.log_level.upper()})
         log.info("serving on http://%s:%d with %s", args.host, args.port, config)
         with contextlib.suppress(KeyboardInterrupt):
             while True:

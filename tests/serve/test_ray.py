@@ -205,6 +205,7 @@ def test_the_shipped_config_file_is_valid_for_serve_run():
         (["--replicas", "0"], "replicas must be >= 1, got 0"),
         (["--replicas", "2", "--max-replicas", "1"], "max_replicas (1) must be >= replicas (2)"),
         (["--replicas=1", "--max-batch", "0"], "max_batch must be > 0, got 0"),
+        (["--replicas", "2", "--gpus-per-replica", "1.5"], "gpus_per_replica above 1 must be a whole number, got 1.5"),
     ],
 )
 def test_serve_with_bad_replica_options_exits_2_naming_the_value(argv, message, capsys):
