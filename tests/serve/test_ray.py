@@ -27,12 +27,14 @@ from nextstep.assets import builtin_model_dir  # noqa: E402
 from nextstep.sampling.pipeline import Pipeline  # noqa: E402
 from nextstep.serve.api import ServeConfig, build_app  # noqa: E402
 from nextstep.serve.batching import BatchKey, Job, QueueFull  # noqa: E402
+from nextstep.serve.middleware import ApiError  # noqa: E402
 from nextstep.serve.ray_serve import (  # noqa: E402
     APP_NAME,
     REPLICA_HEADER,
     RayBatcher,
     RayConfig,
     build_application,
+    next_piece,
 )
 from tests.serve.test_stream import read_events  # noqa: E402
 
@@ -266,3 +268,33 @@ def test_ray_batcher_fails_requests_outside_a_replica_instead_of_hanging():
         assert batcher.queued == 0
 
     asyncio.run(scenario())
+
+
+class Replies:
+    """A stand-in for a replica's DeploymentResponseGenerator: its next piece raises `error` after `delay_s`."""
+
+    def __init__(self, error: BaseException | None, delay_s: float = 0):
+        self.error, self.delay_s, self.cancelled = error, delay_s, False
+
+    async def __anext__(self):
+        await asyncio.sleep(self.delay_s)
+        raise self.error
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@pytest.mark.parametrize(
+    "replies, status, message",
+    [
+        (Replies(None, delay_s=10), 504, "no replica answered in 0.2 s"),
+        (Replies(ray.exceptions.ActorDiedError()), 503, "the replica serving this request died"),
+    ],
+)
+def test_the_gateway_answers_a_hung_or_dead_replica_with_a_clear_error(replies, status, message):
+    """What the gateway answers (a JSON error, or mid-stream an error event) when a replica hangs or dies."""
+    start = time.monotonic()
+    with pytest.raises(ApiError) as e:
+        asyncio.run(next_piece(replies, start, 0.2))
+    assert e.value.status == status and message in e.value.message and time.monotonic() - start < 2
+    assert replies.cancelled == (status == 504)  # a hung replica's call is cancelled, not left running
