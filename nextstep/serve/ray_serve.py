@@ -29,7 +29,7 @@ from fastapi.responses import Response, StreamingResponse
 
 try:
     from ray import serve
-    from ray.exceptions import RayActorError
+    from ray.exceptions import RayActorError, RayTaskError
     from ray.serve.exceptions import DeploymentUnavailableError
     from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 except ImportError as e:
@@ -216,6 +216,9 @@ async def next_piece(replies: DeploymentResponseGenerator, start: float, limit_s
         raise ApiError(message, status=503) from None
     except DeploymentUnavailableError as e:
         raise ApiError(f"no replica is available: {e.message}", status=503) from None
+    except RayTaskError as e:  # the app answers its own failures as JSON 500s; this is the relay failing
+        log.error("replica failed serving a request: %s", e)
+        raise ApiError(f"the replica failed: {type(e.cause).__name__}", status=500) from None
 
 
 def gateway_app(model: DeploymentHandle, config: ServeConfig) -> FastAPI:

@@ -289,10 +289,11 @@ class Replies:
     [
         (Replies(None, delay_s=10), 504, "no replica answered in 0.2 s"),
         (Replies(ray.exceptions.ActorDiedError()), 503, "the replica serving this request died"),
+        (Replies(ray.exceptions.RayTaskError("respond", "", KeyError("x"))), 500, "the replica failed: KeyError"),
     ],
 )
-def test_the_gateway_answers_a_hung_or_dead_replica_with_a_clear_error(replies, status, message):
-    """What the gateway answers (a JSON error, or mid-stream an error event) when a replica hangs or dies."""
+def test_the_gateway_answers_a_hung_dead_or_failing_replica_with_a_clear_error(replies, status, message):
+    """What the gateway answers (a JSON error, or mid-stream an error event) when a replica hangs, dies or fails."""
     start = time.monotonic()
     with pytest.raises(ApiError) as e:
         asyncio.run(next_piece(replies, start, 0.2))
