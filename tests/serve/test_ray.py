@@ -145,14 +145,20 @@ def test_streams_through_the_gateway_are_the_single_servers_streams(url, single)
 
 def test_a_client_leaving_a_stream_through_the_gateway_stops_its_generation(url):
     body = {"prompt": "gone", "seed": 1, "stream": True, "partial_images": 3, "size": "256x256", "steps": 8}
+    with httpx.Client(base_url=url, timeout=60) as c:
+        names = {c.get("/health").headers[REPLICA_HEADER] for _ in range(50)}
+    assert len(names) == 2
+    before = {name: replica_metrics(url, name) for name in names}
     with httpx.stream("POST", url + GEN, json=body, timeout=60) as r:
         replica = r.headers[REPLICA_HEADER]
         assert next(r.iter_lines()) == "event: image_generation.partial_image"
     # the connection is closed with 3/4 of the rows to draw (about 5 s here)
-    deadline = time.monotonic() + 30
-    while (metrics := replica_metrics(url, replica))["streams"]["disconnected"] < 1:
+    was, deadline = before[replica], time.monotonic() + 30
+    while (metrics := replica_metrics(url, replica))["streams"]["disconnected"] == was["streams"]["disconnected"]:
         assert time.monotonic() < deadline, metrics["streams"]
-    assert metrics["cancelled"] >= 1 and metrics["streams"]["completed"] == 0
+    assert metrics["streams"]["disconnected"] == was["streams"]["disconnected"] + 1
+    assert metrics["cancelled"] == was["cancelled"] + 1
+    assert metrics["streams"]["completed"] == was["streams"]["completed"]
 
 
 def test_a_killed_replica_fails_its_requests_with_503_and_is_replaced(url):
