@@ -184,7 +184,6 @@ class Server:
         )
         self.responses: Counter = Counter()  # (path, status) -> responses
         self.streams = StreamStats()
-        self.stream_refusal: str | None = None  # set where stream=true cannot be served: the 400's message
         self.started = time.time()
 
     def check_text(self, text: str, param: str, *, required: bool) -> None:
@@ -241,8 +240,6 @@ class Server:
             if req.partial_images is not None:
                 raise ApiError("partial_images is for streaming: send stream=true with it", param="partial_images")
             return await self.serve(job, request, parent)
-        if self.stream_refusal is not None:
-            raise ApiError(self.stream_refusal, param="stream")
         partial_images = DEFAULT_PARTIAL_IMAGES if req.partial_images is None else req.partial_images
         return stream_response(self, job, partial_images, request, parent)
 

@@ -6,8 +6,10 @@ serve run configs/serve_ray.yaml                                    # the same a
 
 Each replica (ImageModel) loads the pipeline, warms it up, then serves the single-process server's own app
 (nextstep.serve.api.build_app) in process, with its batches formed by Ray Serve's @serve.batch (RayBatcher).
-The gateway, the HTTP ingress, forwards each request to a replica through a deployment handle and turns
-Ray's failures into the API's JSON errors: a replica that dies mid-request gives 503, a hung one 504.
+The gateway, the HTTP ingress, forwards each request to a replica through a streaming deployment handle
+(nextstep.serve.relay: a whole reply, or a stream=true response event by event) and turns Ray's failures into
+the API's JSON errors: a replica that dies mid-request gives 503, a hung one 504; once a stream has started,
+the same errors end it as an `error` event. A client that goes away cancels the call on the replica.
 """
 
 from __future__ import annotations
@@ -18,23 +20,26 @@ import contextlib
 import logging
 import signal
 import sys
+import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, fields, replace
 
-import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 
 try:
     from ray import serve
-    from ray.exceptions import RayActorError
+    from ray.exceptions import RayActorError, RayTaskError
     from ray.serve.exceptions import DeploymentUnavailableError
-    from ray.serve.handle import DeploymentHandle
+    from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 except ImportError as e:
     raise ImportError(f"replicas on Ray Serve need ray[serve]: pip install 'nextstep[ray]' ({e})") from e
 
 from nextstep.sampling.pipeline import Pipeline
 from nextstep.serve.api import ApiError, BodyLimit, ServeConfig, build_app, build_parser, serve_config
 from nextstep.serve.batching import Batcher, Job, QueueFull
+from nextstep.serve.relay import HttpCall, HttpReply, call_app
+from nextstep.serve.stream import error_event
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +54,7 @@ class RayConfig:
     replicas: int = 1  # replicas at start; with max_replicas, the autoscaling floor
     max_replicas: int | None = None  # autoscaling ceiling; None: a fixed number of replicas
     target_ongoing_requests: float = 16  # autoscaling aims at this many requests in flight per replica
-    gpus_per_replica: float = 0  # GPUs per replica (0: CPU replicas)
+    gpus_per_replica: float = 0  # GPUs per replica (0: CPU replicas; 0.5: two replicas share a GPU)
     cpus_per_replica: float = 1  # CPU cores per replica (the torch threads of a CPU replica)
     health_check_period_s: float = 10  # Ray calls each replica's check_health this often
     serve: ServeConfig = field(default_factory=ServeConfig)  # limits, batching and timeouts of each replica
@@ -64,6 +69,9 @@ class RayConfig:
                 f"need gpus_per_replica >= 0, cpus_per_replica >= 0 and target_ongoing_requests > 0, got "
                 f"{self.gpus_per_replica}, {self.cpus_per_replica}, {self.target_ongoing_requests}"
             )
+        if self.gpus_per_replica > 1 and not float(self.gpus_per_replica).is_integer():
+            # Ray shares a GPU between actors, never one actor across a fraction of a second GPU
+            raise ValueError(f"gpus_per_replica above 1 must be a whole number, got {self.gpus_per_replica}")
 
     @classmethod
     def from_dict(cls, args: dict) -> RayConfig:
@@ -148,33 +156,8 @@ class RayBatcher(Batcher):
         return [None] * len(jobs)
 
 
-@dataclass
-class HttpCall:
-    """An HTTP request as the gateway hands it to a replica."""
-
-    method: str
-    path: str  # with the query string
-    headers: list[tuple[str, str]]
-    body: bytes
-
-
-@dataclass
-class HttpReply:
-    status: int
-    content_type: str
-    body: bytes
-    replica: str  # the answering replica's actor name
-
-
-STREAM_REFUSAL = (
-    "stream=true is not served by the Ray Serve deployment (the gateway answers whole responses); "
-    "use the single-process server (nextstep serve without --replicas) for streamed partial images"
-)
-
-
 def replica_app(pipe: Pipeline, config: ServeConfig) -> FastAPI:
-    """The API app of one replica: batches formed by @serve.batch; stream=true refused with a 400 (the gateway
-    forwards whole replies, so a stream would arrive in one piece at the end)."""
+    """The API app of one replica: the single server's, with batches formed by @serve.batch."""
     app = build_app(pipe, config)
     server = app.state.server
     server.batcher = RayBatcher(
@@ -184,7 +167,6 @@ def replica_app(pipe: Pipeline, config: ServeConfig) -> FastAPI:
         max_queue=config.max_queue,
         max_n=config.max_n,
     )
-    server.stream_refusal = STREAM_REFUSAL
     return app
 
 
@@ -202,16 +184,14 @@ class ImageModel:
         await asyncio.to_thread(self.pipe.generate, "warm-up", size=server.default_size, steps=1, seed=0)
         self.lifespan = contextlib.AsyncExitStack()
         await self.lifespan.enter_async_context(self.app.router.lifespan_context(self.app))
-        # no client timeout: the app answers 504 itself after config.serve.timeout_s
-        self.http = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=self.app), base_url="http://replica", timeout=None
-        )
         self.name = serve.get_replica_context().replica_id.to_full_id_str()
         log.info("replica %s ready on %s", self.name, device)
 
-    async def respond(self, call: HttpCall) -> HttpReply:
-        r = await self.http.request(call.method, call.path, headers=call.headers, content=call.body)
-        return HttpReply(r.status_code, r.headers.get("content-type", "application/json"), r.content, self.name)
+    async def respond(self, call: HttpCall) -> AsyncIterator[HttpReply | bytes]:
+        """The app's answer to `call` (relay.call_app): one HttpReply, or a stream's reply and then its chunks.
+        The gateway cancelling the call (its client went away) is the client disconnecting."""
+        async for piece in call_app(self.app, call, replica=self.name):
+            yield piece
 
     def check_health(self) -> None:
         """Ray replaces a replica whose check fails."""
@@ -219,34 +199,63 @@ class ImageModel:
             raise RuntimeError("the batcher stopped")
 
     async def __del__(self) -> None:
-        await self.http.aclose()
         await self.lifespan.aclose()
 
 
+async def next_piece(replies: DeploymentResponseGenerator, start: float, limit_s: float):
+    """The replica's next reply or chunk (StopAsyncIteration after the last), `limit_s` after `start` at the
+    latest (time.monotonic); Ray's failures as ApiError."""
+    try:
+        return await asyncio.wait_for(replies.__anext__(), start + limit_s - time.monotonic())
+    except asyncio.TimeoutError:
+        replies.cancel()
+        raise ApiError(f"no replica answered in {limit_s:g} s", status=504, kind="timeout") from None
+    except RayActorError as e:
+        log.warning("replica died serving a request: %s", e)
+        message = "the replica serving this request died; it is being replaced, retry the request"
+        raise ApiError(message, status=503) from None
+    except DeploymentUnavailableError as e:
+        raise ApiError(f"no replica is available: {e.message}", status=503) from None
+    except RayTaskError as e:  # the app answers its own failures as JSON 500s; this is the relay failing
+        log.error("replica failed serving a request: %s", e)
+        raise ApiError(f"the replica failed: {type(e.cause).__name__}", status=500) from None
+
+
 def gateway_app(model: DeploymentHandle, config: ServeConfig) -> FastAPI:
-    """Every route of the API, forwarded to a replica; Ray's failures answered as the API's JSON errors."""
+    """Every route of the API, forwarded to a replica; Ray's failures answered as the API's JSON errors, or
+    once a stream has started as its `error` event."""
     app = FastAPI(title="nextstep", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     deadline_s = config.timeout_s + 30  # replicas answer 504 at timeout_s; this bounds a hung replica
+    streaming = model.options(stream=True)
 
     @app.api_route("/{path:path}", methods=["GET", "POST"])
     async def forward(request: Request) -> Response:
         path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         headers = [(k, v) for k, v in request.headers.items() if k not in ("host", "content-length")]
-        call = HttpCall(request.method, path, headers, await request.body())
-        response = model.respond.remote(call)
+        replies = streaming.respond.remote(HttpCall(request.method, path, headers, await request.body()))
+        start = time.monotonic()
         try:
-            reply = await asyncio.wait_for(response, deadline_s)
-        except asyncio.TimeoutError:
-            response.cancel()
-            return ApiError(f"no replica answered in {deadline_s:g} s", status=504, kind="timeout").response()
-        except RayActorError as e:
-            log.warning("replica died serving %s: %s", request.url.path, e)
-            message = "the replica serving this request died; it is being replaced, retry the request"
-            return ApiError(message, status=503).response()
-        except DeploymentUnavailableError as e:
-            return ApiError(f"no replica is available: {e.message}", status=503).response()
-        return Response(reply.body, reply.status, {REPLICA_HEADER: reply.replica}, media_type=reply.content_type)
+            reply = await next_piece(replies, start, deadline_s)
+        except ApiError as e:
+            return e.response()
+        headers = {REPLICA_HEADER: reply.replica}
+        if not reply.stream:
+            return Response(reply.body, reply.status, headers, media_type=reply.content_type)
+
+        async def chunks() -> AsyncIterator[bytes | str]:
+            try:
+                while True:
+                    yield await next_piece(replies, start, deadline_s)
+            except StopAsyncIteration:
+                return
+            except ApiError as e:
+                yield error_event(e)
+            finally:
+                replies.cancel()  # no-op once the stream ended; else the client went away: the replica stops
+
+        headers["cache-control"] = "no-cache"
+        return StreamingResponse(chunks(), reply.status, headers, media_type=reply.content_type)
 
     return app
 
@@ -299,7 +308,12 @@ def build_ray_parser() -> argparse.ArgumentParser:
     g.add_argument("--replicas", type=int, default=1, help="model replicas (the autoscaling floor with --max-replicas)")
     g.add_argument("--max-replicas", type=int, default=None, help="autoscale up to this many replicas")
     g.add_argument("--target-ongoing-requests", type=float, default=RayConfig.target_ongoing_requests)
-    g.add_argument("--gpus-per-replica", type=float, default=None, help="default: 1 if the cluster has GPUs, else 0")
+    g.add_argument(
+        "--gpus-per-replica",
+        type=float,
+        default=None,
+        help="GPUs per replica; a fraction shares one (0.5: two replicas a GPU). Default: 1 if the cluster has GPUs",
+    )
     g.add_argument("--cpus-per-replica", type=float, default=RayConfig.cpus_per_replica)
     g.add_argument("--address", default=None, help="Ray cluster (ray://head:10001, auto); default: start one here")
     return p
@@ -333,7 +347,7 @@ def main_serve_ray(argv: list[str] | None = None) -> int:
             config = replace(config, gpus_per_replica=1)
         application = build_application(config)
         serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(application, name=APP_NAME, route_prefix="/")
+        serve.run(application, name=APP_NAME, route_prefix="/", logging_config={"log_level": args.log_level.upper()})
         log.info("serving on http://%s:%d with %s", args.host, args.port, config)
         with contextlib.suppress(KeyboardInterrupt):
             while True:

@@ -106,6 +106,11 @@ def sse(event: str, data: dict) -> str:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
 
+def error_event(e: ApiError) -> str:
+    """A failure once a stream has started: the JSON error body of a non-streamed request, as an `error` event."""
+    return sse("error", {"type": "error", **json.loads(e.response().body)})
+
+
 def stream_response(server, job: Job, partial_images: int, request: Request, parent=None) -> StreamingResponse:
     """Queue a streamed job and answer its events. Called once the request is valid: refusals so far (and a
     full queue, 429) are JSON errors; from here on, errors are events."""
@@ -143,7 +148,7 @@ def stream_response(server, job: Job, partial_images: int, request: Request, par
         except ApiError as e:
             stats.disconnected += e.status == 499
             stats.failed += e.status != 499
-            yield sse("error", {"type": "error", **json.loads(e.response().body)})
+            yield error_event(e)
             return
         except asyncio.CancelledError:  # the client went away and the response was cancelled
             stats.disconnected += 1

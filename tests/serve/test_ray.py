@@ -1,11 +1,13 @@
 """The API on Ray Serve, on a local CPU cluster of two replicas of the built-in model: the same contract,
-load spread over both replicas, the single-process server's images, and a killed replica answered 503."""
+load spread over both replicas, the single-process server's images and streams, and a killed replica answered
+503 (an error event mid-stream)."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import io
+import json
 import signal
 import socket
 import time
@@ -25,13 +27,16 @@ from nextstep.assets import builtin_model_dir  # noqa: E402
 from nextstep.sampling.pipeline import Pipeline  # noqa: E402
 from nextstep.serve.api import ServeConfig, build_app  # noqa: E402
 from nextstep.serve.batching import BatchKey, Job, QueueFull  # noqa: E402
+from nextstep.serve.middleware import ApiError  # noqa: E402
 from nextstep.serve.ray_serve import (  # noqa: E402
     APP_NAME,
     REPLICA_HEADER,
     RayBatcher,
     RayConfig,
     build_application,
+    next_piece,
 )
+from tests.serve.test_stream import read_events  # noqa: E402
 
 GEN = "/v1/images/generations"
 SERVE = ServeConfig(model_name="tiny", max_batch=8, max_wait_ms=50, max_n=4, max_steps=8, default_size=(32, 32))
@@ -70,12 +75,22 @@ def single():
 
 
 def pixels(item: dict) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))), dtype=int)
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))).convert("RGB"), dtype=int)
 
 
 def post_all(url: str, bodies: list[dict]) -> list[httpx.Response]:
     with httpx.Client(base_url=url, timeout=120) as c, ThreadPoolExecutor(len(bodies)) as pool:
         return list(pool.map(lambda body: c.post(GEN, json=body), bodies))
+
+
+def replica_metrics(url: str, replica: str) -> dict:
+    """/metrics of one replica: the gateway routes each request to either, so ask until that one answers."""
+    with httpx.Client(base_url=url, timeout=60) as c:
+        for _ in range(100):
+            r = c.get("/metrics")
+            if r.headers[REPLICA_HEADER] == replica:
+                return r.json()
+    raise AssertionError(f"replica {replica} did not answer /metrics in 100 tries")
 
 
 def running_replicas() -> int:
@@ -109,17 +124,62 @@ def test_load_spreads_over_both_replicas_with_the_single_servers_images(url, sin
         assert np.abs(pixels(r.json()["data"][0]) - pixels(want["data"][0])).max() <= 1  # batch-shape rounding
 
 
-def test_a_killed_replica_fails_its_requests_with_503_and_is_replaced(url):
+def test_streams_through_the_gateway_are_the_single_servers_streams(url, single):
+    # 64x64: a grid of 4 rows of 16 px tokens, partial images after rows 1, 2 and 3
+    body = {"prompt": "a red circle", "seed": 5, "n": 2, "stream": True, "partial_images": 3, "size": "64x64"}
+    body["steps"] = 2
+    r = httpx.post(url + GEN, json=body, timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"), r.text
+    events, want = read_events(r), read_events(single.post(GEN, json=body))
+    assert [name for name, _ in events] == [name for name, _ in want]
+    partials = [data for name, data in events if name == "image_generation.partial_image"]
+    assert len(partials) == 2 * 3 and all(pixels(p).shape == (64, 64, 3) for p in partials)
+    for (_, got), (_, expected) in zip(events, want, strict=True):
+        assert np.abs(pixels(got) - pixels(expected)).max() <= 1  # batch-shape rounding
+    plain = httpx.post(url + GEN, json={k: v for k, v in body.items() if k not in ("stream", "partial_images")})
+    completed = [data["b64_json"] for name, data in events if name == "image_generation.completed"]
+    assert completed == [item["b64_json"] for item in plain.json()["data"]]
+    streams = replica_metrics(url, r.headers[REPLICA_HEADER])["streams"]
+    assert streams["completed"] >= 1 and streams["partial_images"] >= 6
+
+
+def test_a_client_leaving_a_stream_through_the_gateway_stops_its_generation(url):
+    body = {"prompt": "gone", "seed": 1, "stream": True, "partial_images": 3, "size": "256x256", "steps": 8}
     with httpx.Client(base_url=url, timeout=60) as c:
-        victim = c.post(GEN, json={"prompt": "who", "steps": 1}).headers[REPLICA_HEADER]
+        names = {c.get("/health").headers[REPLICA_HEADER] for _ in range(50)}
+    assert len(names) == 2
+    before = {name: replica_metrics(url, name) for name in names}
+    with httpx.stream("POST", url + GEN, json=body, timeout=60) as r:
+        replica = r.headers[REPLICA_HEADER]
+        assert next(r.iter_lines()) == "event: image_generation.partial_image"
+    # the connection is closed with 3/4 of the rows to draw (about 5 s here); the stream counts the disconnect
+    # at once, the batch its cancellation at its next token
+    was, deadline = before[replica], time.monotonic() + 30
+    while (metrics := replica_metrics(url, replica))["cancelled"] == was["cancelled"]:
+        assert time.monotonic() < deadline, metrics
+    assert metrics["streams"]["disconnected"] == was["streams"]["disconnected"] + 1
+    assert metrics["cancelled"] == was["cancelled"] + 1
+    assert metrics["streams"]["completed"] == was["streams"]["completed"]
+
+
+def test_a_killed_replica_fails_its_requests_with_503_and_is_replaced(url):
+    # a long stream names the victim: killed after its first partial image, it must end with an error event
+    slow = {"prompt": "doomed", "seed": 2, "stream": True, "partial_images": 3, "size": "256x256", "steps": 8}
     # 32 requests of 4 images at the most steps SERVE allows: far longer than the 1 s before the kill on any
     # machine (4x the work that took about 4 s here), so some are in flight on the victim when it dies.
     bodies = [{"prompt": f"a blue square {i}", "seed": i, "steps": 8, "n": 4, "size": "64x64"} for i in range(32)]
-    with ThreadPoolExecutor(1) as pool:
+    with httpx.stream("POST", url + GEN, json=slow, timeout=120) as stream, ThreadPoolExecutor(1) as pool:
+        victim = stream.headers[REPLICA_HEADER]
+        lines = stream.iter_lines()
+        assert next(lines) == "event: image_generation.partial_image"
         load = pool.submit(post_all, url, bodies)
         time.sleep(1)
         ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        last = [line for line in lines if line][-2:]
         responses = load.result(timeout=120)
+    assert last[0] == "event: error", last
+    error = json.loads(last[1].removeprefix("data: "))["error"]
+    assert "replica serving this request died" in error["message"] and error["type"] == "server_error"
     statuses = [r.status_code for r in responses]
     assert set(statuses) <= {200, 503} and 503 in statuses, statuses
     for r in responses:
@@ -154,6 +214,7 @@ def test_the_shipped_config_file_is_valid_for_serve_run():
         (["--replicas", "0"], "replicas must be >= 1, got 0"),
         (["--replicas", "2", "--max-replicas", "1"], "max_replicas (1) must be >= replicas (2)"),
         (["--replicas=1", "--max-batch", "0"], "max_batch must be > 0, got 0"),
+        (["--replicas", "2", "--gpus-per-replica", "1.5"], "gpus_per_replica above 1 must be a whole number, got 1.5"),
     ],
 )
 def test_serve_with_bad_replica_options_exits_2_naming_the_value(argv, message, capsys):
@@ -214,3 +275,34 @@ def test_ray_batcher_fails_requests_outside_a_replica_instead_of_hanging():
         assert batcher.queued == 0
 
     asyncio.run(scenario())
+
+
+class Replies:
+    """A stand-in for a replica's DeploymentResponseGenerator: its next piece raises `error` after `delay_s`."""
+
+    def __init__(self, error: BaseException | None, delay_s: float = 0):
+        self.error, self.delay_s, self.cancelled = error, delay_s, False
+
+    async def __anext__(self):
+        await asyncio.sleep(self.delay_s)
+        raise self.error
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@pytest.mark.parametrize(
+    "replies, status, message",
+    [
+        (Replies(None, delay_s=10), 504, "no replica answered in 0.2 s"),
+        (Replies(ray.exceptions.ActorDiedError()), 503, "the replica serving this request died"),
+        (Replies(ray.exceptions.RayTaskError("respond", "", KeyError("x"))), 500, "the replica failed: KeyError"),
+    ],
+)
+def test_the_gateway_answers_a_hung_dead_or_failing_replica_with_a_clear_error(replies, status, message):
+    """What the gateway answers (a JSON error, or mid-stream an error event) when a replica hangs, dies or fails."""
+    start = time.monotonic()
+    with pytest.raises(ApiError) as e:
+        asyncio.run(next_piece(replies, start, 0.2))
+    assert e.value.status == status and message in e.value.message and time.monotonic() - start < 2
+    assert replies.cancelled == (status == 504)  # a hung replica's call is cancelled, not left running

@@ -181,16 +181,6 @@ def test_a_client_leaving_mid_stream_stops_its_generation(pipe):  # noqa: F811
         assert r.status_code == 200 and read_events(r)[-1][0] == "image_generation.completed"
 
 
-def test_the_ray_replicas_refuse_stream_with_a_clear_400(pipe):  # noqa: F811
-    pytest.importorskip("ray.serve")
-    from nextstep.serve.ray_serve import replica_app
-
-    with running(replica_app(pipe, ServeConfig())) as url:
-        r = httpx.post(url + GEN, json={"prompt": "a cat", "stream": True}, timeout=30)
-        assert r.status_code == 400 and r.json()["error"]["param"] == "stream"
-        assert "stream=true is not served by the Ray Serve deployment" in r.json()["error"]["message"]
-
-
 def test_a_stream_past_its_deadline_ends_with_a_timeout_event(pipe):  # noqa: F811
     app = build_app(pipe, ServeConfig(max_wait_ms=0, timeout_s=1.0))
     counting(app.state.server, delay=0.05)
