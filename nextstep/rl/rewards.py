@@ -32,8 +32,13 @@ def _spec(meta: dict) -> Prompt:
 
 def shapes_reward(images: list[Image.Image], prompts: list[str], meta: list[dict]) -> torch.Tensor:
     """1.0 where the exact shapes scorer finds the scene asked for, else 0.0. What is asked is meta[i]["prompt"]
-    (a `Prompt` or its `to_json`), never a re-reading of the wording, which can be any phrasing of it."""
-    return torch.tensor([float(score_image(im, _spec(m))["correct"]) for im, m in zip(images, meta, strict=True)])
+    (a `Prompt` or its `to_json`), never a re-reading of the wording, which can be any phrasing of it; an edit is
+    scored against the objects parsed from meta[i]["source"] (the input image), as the eval does."""
+    return torch.tensor([float(_score(im, m)["correct"]) for im, m in zip(images, meta, strict=True)])
+
+
+def _score(image: Image.Image, meta: dict) -> dict:
+    return score_image(image, _spec(meta), source=meta.get("source"))
 
 
 def _found_share(found: list[Detected], wants: list[Want]) -> float:
@@ -55,7 +60,7 @@ def shapes_partial_reward(images: list[Image.Image], prompts: list[str], meta: l
     out = []
     for im, m in zip(images, meta, strict=True):
         spec = _spec(m)
-        if score_image(im, spec)["correct"]:
+        if _score(im, m)["correct"]:
             out.append(1.0)
         else:
             out.append(0.0 if spec.edit is not None else 0.5 * _found_share(parse_scene(im), spec.objects))
