@@ -153,7 +153,8 @@ class DecoderLayer(nn.Module):
 def fuse_projections(layers: nn.ModuleList) -> bool:
     """Add each layer's q/k/v and gate/up weights concatenated as non-persistent buffers, so inference runs
     one GEMM instead of three (two). The parameters (and state_dict) are untouched; the fused copies cost
-    their memory again and are stale once the weights change (rebuild by calling this again).
+    their memory again and are stale once the weights change: calling this again refreshes them in place
+    (the same storage, so CUDA graphs captured over them stay valid).
 
     False, and nothing changed, when the layers hold other modules (quantised) or an MLP bias.
     """
@@ -166,7 +167,20 @@ def fuse_projections(layers: nn.ModuleList) -> bool:
         for layer in layers:
             a, m = layer.self_attn, layer.mlp
             qkv = (a.q_proj, a.k_proj, a.v_proj)
-            a.qkv_weight = torch.cat([p.weight for p in qkv])
-            a.qkv_bias = None if a.q_proj.bias is None else torch.cat([p.bias for p in qkv])
-            m.gate_up_weight = torch.cat([m.gate_proj.weight, m.up_proj.weight])
+            _set_fused(a, "qkv_weight", torch.cat([p.weight for p in qkv]))
+            _set_fused(a, "qkv_bias", None if a.q_proj.bias is None else torch.cat([p.bias for p in qkv]))
+            _set_fused(m, "gate_up_weight", torch.cat([m.gate_proj.weight, m.up_proj.weight]))
     return True
+
+
+def _set_fused(module: nn.Module, name: str, value: torch.Tensor | None) -> None:
+    # Into the tensor already there when it matches, so graphs that read it see the new weights.
+    old = getattr(module, name, None)
+    if (
+        old is not None
+        and value is not None
+        and (old.shape, old.dtype, old.device) == (value.shape, value.dtype, value.device)
+    ):
+        old.copy_(value)
+    else:
+        setattr(module, name, value)
