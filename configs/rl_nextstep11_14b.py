@@ -58,6 +58,7 @@ config = TrainConfig(
         steps_per_rollout=2,
         clip=0.2,
         kl_weight=0.04,
+        rollout_states=0,  # the copy and its KV cache are freed before each update: the peaks above
     ),
 )
 

@@ -166,7 +166,8 @@ class FusedLinear(nn.Module):
 def fuse_projections(layers: nn.ModuleList) -> bool:
     """Give each layer a `FusedLinear` for q/k/v and one for gate/up, so inference runs one GEMM instead of
     three (two). The parameters (and state_dict) are untouched; the fused copies cost their memory again
-    and are stale once the weights change (rebuild by calling this again).
+    and are stale once the weights change: calling this again refreshes them in place (the same storage, so
+    CUDA graphs captured over them stay valid).
 
     False, and nothing changed, when the layers hold other modules (quantised: see
     nextstep.sampling.quantize.fuse_quantized) or an MLP bias.
@@ -176,8 +177,26 @@ def fuse_projections(layers: nn.ModuleList) -> bool:
         linears = (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj)
         if any(type(lin) is not nn.Linear for lin in linears) or m.gate_proj.bias is not None:
             return False
-    for layer in layers:
-        a, m = layer.self_attn, layer.mlp
-        a.qkv_proj = FusedLinear([a.q_proj, a.k_proj, a.v_proj])
-        m.gate_up_proj = FusedLinear([m.gate_proj, m.up_proj])
+    with torch.no_grad():
+        for layer in layers:
+            a, m = layer.self_attn, layer.mlp
+            a.qkv_proj = _refreshed(a.qkv_proj, [a.q_proj, a.k_proj, a.v_proj])
+            m.gate_up_proj = _refreshed(m.gate_up_proj, [m.gate_proj, m.up_proj])
     return True
+
+
+def _refreshed(fused: nn.Module | None, linears: list[nn.Linear]) -> FusedLinear:
+    # The new weights copied into the FusedLinear already there when its tensors match, so graphs that read
+    # them see the new weights; else a new one.
+    new = FusedLinear(linears)
+    if not isinstance(fused, FusedLinear):
+        return new
+    pairs = [(fused.weight, new.weight), (fused.bias, new.bias)]
+    if any((old is None) != (value is None) for old, value in pairs):
+        return new
+    pairs = [(old, value) for old, value in pairs if old is not None]
+    if any((old.shape, old.dtype, old.device) != (value.shape, value.dtype, value.device) for old, value in pairs):
+        return new
+    for old, value in pairs:
+        old.copy_(value)
+    return fused

@@ -1,5 +1,6 @@
 """RL prompt sets for the built-in shapes model: scenes drawn as Prompt specs (what the reward checks) and
-each worded by `nextstep.shapes.phrasing.describe` in one of the many ways people phrase it.
+each worded by `nextstep.shapes.phrasing.describe` in one of the many ways people phrase it; edits as the eval's
+editing category draws them, worded by any of the edit templates the model was trained on.
 
 The "in" split never asks for a held-out color-shape pair or relation, so RL never sees a held-out
 composition as a reward prompt; "heldout" asks for one in every prompt, for measuring.
@@ -13,6 +14,7 @@ from dataclasses import replace
 from nextstep.shapes.phrasing import describe
 from nextstep.shapes.prompts import CATEGORIES, Prompt, Want, build_prompt
 from nextstep.shapes.scenes import (
+    EDIT_TEMPLATES,
     HELDOUT_PAIRS,
     HELDOUT_RELATIONS,
     INVERSE,
@@ -20,6 +22,8 @@ from nextstep.shapes.scenes import (
     RELATIONS,
     SHAPES,
     TRAIN_PAIRS,
+    Edit,
+    edit_text,
     is_heldout_relation,
 )
 
@@ -83,5 +87,21 @@ def rl_prompts(split: str = "in", *, n: int, seed: int = 0) -> list[tuple[str, P
         else:
             spec = _extra(category, rng, heldout)
         text = describe(spec.objects, spec.relations, rng)
+        out.append((text, replace(spec, text=text)))
+    return out
+
+
+def rl_edit_prompts(n: int, *, seed: int = 0) -> list[tuple[str, Prompt]]:
+    """`n` (instruction, spec) edits of in-distribution scenes, the same for the same (n, seed): the eval's
+    editing category of split "in" (never a held-out pair), the instruction in a random one of the templates the
+    model was trained on. spec.source is the scene the input image renders (shapes.prompts.source_image)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    rng = random.Random(f"rl-edits:{seed}")
+    out = []
+    for _ in range(n):
+        spec = build_prompt("editing", rng, heldout=False)
+        edit = Edit(**spec.edit)
+        text = edit_text(edit, rng.randrange(len(EDIT_TEMPLATES[edit.op])))
         out.append((text, replace(spec, text=text)))
     return out

@@ -1,6 +1,7 @@
 """The RL training mode's optimizer step (`training.mode=rl`, a `StepFn` of nextstep.train.loop): rollouts of the
-current policy -> rewards -> group advantages (flat groups dropped) -> log-densities recomputed in one
-teacher-forced forward -> clipped policy loss (+ KL to the frozen starting model) -> one optimizer step.
+current policy (text-to-image groups, then rl.edit_fraction of the groups as edits) -> rewards -> group advantages
+(flat groups dropped) -> log-densities recomputed in one teacher-forced forward -> clipped policy loss (+ KL to the
+frozen starting model) -> one optimizer step.
 
 Strictly on-policy: each rollout batch gets one update, so the policy ratio is 1 up to numerics (the clipped form
 is kept). Every random choice (prompts, trained head steps, the sampler's draws) is a pure function of
@@ -11,7 +12,6 @@ is kept). Every random choice (prompts, trained head steps, the sampler's draws)
 
 from __future__ import annotations
 
-import gc
 import time
 from pathlib import Path
 
@@ -20,14 +20,16 @@ from PIL import Image
 
 from nextstep.io import save_png
 from nextstep.rl.objective import clipped_policy_loss, group_advantages, kl_to_reference
-from nextstep.rl.prompts import rl_prompts
+from nextstep.rl.policy import RolloutPolicy
+from nextstep.rl.prompts import rl_edit_prompts, rl_prompts
 from nextstep.rl.rewards import resolve_reward, score_rewards
 from nextstep.rl.rollout import policy_log_prob, sample_rollout
 from nextstep.sampling.flow import FlowSettings
-from nextstep.sampling.pipeline import Pipeline, read_defaults
+from nextstep.sampling.pipeline import read_defaults
+from nextstep.shapes.prompts import source_image
 from nextstep.train.config import RLConfig
 from nextstep.train.init import init_model
-from nextstep.train.metrics import StepOutput, sampling_copy, train_flops
+from nextstep.train.metrics import StepOutput, train_flops
 from nextstep.train.noise import key_seed
 from nextstep.train.parallel import uses_fsdp
 from nextstep.train.run import Run
@@ -48,6 +50,20 @@ def prompt_pool(rl: RLConfig, seed: int) -> Prompts:
     if not lines:
         raise ValueError(f"rl.prompts: prompt file {str(path)!r} holds no prompt")
     return [(line, {}) for line in lines]
+
+
+def edit_pool(rl: RLConfig, seed: int) -> Prompts:
+    """The edits rollouts draw from (none without rl.edit_fraction): rl_edit_prompts with the spec as
+    meta["prompt"]; the source image is rendered when an edit is picked (`with_sources`)."""
+    if rl.edit_fraction == 0:
+        return []
+    return [(text, {"prompt": spec}) for text, spec in rl_edit_prompts(rl.prompt_pool, seed=seed)]
+
+
+def with_sources(picked: Prompts) -> Prompts:
+    """Picked edits with meta["source"]: the input image, rendered exactly from the spec's scene as the eval
+    renders it (the reward scores the edit against the objects parsed from it, as the eval does)."""
+    return [(text, {**meta, "source": source_image(meta["prompt"])}) for text, meta in picked]
 
 
 def pick_prompts(pool: Prompts, n: int, *, key: tuple) -> Prompts:
@@ -82,13 +98,17 @@ class RLStep:
     def __init__(self) -> None:
         self.reward = None
         self.pool: Prompts = []
+        self.edits: Prompts = []
+        self.policy: RolloutPolicy | None = None
         self.reference: torch.nn.Module | None = None  # the starting model, frozen, for the KL term
 
     def setup(self, run: Run) -> None:
         cfg, rl = run.cfg, run.cfg.rl
         self.reward = resolve_reward(rl.reward, model_dir=rl.reward_model_dir or None, device=str(run.device))
         self.pool = prompt_pool(rl, cfg.training.seed)
-        self.defaults = read_defaults(Path(cfg.model.path)) if cfg.model.path else {}
+        self.edits = edit_pool(rl, cfg.training.seed)
+        defaults = read_defaults(Path(cfg.model.path)) if cfg.model.path else {}
+        self.policy = RolloutPolicy(run.vae, run.tokenizer, defaults=defaults, keep_states=rl.rollout_states)
         if rl.kl_weight > 0:  # model.init's weights, before any RL step (a resumed run gets the same)
             ref = init_model(cfg, cfg.model.arch).to(run.device, next(run.vae.parameters()).dtype)
             self.reference = ref.eval().requires_grad_(False)
@@ -104,7 +124,10 @@ class RLStep:
         cfg, rl, dev = run.cfg, run.cfg.rl, run.device
         seed = cfg.training.seed
         start = time.perf_counter()
-        picked = pick_prompts(self.pool, rl.prompts_per_step, key=(seed, run.step, run.rank, "prompts"))
+        n_edit = round(rl.edit_fraction * rl.prompts_per_step)
+        picked = pick_prompts(self.pool, rl.prompts_per_step - n_edit, key=(seed, run.step, run.rank, "prompts"))
+        if n_edit:
+            picked += with_sources(pick_prompts(self.edits, n_edit, key=(seed, run.step, run.rank, "edits")))
         texts = [text for text, _ in picked for _ in range(rl.group_size)]  # (B,) group-major
         meta = [m for _, m in picked for _ in range(rl.group_size)]
         settings = FlowSettings(
@@ -117,14 +140,17 @@ class RLStep:
         )
         # Rollouts run on a plain copy of the current weights (unsharded, adapters merged): the engine fuses
         # projections and runs in inference mode, neither of which the trained model may see.
-        policy = sampling_copy(run.model, cfg, next(run.vae.parameters()).dtype, dev, every_rank=True)
-        pipe = Pipeline(policy, run.vae, run.tokenizer, defaults=self.defaults)
-        size = (rl.image_size, rl.image_size)
-        ro, images = sample_rollout(pipe, texts, settings, size=size, seed=key_seed(seed, run.step, run.rank, "roll"))
-        del pipe, policy
-        gc.collect()  # the engine's state and its CUDA graphs form a cycle that holds the copy and the KV cache
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+        self.policy.update(run.model, cfg, dev)
+        ro, images = sample_rollout(
+            self.policy.pipe,
+            texts,
+            settings,
+            size=(rl.image_size, rl.image_size),
+            seed=key_seed(seed, run.step, run.rank, "roll"),
+            sources=[m.get("source") for m in meta],
+            engine=self.policy.engine,
+        )
+        self.policy.release()
         rollout_s = time.perf_counter() - start
 
         rewards, skipped = score_rewards(self.reward, images, texts, meta)  # (B,) NaN where skipped
@@ -169,6 +195,8 @@ class RLStep:
             "rollout_s": torch.tensor(rollout_s),
             "update_s": torch.tensor(time.perf_counter() - start - rollout_s),
         }
+        if n_edit:  # the edit groups come last
+            metrics["edit_reward_mean"] = rewards[(rl.prompts_per_step - n_edit) * rl.group_size :].nanmean()
         metrics = {k: v.to(dev).float() for k, v in metrics.items()}
         seq = ro.input_ids.shape[1] + n
         flops = train_flops(cfg.model.arch, 0, seq_lens=[seq] * b, text_targets=0, image_tokens=0)

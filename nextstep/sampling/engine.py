@@ -182,6 +182,7 @@ class Engine:
         compile: bool = False,
         head_kernels: bool | None = None,
         kv_block: int = 256,
+        max_states: int = 1,
     ):
         dev = model.embed_tokens.weight.device
         self.model = model
@@ -191,7 +192,13 @@ class Engine:
         self.head_kernels = head_kernels_mod.available(dev) if head_kernels is None else head_kernels
         self._launch: dict[int, head_kernels_mod.LaunchConfig] = {}  # tuned per row count, kept across states
         self.kv_block = kv_block  # cache length granularity: one decode graph per kv_block slots
-        self._state: _State | None = None  # one at a time: a batch-32 cache is ~14 GB at 14B
+        # States kept, least recently used first: one by default, as a batch-32 cache is ~14 GB at 14B; more
+        # for a caller that alternates between a few keys (RL rollouts' trained steps), so none is rebuilt.
+        if max_states < 1:
+            raise ValueError(f"max_states must be >= 1, got {max_states}")
+        self.max_states = max_states
+        self._states: dict[_Key, _State] = {}
+        self._state: _State | None = None  # the one last used
         # One GEMM for q/k/v and one for gate/up: float copies, or quantised ones sharing the weights' memory.
         fuse_projections(model.layers) or fuse_quantized(model.layers)
 
@@ -214,17 +221,31 @@ class Engine:
         return torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, 64))
 
     def state(self, key: _Key) -> _State:
-        if self._state is None or self._state.key != key:
+        st = self._states.pop(key, None)
+        if st is None:
             self._state = None
+            while len(self._states) >= self.max_states:
+                del self._states[next(iter(self._states))]
             if self.graphs:
                 gc.collect()  # a state and its graphs form a reference cycle: free its cache and pools now
                 torch.cuda.empty_cache()
             try:
                 with self.compiling():
-                    self._state = _State(self, key)
+                    st = _State(self, key)
             finally:
                 self.model.clear_caches()
-        return self._state
+        self._states[key] = self._state = st  # now the most recently used
+        return st
+
+    @torch.inference_mode()
+    def refresh(self) -> None:
+        """Re-derive what the engine computed from the model's weights after they changed in place (RL loads each
+        step's weights into the same parameters): the fused projections and every kept state's step embeddings,
+        written into the same storage, so the captured graphs stay valid and read the new weights."""
+        fuse_projections(self.model.layers) or fuse_quantized(self.model.layers)
+        time_embed = self.model.image_head.net.time_embed
+        for st in self._states.values():
+            st.t_embed.copy_(time_embed(st.plan.t.to(st.t_embed.device, st.t_embed.dtype)))
 
     @torch.inference_mode()
     def start(

@@ -158,13 +158,8 @@ class Pipeline:
         opts = replace(opts, **options)
         check_options(opts, self.down_factor)
         warn_unknown_instructions(self.trained, instructions)
-        sources = []
-        for img in images:
-            if img.size != (opts.size[1], opts.size[0]):
-                img = img.convert("RGB").resize((opts.size[1], opts.size[0]), Image.BICUBIC)
-            sources.append([img.convert("RGB")])
-        captions = [self._image_string(opts.size) + text for text in instructions]
-        return self._run(captions, sources, opts, trace, draw, on_token)
+        inputs = [self.edit_input(img, text, opts.size) for img, text in zip(images, instructions, strict=True)]
+        return self._run([c for c, _ in inputs], [[src] for _, src in inputs], opts, trace, draw, on_token)
 
     def edit_chain(self, image: Image.Image, instructions: list[str], **options) -> list[Image.Image]:
         """Edit `image` by each instruction in turn, each editing the result before; returns every turn's image,
@@ -182,6 +177,13 @@ class Pipeline:
         if w < d or h < d:
             raise ValueError(f"input image {w}x{h} is smaller than {d} px")
         return (min(h, MAX_SIDE) // d * d, min(w, MAX_SIDE) // d * d)
+
+    def edit_input(self, image: Image.Image, instruction: str, size: tuple[int, int]) -> tuple[str, Image.Image]:
+        """What an edit conditions on: its caption (the source's image placeholders, then the instruction) and
+        the RGB source resized to `size` (h, w), whose tokens fill the placeholders."""
+        if image.size != (size[1], size[0]):
+            image = image.convert("RGB").resize((size[1], size[0]), Image.BICUBIC)
+        return self._image_string(size) + instruction, image.convert("RGB")
 
     def _image_string(self, size: tuple[int, int]) -> str:
         h, w = size[0] // self.down_factor, size[1] // self.down_factor

@@ -205,6 +205,9 @@ class RLConfig:
     # "file:PATH" (one prompt per line, no reward metadata).
     prompts: str = "shapes"
     prompt_pool: int = 4096  # shapes prompts drawn once (seeded); each step picks prompts_per_step of them
+    # Share of each step's prompt groups that are edits (prompts "shapes" only): an in-distribution scene rendered
+    # as the input image and an instruction from the trained edit templates (nextstep.rl.prompts.rl_edit_prompts).
+    edit_fraction: float = 0.0
     reward: str = "shapes"  # shapes | shapes_partial | brightness | clip_preference | module:function
     reward_model_dir: str = ""  # local model directory of the clip_preference reward
     image_size: int = 128  # rollout image side in pixels
@@ -220,6 +223,9 @@ class RLConfig:
     kl_weight: float = 0.0  # weight of the KL term to the frozen starting model (0: no reference model kept)
     drop_above: float | None = None  # drop groups whose rewards are all >= this (None: never)
     min_reward_std: float = 1e-6  # drop groups whose rewards spread less than this (no signal)
+    # Rollout engine states (KV cache and CUDA graphs each, one per set of trained steps) kept across steps, the
+    # rollout copy refreshed in place; 0: the copy is built each step and freed before the update (less memory).
+    rollout_states: int = 1
 
     def __post_init__(self) -> None:
         for name in ("group_size", "prompts_per_step", "prompt_pool", "image_size", "head_steps"):
@@ -233,6 +239,12 @@ class RLConfig:
             raise ValueError(f"rl.rule must be sde or cps (a stochastic rule), got {self.rule!r}")
         if self.prompts != "shapes" and not self.prompts.startswith("file:"):
             raise ValueError(f"rl.prompts must be 'shapes' or 'file:PATH', got {self.prompts!r}")
+        if not 0 <= self.edit_fraction <= 1:
+            raise ValueError(f"rl.edit_fraction must be in [0, 1], got {self.edit_fraction}")
+        if self.edit_fraction > 0 and self.prompts != "shapes":
+            raise ValueError(f"rl.edit_fraction > 0 needs rl.prompts 'shapes' (edit scenes), got {self.prompts!r}")
+        if self.rollout_states < 0:
+            raise ValueError(f"rl.rollout_states must be >= 0, got {self.rollout_states}")
         bad = [i for i in self.train_steps if not 0 <= i < self.head_steps]
         if bad or not self.train_steps:
             raise ValueError(f"rl.train_steps must be a non-empty subset of 0..{self.head_steps - 1}, got {bad}")

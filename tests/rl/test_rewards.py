@@ -51,6 +51,26 @@ def test_shapes_reward_scores_the_spec_in_meta_not_the_wording():
         shapes_reward([image], ["a blue star"], [{"text": "a blue star"}])
 
 
+def test_large_batches_are_scored_in_a_process_pool_with_the_same_results(monkeypatch):
+    from nextstep.rl import rewards
+    from nextstep.rl.prompts import rl_prompts
+
+    specs = [s for _, s in rl_prompts("in", n=rewards.POOL_MIN, seed=0)]
+    rng = random.Random(0)
+    images = [render(reference_scene(s, rng)) for s in specs[::2]] + [render(Scene([], Background()))] * 8
+    images += [render(reference_scene(s, rng)) for s in specs[1::2]][: len(specs) - len(images)]  # misplaced
+    meta = [{"prompt": s} for s in specs]
+    texts = [s.text for s in specs]
+    monkeypatch.setattr(rewards, "_workers", lambda: 2)
+    pooled = shapes_reward(images, texts, meta), shapes_partial_reward(images, texts, meta)
+    assert rewards._pool is not None  # the batch went to the pool
+    monkeypatch.setattr(rewards, "POOL_MIN", 10**6)
+    serial = shapes_reward(images, texts, meta), shapes_partial_reward(images, texts, meta)
+    for a, b in zip(pooled, serial, strict=True):
+        assert a.tolist() == b.tolist()
+    assert 0 < pooled[0].mean() < 1 and 0 < pooled[1][pooled[0] == 0].max() < 0.5  # right, wrong, partly right
+
+
 def test_shapes_partial_reward_ranks_wrong_images_by_the_objects_found():
     """Wanted: two red circles above a blue star. Found objects are scored one to one on shape and color."""
     meant = Prompt("p", "", [Want("circle", "red")] * 2 + [Want("star", "blue")], [(0, "above", 2), (1, "above", 2)])

@@ -83,8 +83,10 @@ def test_rl_steps_raise_the_reward_and_export(tmp_path):
 
 
 def test_kill_and_resume_reproduce_the_rewards(tmp_path, monkeypatch):
-    """Shapes prompts, one random trained step per rollout, and the KL term to the start model."""
-    cfg = rl_cfg(tmp_path / "run", prompts="shapes", steps_per_rollout=1, kl_weight=0.05)
+    """Shapes prompts with half the groups edits, one random trained step per rollout on a rollout policy kept
+    across steps (an engine state per trained step), and the KL term to the start model."""
+    rl = dict(prompts="shapes", steps_per_rollout=1, kl_weight=0.05, edit_fraction=0.5, rollout_states=3)
+    cfg = rl_cfg(tmp_path / "run", **rl)
     cfg = apply_overrides(cfg, ["training.max_steps=4", "training.save_steps=2"])
     full = loop.train(apply_overrides(cfg, [f"training.output_dir={tmp_path / 'full'}"]))
     assert full[0]["kl"] == 0 and full[-1]["kl"] > 0  # the policy moves away from the reference
@@ -92,8 +94,9 @@ def test_kill_and_resume_reproduce_the_rewards(tmp_path, monkeypatch):
         loop.train(cfg)
     resumed = loop.train(apply_overrides(cfg, ["training.resume=true"]))
     assert [h["step"] for h in resumed] == [3, 4]
-    for key in ("reward_mean", "reward_std", "loss", "kl"):
+    for key in ("reward_mean", "reward_std", "loss", "kl", "edit_reward_mean"):
         assert [h[key] for h in resumed] == [h[key] for h in full[2:]], key  # exactly equal
+    assert all(np.isfinite(h["edit_reward_mean"]) for h in full)
 
 
 def test_lora_rl_trains_adapters_on_file_prompts(tmp_path):
@@ -117,6 +120,12 @@ def test_presets_resolve_and_bad_values_are_named(tmp_path, capsys):
     assert "rl.rule must be sde or cps" in capsys.readouterr().err
     with pytest.raises(ValueError, match="rl.train_steps must be a non-empty subset of 0..3, got \\[4\\]"):
         RLConfig(head_steps=4, train_steps=[0, 4])
+    with pytest.raises(ValueError, match="rl.edit_fraction must be in \\[0, 1\\], got 1.5"):
+        RLConfig(edit_fraction=1.5)
+    with pytest.raises(ValueError, match="rl.edit_fraction > 0 needs rl.prompts 'shapes'.*'file:p.txt'"):
+        RLConfig(edit_fraction=0.5, prompts="file:p.txt")
+    with pytest.raises(ValueError, match="rl.rollout_states must be >= 0, got -1"):
+        RLConfig(rollout_states=-1)
     with pytest.raises(ValueError, match="needs the VAE"):
         apply_overrides(rl_cfg(tmp_path), ["model.precomputed_latents=true"])
     bad = rl_cfg(tmp_path / "bad", prompts=f"file:{tmp_path / 'missing.txt'}")

@@ -1,13 +1,16 @@
 """Rollouts: the recorded transitions are the rule's Gaussian steps (analytic log-density of the draws), the
 parallel teacher-forced recompute equals the log-probabilities recorded while sampling (fp32, CPU) for SDE and
-CPS, and it is differentiable in the model's parameters; the other head steps stay deterministic."""
+CPS, text-to-image and edit rows alike, and it is differentiable in the model's parameters; edit rows condition
+on their source as Pipeline.edit does; the other head steps stay deterministic."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from nextstep.model.checkpoint import from_pretrained
 from nextstep.rl.rollout import policy_log_prob, sample_rollout
@@ -26,14 +29,23 @@ def pipe():
     return Pipeline.from_pretrained(ROOT / "nextstep11-tiny", device="cpu", dtype=torch.float32)
 
 
-def _settings(rule: str) -> FlowSettings:
-    return FlowSettings(family="nextstep11", num_steps=5, rule=rule, noise_level=0.8, stochastic=STEPS)
+def _settings(rule: str, stochastic: tuple[int, ...] = STEPS) -> FlowSettings:
+    return FlowSettings(family="nextstep11", num_steps=5, rule=rule, noise_level=0.8, stochastic=stochastic)
 
 
-@pytest.mark.parametrize("rule", ["sde", "cps"])
-def test_recompute_equals_recorded_and_is_differentiable(pipe, rule):
+def _source(seed: int, side: int) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+@pytest.mark.parametrize(("rule", "edits"), [("sde", False), ("cps", False), ("sde", True)])
+def test_recompute_equals_recorded_and_is_differentiable(pipe, rule, edits):
+    """With `edits`, rows 2 and 3 edit source images (of another size: resized as Pipeline.edit does), whose
+    tokens the recompute must read in the prompt."""
     size = (2 * pipe.down_factor, 2 * pipe.down_factor)  # 2 x 2 image tokens
-    ro, images = sample_rollout(pipe, PROMPTS, _settings(rule), size=size, seed=3)
+    sources = [None, None, _source(0, 48), _source(1, 48)] if edits else None
+    ro, images = sample_rollout(pipe, PROMPTS, _settings(rule), size=size, seed=3, sources=sources)
+    assert ro.source_tokens.shape == ((8 if edits else 0), pipe.model.config.token_dim)
     b, n, s, d = ro.record.x.shape
     assert (b, n, s) == (4, 4, 2) and len(images) == 4 and images[0].size == (size[1], size[0])
     # Recorded: x' = a x + b v + c eps exactly, so the log-density is the analytic one of the standard draw.
@@ -52,6 +64,24 @@ def test_recompute_equals_recorded_and_is_differentiable(pipe, rule):
     for name in ("layers.0.self_attn.q_proj.weight", "image_head.net.input_proj.weight", "image_in_projector.weight"):
         grad = model.get_parameter(name).grad
         assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_edit_rows_sample_what_pipeline_edit_samples(pipe):
+    """Every head step stochastic is the plain SDE sampler: an edit row of a rollout is then Pipeline.edit's
+    sample for the same seed without guidance, so the source conditions the rollout exactly as an edit."""
+    size = (2 * pipe.down_factor, 2 * pipe.down_factor)
+    src, instruction = _source(2, size[0]), "make the red circle blue"
+    settings = _settings("sde", stochastic=tuple(range(5)))
+    _, images = sample_rollout(pipe, [instruction], settings, size=size, seed=11, sources=[src])
+    (edited,) = pipe.edit(
+        src, instruction, cfg=1.0, cfg_img=1.0, steps=5, sampler="sde", noise_level=0.8, shift=settings.shift,
+        use_norm=False, context_noise=0.0, size=size, seed=11,
+    )  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(images[0]), np.asarray(edited))
+    (text_only,) = sample_rollout(pipe, [instruction], settings, size=size, seed=11)[1]
+    assert not np.array_equal(np.asarray(images[0]), np.asarray(text_only))  # the source did condition it
+    with pytest.raises(ValueError, match="got 2 sources for 1 prompts"):
+        sample_rollout(pipe, [instruction], settings, size=size, seed=11, sources=[src, src])
 
 
 def test_untrained_steps_are_deterministic_and_replays_agree(pipe):

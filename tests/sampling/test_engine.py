@@ -171,6 +171,25 @@ def test_engine_reuses_state_across_prompt_lengths():
     assert states[0] is states[1] is engine._state and engine._state.key.max_len % engine.kv_block == 0
 
 
+def test_engine_keeps_max_states_and_drops_the_least_recently_used():
+    pipe = load("nextstep11")
+    engine = Engine(pipe.model, max_states=2)
+    opts = GenerateOptions(size=(32, 32), steps=2)
+    ids, mask, latents, settings = inputs(pipe, opts, ["a fox"])
+
+    def state(steps: int):
+        s = dataclasses.replace(settings, num_steps=steps)
+        engine.generate(ids, mask, latents, s, opts, n_tokens=4, seed=0)
+        return engine._state
+
+    two, three = state(2), state(3)
+    assert state(2) is two and state(3) is three and two is not three  # both kept: nothing rebuilt
+    state(4)  # a third key drops the least recently used, two steps
+    assert state(3) is three and state(2) is not two
+    with pytest.raises(ValueError, match="max_states must be >= 1, got 0"):
+        Engine(pipe.model, max_states=0)
+
+
 @pytest.mark.parametrize("mode", ["int8", "fp8"])
 def test_quantized_linear_close(mode):
     lin = torch.nn.Linear(64, 32)
