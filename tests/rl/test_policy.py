@@ -23,12 +23,7 @@ TINY = ROOT / "nextstep11-tiny"
 SOURCE = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sample(policy: RolloutPolicy, steps: tuple[int, ...]) -> Rollout:

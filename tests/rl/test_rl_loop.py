@@ -41,12 +41,7 @@ def left_brightness(images, prompts, meta) -> torch.Tensor:
     )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rl_cfg(out, **rl) -> TrainConfig:

@@ -41,13 +41,7 @@ ARCH = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_atten
 CAPTIONS = ["a red cat <image_0>", "a big dog <image_0>", "a red dog <image_0>", "a big cat <image_0>"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls are far faster on one thread, and the test machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cfg(out: Path, **training) -> TrainConfig:
