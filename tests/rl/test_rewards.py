@@ -28,6 +28,17 @@ from nextstep.shapes.prompts import Prompt, Want, build_prompts, reference_scene
 from nextstep.shapes.scenes import Background, Obj, Scene, render
 
 
+@pytest.fixture(autouse=True)
+def no_pool_left(monkeypatch):
+    """A reward pool a test starts is shut down after it: later tests count the processes they start."""
+    from nextstep.rl import rewards
+
+    monkeypatch.setattr(rewards, "_pool", None)
+    yield
+    if rewards._pool is not None:
+        rewards._pool.shutdown()
+
+
 def _json_meta(prompt: Prompt) -> dict:
     return json.loads(json.dumps({"prompt": prompt.to_json()}))  # as carried through a rollout record
 
@@ -89,14 +100,12 @@ def test_a_pool_that_lost_a_worker_scores_in_process_and_is_replaced(monkeypatch
     from nextstep.rl.prompts import rl_prompts
 
     monkeypatch.setattr(rewards, "_workers", lambda: 2)
-    monkeypatch.setattr(rewards, "_pool", None)
     specs = [s for _, s in rl_prompts("in", n=rewards.POOL_MIN, seed=0)]
     rng = random.Random(0)
     images, meta = [render(reference_scene(s, rng)) for s in specs], [{"prompt": s} for s in specs]
-    before = set(multiprocessing.active_children())  # an earlier test's pool may be alive
     want = shapes_reward(images, [""] * len(images), meta)
     pool = rewards._pool
-    workers = [w for w in multiprocessing.active_children() if w not in before]
+    workers = multiprocessing.active_children()
     assert pool is not None and len(workers) == 2
     deadline = time.monotonic() + 60  # a worker may still be starting (importing) after the first batch
     while not all(_ignores_sigint(w.pid) for w in workers) and time.monotonic() < deadline:
@@ -111,7 +120,6 @@ def test_a_pool_that_lost_a_worker_scores_in_process_and_is_replaced(monkeypatch
     assert torch.equal(shapes_reward(images, [""] * len(images), meta), want)
     assert "the reward pool lost a worker" in caplog.text and rewards._pool is None
     assert torch.equal(shapes_reward(images, [""] * len(images), meta), want) and rewards._pool not in (None, pool)
-    rewards._pool.shutdown()
 
 
 def test_shapes_partial_reward_ranks_wrong_images_by_the_objects_found():
