@@ -11,8 +11,10 @@ import importlib
 import logging
 import multiprocessing
 import os
+import signal
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -54,15 +56,31 @@ def _score(image: Image.Image, meta: dict) -> dict:
     return score_image(image, _spec(meta), source=meta.get("source"))
 
 
+def _ignore_sigint() -> None:
+    """Pool workers leave Ctrl-C (which `timeout --signal=INT` and a terminal send to the whole process group) to
+    the main process, which finishes its step, saves and stops; a worker would otherwise raise KeyboardInterrupt
+    into the main process through its result. SIGTERM still ends a worker: the pool stops its workers with it
+    when one of them dies, and a pool that lost a worker is replaced (`_scores`)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _scores(images: list[Image.Image], meta: list[dict]) -> list[dict]:
-    """score_image of every sample, the same results whether or not a pool (spawned once, reused) runs them."""
+    """score_image of every sample, the same results whether or not a pool (spawned once, reused) runs them.
+    A batch whose pool lost a worker (a signal before its workers ignored it, SIGTERM, the OOM killer) is scored
+    here; the next large batch starts a new pool."""
     global _pool
     workers = _workers()
-    if len(images) < POOL_MIN or workers < 2:
-        return [_score(im, m) for im, m in zip(images, meta, strict=True)]
-    if _pool is None:  # spawned: forking a process that holds CUDA state is unsafe
-        _pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-    return list(_pool.map(_score, images, meta, chunksize=-(-len(images) // workers)))
+    if len(images) >= POOL_MIN and workers >= 2:
+        if _pool is None:  # spawned: forking a process that holds CUDA state is unsafe
+            context = multiprocessing.get_context("spawn")
+            _pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_sigint)
+        try:
+            return list(_pool.map(_score, images, meta, chunksize=-(-len(images) // workers)))
+        except BrokenProcessPool as e:
+            log.warning("the reward pool lost a worker (%s); scoring this batch in this process", e)
+            _pool.shutdown(wait=False)
+            _pool = None
+    return [_score(im, m) for im, m in zip(images, meta, strict=True)]
 
 
 def _found_share(found: list[Detected], wants: list[Want]) -> float:

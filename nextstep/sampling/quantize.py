@@ -37,7 +37,10 @@ def quantize_weight(weight: torch.Tensor, mode: str) -> tuple[torch.Tensor, torc
     w = weight.detach().float()
     qmax = _QMAX[mode]
     amax = w.abs().amax(dim=1)
-    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    # Divided by a tensor, not a Python number: CUDA divides by a number as a product with its float32
+    # reciprocal (an ulp off for a third of the rows), so a checkpoint quantised on CPU would differ from the
+    # same weights quantised at load on CUDA.
+    scale = torch.where(amax > 0, amax / torch.full_like(amax, qmax), torch.ones_like(amax))
     q = (w / scale[:, None]).clamp(-qmax, qmax)  # clamp: the e4m3 cast turns out-of-range values into NaN
     if mode == "int8":
         q = q.round()

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
+import os
 import random
+import signal
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +26,17 @@ from nextstep.rl.rewards import (
 )
 from nextstep.shapes.prompts import Prompt, Want, build_prompts, reference_scene
 from nextstep.shapes.scenes import Background, Obj, Scene, render
+
+
+@pytest.fixture(autouse=True)
+def no_pool_left(monkeypatch):
+    """A reward pool a test starts is shut down after it: later tests count the processes they start."""
+    from nextstep.rl import rewards
+
+    monkeypatch.setattr(rewards, "_pool", None)
+    yield
+    if rewards._pool is not None:
+        rewards._pool.shutdown()
 
 
 def _json_meta(prompt: Prompt) -> dict:
@@ -69,6 +85,41 @@ def test_large_batches_are_scored_in_a_process_pool_with_the_same_results(monkey
     for a, b in zip(pooled, serial, strict=True):
         assert a.tolist() == b.tolist()
     assert 0 < pooled[0].mean() < 1 and 0 < pooled[1][pooled[0] == 0].max() < 0.5  # right, wrong, partly right
+
+
+def _ignores_sigint(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    ignored = int(next(line.split()[1] for line in status if line.startswith("SigIgn:")), 16)  # bit n-1: signal n
+    return bool(ignored >> (signal.SIGINT - 1) & 1)
+
+
+def test_a_pool_that_lost_a_worker_scores_in_process_and_is_replaced(monkeypatch, caplog):
+    """Ctrl-C reaches pool workers too (the whole process group): they ignore it. A worker killed anyway (SIGTERM,
+    the OOM killer) costs the batch the pool, not its scores: it is scored in process, the next gets a new pool."""
+    from nextstep.rl import rewards
+    from nextstep.rl.prompts import rl_prompts
+
+    monkeypatch.setattr(rewards, "_workers", lambda: 2)
+    specs = [s for _, s in rl_prompts("in", n=rewards.POOL_MIN, seed=0)]
+    rng = random.Random(0)
+    images, meta = [render(reference_scene(s, rng)) for s in specs], [{"prompt": s} for s in specs]
+    want = shapes_reward(images, [""] * len(images), meta)
+    pool = rewards._pool
+    workers = multiprocessing.active_children()
+    assert pool is not None and len(workers) == 2
+    deadline = time.monotonic() + 60  # a worker may still be starting (importing) after the first batch
+    while not all(_ignores_sigint(w.pid) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(_ignores_sigint(w.pid) for w in workers)
+    for w in workers:
+        os.kill(w.pid, signal.SIGINT)
+    assert torch.equal(shapes_reward(images, [""] * len(images), meta), want) and rewards._pool is pool
+    assert all(w.is_alive() for w in workers)
+    os.kill(workers[0].pid, signal.SIGKILL)
+    workers[0].join()
+    assert torch.equal(shapes_reward(images, [""] * len(images), meta), want)
+    assert "the reward pool lost a worker" in caplog.text and rewards._pool is None
+    assert torch.equal(shapes_reward(images, [""] * len(images), meta), want) and rewards._pool not in (None, pool)
 
 
 def test_shapes_partial_reward_ranks_wrong_images_by_the_objects_found():

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +94,27 @@ def test_kill_and_resume_reproduce_the_rewards(tmp_path, monkeypatch):
     for key in ("reward_mean", "reward_std", "loss", "kl", "edit_reward_mean"):
         assert [h[key] for h in resumed] == [h[key] for h in full[2:]], key  # exactly equal
     assert all(np.isfinite(h["edit_reward_mean"]) for h in full)
+
+
+def test_sigint_to_the_process_group_while_the_reward_pool_scores_saves_and_resumes(tmp_path):
+    """`timeout --signal=INT` signals the whole process group, the reward pool's workers too: they ignore it, the
+    step finishes with their scores, a checkpoint is saved, the run stops cleanly, and a resume continues."""
+    env = {**os.environ, "SIGNAL_RUN_DIR": str(tmp_path), "PYTHONPATH": str(Path(__file__).parents[2])}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "tests.rl.signal_run", *args]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, start_new_session=True)
+
+    stopped = run()
+    assert stopped.returncode == 0 and "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
+    assert (tmp_path / "fired").is_file() and len(list(tmp_path.glob("busy-*"))) == 2  # mid-batch, both busy
+    assert "stopped by signal at step 2" in stopped.stderr and "lost a worker" not in stopped.stderr
+    assert [p.name for p in (tmp_path / "run/checkpoints").iterdir()] == ["step-00000002"]
+    assert [h["step"] for h in json.loads((tmp_path / "history.json").read_text())] == [1, 2]
+    resumed = run("--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    history = json.loads((tmp_path / "history-resumed.json").read_text())
+    assert [h["step"] for h in history] == [3, 4] and all(np.isfinite(h["reward_mean"]) for h in history)
 
 
 def test_lora_rl_trains_adapters_on_file_prompts(tmp_path):

@@ -27,6 +27,18 @@ QDTYPE = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
 CASES = [("nextstep11-tiny", "fp8", 5 * 2**30), ("nextstep-tiny", "int8", 100_000)]  # the second in shards
 
 
+def state_differences(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    """The keys in which two state_dicts differ, by kind (empty when they are equal), for a readable failure."""
+    shared = sorted(a.keys() & b.keys())
+    found = {
+        "only_in_first": sorted(a.keys() - b.keys()),
+        "only_in_second": sorted(b.keys() - a.keys()),
+        "dtype": [k for k in shared if a[k].dtype != b[k].dtype],
+        "value": [k for k in shared if not torch.equal(a[k].float(), b[k].float())],
+    }
+    return {kind: keys for kind, keys in found.items() if keys}
+
+
 @pytest.mark.parametrize("ref, mode, shard", CASES)
 def test_quantized_checkpoint_equals_quantizing_at_load(tmp_path, ref, mode, shard):
     """Same modules, bit-equal weights, scales and biases, and bit-equal images from the same seed as the
@@ -35,10 +47,7 @@ def test_quantized_checkpoint_equals_quantizing_at_load(tmp_path, ref, mode, sha
     assert (len(weight_files(out)) > 1) == (shard < 2**20) and (out / "vae" / "checkpoint.pt").is_file()
     stored = nextstep.load(out, device="cpu")
     at_load = nextstep.load(ROOT / ref, device="cpu", quantize=mode)
-    a, b = stored.model.state_dict(), at_load.model.state_dict()
-    assert a.keys() == b.keys()
-    for key in a:
-        assert a[key].dtype == b[key].dtype and torch.equal(a[key].float(), b[key].float()), key
+    assert not (diff := state_differences(stored.model.state_dict(), at_load.model.state_dict())), diff
     names = [n for n, m in at_load.model.named_modules() if isinstance(m, QuantizedLinear)]
     assert names == [n for n, m in stored.model.named_modules() if isinstance(m, QuantizedLinear)] and names
     opts = dict(size=(32, 32), steps=3, seed=5)
@@ -195,8 +204,7 @@ def test_bf16_checkpoint_on_cuda_equals_quantizing_at_load(tmp_path, mode):
     q = quantize_checkpoint(tmp_path / "bf16", tmp_path / "q", mode=mode)
     stored = nextstep.load(q, device="cuda", dtype=torch.bfloat16)
     at_load = nextstep.load(tmp_path / "bf16", device="cuda", dtype=torch.bfloat16, quantize=mode)
-    a, b = stored.model.state_dict(), at_load.model.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k].float(), b[k].float()) for k in a)
+    assert not (diff := state_differences(stored.model.state_dict(), at_load.model.state_dict())), diff
     opts = dict(size=(32, 32), steps=3, seed=2)
     x, y = stored.generate("a cat", **opts)[0], at_load.generate("a cat", **opts)[0]
     assert np.array_equal(np.asarray(x), np.asarray(y))

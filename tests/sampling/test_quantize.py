@@ -60,6 +60,29 @@ def test_scale_is_per_channel_absmax(mode):
     torch.testing.assert_close(scale2[4:], scale[4:], rtol=0, atol=0)
 
 
+class _ReciprocalDivision(torch.overrides.TorchFunctionMode):
+    """Division by a Python number as PyTorch's CUDA kernels do it: a product with its float32 reciprocal."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.Tensor.__truediv__, torch.Tensor.div, torch.div) and isinstance(args[1], (int, float)):
+            return args[0] * (1.0 / args[1])
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_quantized_weights_do_not_depend_on_how_the_device_divides(mode):
+    """`nextstep quantize` runs on CPU, quantize= at load on CUDA: both must give the same bytes. CUDA divides by
+    a Python number as a product with its reciprocal (one ulp off for many rows), so no such division may
+    reach the result."""
+    w = _weights(n=512)
+    q, scale = quantize_weight(w, mode)
+    with _ReciprocalDivision():
+        q_cuda, scale_cuda = quantize_weight(w, mode)
+        assert not torch.equal(w[:, :1] / 3.0, w[:, :1] / torch.full_like(w[:, :1], 3.0))  # the mode is active
+    assert torch.equal(scale_cuda, scale) and torch.equal(q_cuda.float(), q.float())
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_zero_rows_and_bias(mode):
     linear = nn.Linear(64, 32)
