@@ -83,6 +83,15 @@ def _scores(images: list[Image.Image], meta: list[dict]) -> list[dict]:
     return [_score(im, m) for im, m in zip(images, meta, strict=True)]
 
 
+def close_pool() -> None:
+    """Stop the reward pool's workers, if any (RLStep.close at the end of a run); the next large batch starts
+    a new pool."""
+    global _pool
+    if _pool is not None:
+        _pool.shutdown()
+        _pool = None
+
+
 def _found_share(found: list[Detected], wants: list[Want]) -> float:
     # Colored wants first: a color-free one can take any leftover of its shape, so this greedy match is maximal.
     pool = list(found)

@@ -22,7 +22,7 @@ from nextstep.io import save_png
 from nextstep.rl.objective import clipped_policy_loss, group_advantages, kl_to_reference
 from nextstep.rl.policy import RolloutPolicy
 from nextstep.rl.prompts import rl_edit_prompts, rl_prompts
-from nextstep.rl.rewards import resolve_reward, score_rewards
+from nextstep.rl.rewards import close_pool, resolve_reward, score_rewards
 from nextstep.rl.rollout import policy_log_prob, sample_rollout
 from nextstep.sampling.flow import FlowSettings
 from nextstep.sampling.pipeline import read_defaults
@@ -117,6 +117,10 @@ class RLStep:
 
             for name in ("embed", "forward_hidden", "head_condition"):
                 register_fsdp_forward_method(run.model, name)
+
+    def close(self) -> None:
+        """What the run started outside this process: the reward pool's workers (the loop calls this at its end)."""
+        close_pool()
 
     def __call__(self, run: Run) -> StepOutput:
         if self.reward is None:

@@ -31,7 +31,8 @@ def train(cfg: TrainConfig, *, data: Iterable | None = None, step_fn: StepFn | N
     """Run (or resume) training; returns this run's per-step metrics (rank 0 logs them too).
     `data`: optional iterable of per-rank Sample lists instead of the wds.py loader; `step_fn`: one
     optimizer step of the run, by default training.mode's (`nextstep.train.step.train_step` for sft,
-    `nextstep.rl.step.RLStep` for rl, which samples its own rollouts and reads no data)."""
+    `nextstep.rl.step.RLStep` for rl, which samples its own rollouts and reads no data); a step_fn with a
+    `close()` is closed when training ends."""
     if step_fn is None and cfg.training.mode == "rl":
         from nextstep.rl.step import RLStep
 
@@ -64,6 +65,8 @@ def train(cfg: TrainConfig, *, data: Iterable | None = None, step_fn: StepFn | N
                 break
     finally:
         stop.close()
+        if hasattr(step_fn, "close"):  # e.g. RLStep's reward pool
+            step_fn.close()
     profiler.close()
     steps.close()
     if cfg.checkpoint.export_final and run.rank == 0:

@@ -5,6 +5,7 @@ named."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -186,3 +187,18 @@ def test_two_process_fsdp_rl(tmp_path):
     assert all(np.isfinite(h["loss"]) and h["ratio_dev"] < 1e-3 for h in history)
     assert history[0]["kl"] == 0 and history[1]["kl"] > 0
     assert (tmp_path / "run/checkpoints/step-00000002/meta.json").is_file()
+
+
+def test_the_reward_pool_is_stopped_when_training_ends(tmp_path, monkeypatch):
+    """A run that scored its rewards in the process pool leaves no worker behind once train() returns."""
+    from nextstep.rl import rewards
+
+    monkeypatch.setattr(rewards, "POOL_MIN", 16)
+    monkeypatch.setattr(rewards, "_workers", lambda: 2)
+    started = []
+    real = rewards.ProcessPoolExecutor
+    monkeypatch.setattr(rewards, "ProcessPoolExecutor", lambda *a, **k: started.append(real(*a, **k)) or started[-1])
+    cfg = apply_overrides(rl_cfg(tmp_path / "run", prompts="shapes", reward="shapes"), ["training.max_steps=1"])
+    loop.train(cfg)
+    assert len(started) == 1 and rewards._pool is None  # the 16 images went to a pool, which is gone
+    assert not [p for p in multiprocessing.active_children() if p.name.startswith("SpawnProcess")]
