@@ -21,7 +21,9 @@ from nextstep.data.wds import build_dataloader
 from nextstep.model.vae import AutoEncoder, VAEConfig, load_vae, pil_to_pixels, save_vae
 from nextstep.train import loop
 from nextstep.train.config import apply_overrides
-from tests.train.test_loop import CAPTIONS, one_thread, tiny_cfg  # noqa: F401 (autouse fixture)
+from tests.train.test_loop import CAPTIONS, tiny_cfg
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # as in test_loop
 
 
 @pytest.fixture

@@ -17,7 +17,9 @@ from nextstep.train.init import init_model, resolve_arch, set_trainable
 from nextstep.train.optim import build_optimizer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_loop import ARCH, latent_batches, one_thread, tiny_cfg  # noqa: E402, F401
+from test_loop import ARCH, latent_batches, tiny_cfg  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # as in test_loop
 
 
 def test_init_from_lm_dir_strips_prefix_and_keeps_image_modules_fresh(tmp_path):
