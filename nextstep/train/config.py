@@ -232,9 +232,7 @@ class RLConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"rl.{name} must be >= 1, got {getattr(self, name)}")
         if self.group_size < 2:
-            raise ValueError(
-                f"rl.group_size must be >= 2 (advantages are relative to the group), got {self.group_size}"
-            )
+            raise ValueError(f"rl.group_size must be >= 2 (advantages are group-relative), got {self.group_size}")
         if self.rule not in ("sde", "cps"):
             raise ValueError(f"rl.rule must be sde or cps (a stochastic rule), got {self.rule!r}")
         if self.prompts != "shapes" and not self.prompts.startswith("file:"):
