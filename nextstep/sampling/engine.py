@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -183,6 +184,7 @@ class Engine:
         head_kernels: bool | None = None,
         kv_block: int = 256,
         max_states: int = 1,
+        batch_buckets: tuple[int, ...] = (),
     ):
         dev = model.embed_tokens.weight.device
         self.model = model
@@ -197,6 +199,11 @@ class Engine:
         if max_states < 1:
             raise ValueError(f"max_states must be >= 1, got {max_states}")
         self.max_states = max_states
+        # Batch sizes a call is padded up to (the smallest that holds it; larger calls run as they are), so a
+        # server whose batches vary in size reuses a few kept states instead of capturing graphs per size.
+        if any(b < 1 for b in batch_buckets):
+            raise ValueError(f"batch_buckets must be positive batch sizes, got {batch_buckets}")
+        self.batch_buckets = tuple(sorted(set(batch_buckets)))
         self._states: dict[_Key, _State] = {}
         self._state: _State | None = None  # the one last used
         # One GEMM for q/k/v and one for gate/up: float copies, or quantised ones sharing the weights' memory.
@@ -230,12 +237,28 @@ class Engine:
                 gc.collect()  # a state and its graphs form a reference cycle: free its cache and pools now
                 torch.cuda.empty_cache()
             try:
-                with self.compiling():
-                    st = _State(self, key)
-            finally:
-                self.model.clear_caches()
+                st = self._build(key)
+            except torch.OutOfMemoryError:
+                if not self._states:
+                    raise
+                # The kept states' caches hold the memory: drop them all and build this one alone.
+                self._states.clear()
+                gc.collect()
+                torch.cuda.empty_cache()
+                st = self._build(key)
         self._states[key] = self._state = st  # now the most recently used
         return st
+
+    def _build(self, key: _Key) -> _State:
+        try:
+            with self.compiling():
+                return _State(self, key)
+        finally:
+            self.model.clear_caches()
+
+    def bucket(self, batch: int) -> int:
+        """The batch size a call of `batch` images runs at: the smallest bucket that holds it, else itself."""
+        return next((b for b in self.batch_buckets if b >= batch), batch)
 
     @torch.inference_mode()
     def refresh(self) -> None:
@@ -246,6 +269,23 @@ class Engine:
         time_embed = self.model.image_head.net.time_embed
         for st in self._states.values():
             st.t_embed.copy_(time_embed(st.plan.t.to(st.t_embed.device, st.t_embed.dtype)))
+
+    def key(self, shape: tuple[int, int], settings: FlowSettings, opts, *, n_tokens: int, record=()) -> _Key:
+        """The state key of a call with prompt rows of `shape` (R, L)."""
+        rows = guidance_rows(opts.cfg, opts.cfg_img)
+        if record and rows != 1:
+            raise ValueError(f"recording head transitions needs sampling without guidance, got {rows} rows")
+        r, n_prefix = shape
+        max_len = -(-(n_prefix + n_tokens) // self.kv_block) * self.kv_block
+        return _Key(
+            r // rows, rows, max_len, settings, opts.cfg_normalize, opts.use_norm, opts.context_noise, tuple(record)
+        )
+
+    def prepare(self, shape: tuple[int, int], settings: FlowSettings, opts, *, n_tokens: int) -> None:
+        """Build (and keep) the state a call with prompt rows of `shape` (R, L) will use, at its padded batch
+        size: caches allocated, head tuned, graphs captured; a server's warm-up."""
+        rows = guidance_rows(opts.cfg, opts.cfg_img)
+        self.state(self.key((rows * self.bucket(shape[0] // rows), shape[1]), settings, opts, n_tokens=n_tokens))
 
     @torch.inference_mode()
     def start(
@@ -265,15 +305,8 @@ class Engine:
         record: head steps whose transitions the head keeps (Recording)."""
         model = self.model
         dev = model.embed_tokens.weight.device
-        rows = guidance_rows(opts.cfg, opts.cfg_img)
-        if record and rows != 1:
-            raise ValueError(f"recording head transitions needs sampling without guidance, got {rows} rows")
         r, n_prefix = input_ids.shape
-        max_len = -(-(n_prefix + n_tokens) // self.kv_block) * self.kv_block
-        key = _Key(
-            r // rows, rows, max_len, settings, opts.cfg_normalize, opts.use_norm, opts.context_noise, tuple(record)
-        )
-        st = self.state(key)
+        st = self.state(self.key((r, n_prefix), settings, opts, n_tokens=n_tokens, record=record))
         st.key_valid.fill_(True)
         st.key_valid[:, :n_prefix] = attention_mask.to(dev).bool()
         pos = st.slots[:n_prefix]
@@ -308,32 +341,36 @@ class Engine:
         Draws: per token, one (num_draws, B, D) normal fill in plan order (initial noise, one eps per
         stochastic step, the context noise); with `draw` given, draw((B, D)) is called that many times in
         that order. on_token(k, tokens (B, k + 1, D)) after each token; trace: a pipeline.Trace to fill;
-        record: a Recording whose x, v, x_next this call sets (no guidance).
+        record: a Recording whose x, v, x_next this call sets (no guidance). A batch below a bucket runs
+        padded with copies of its first image (zero noise); its own rows get the same draws as unpadded.
         """
         steps = () if record is None else record.steps
+        rows = guidance_rows(opts.cfg, opts.cfg_img)
+        batch = input_ids.shape[0] // rows
+        padded = batch if trace is not None else self.bucket(batch)  # a trace records the rows as given
+        if padded > batch:
+            input_ids, attention_mask, image_tokens = pad_rows(
+                input_ids, attention_mask, image_tokens, rows, padded, self.model.config.image_placeholder_id
+            )
         try:
             st, n_prefix = self.start(
                 input_ids, attention_mask, image_tokens, settings, opts, n_tokens=n_tokens, trace=trace, record=steps
             )
             with self.compiling():
-                out, rec = self._loop(st, n_prefix, opts, n_tokens, seed, draw, on_token, trace)
+                fill = noise_fill(seed, draw, batch)
+                out, rec = self._loop(st, n_prefix, opts, n_tokens, batch, fill, on_token, trace)
         finally:
             self.model.clear_caches()
         if record is not None:
-            record.x, record.v, record.x_next = rec.unbind(3)  # each (B, N, S, D)
-        return out
+            record.x, record.v, record.x_next = rec[:batch].unbind(3)  # each (B, N, S, D)
+        return out[:batch]
 
-    def _loop(self, st: _State, n_prefix: int, opts, n_tokens: int, seed: int, draw, on_token, trace):
+    def _loop(self, st: _State, n_prefix: int, opts, n_tokens: int, batch: int, fill, on_token, trace):
         scales = guidance_table(st.key.settings.family, opts, n_tokens).to(st.noise.device)
-        if draw is None:
-            gen = torch.Generator(device=st.noise.device).manual_seed(seed)
         out = torch.empty(st.key.batch, n_tokens, st.token.shape[-1], device=st.noise.device)
         rec = torch.empty(st.key.batch, n_tokens, *st.rec.shape[1:], device=st.noise.device)  # (B, N, S, 3, D)
         for k in tqdm(range(n_tokens), desc="image tokens", disable=not opts.progress, leave=False):
-            if draw is None:
-                st.noise.normal_(generator=gen)  # one call: the draws of this token, in order
-            else:
-                st.noise.copy_(torch.stack([draw(tuple(st.token.shape)) for _ in range(len(st.noise))]))
+            fill(st.noise)
             st.scales.copy_(scales[k])
             if trace is not None:
                 trace.conditions.append(st.cond.to("cpu", torch.float32, copy=True))  # (R, d)
@@ -343,8 +380,53 @@ class Engine:
             out[:, k].copy_(st.token)
             rec[:, k].copy_(st.rec)
             if on_token is not None:
-                on_token(k, out[:, : k + 1])
+                on_token(k, out[:batch, : k + 1])
             if k < n_tokens - 1:
                 st.slot.fill_(n_prefix + k)
                 st.decode_graph(n_prefix + k)()
         return out, rec
+
+
+# ---- padding a batch up to its bucket ----------------------------------------------------------------
+
+
+def pad_rows(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    image_tokens: torch.Tensor,
+    rows: int,
+    batch: int,
+    image_id: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompt rows (R, L) = rows x B guidance-major, and the image tokens (N, D) of their placeholders in row
+    order -> the same for `batch` >= B images, each guidance branch padded with copies of its first row."""
+    r, length = input_ids.shape
+    b = r // rows
+    per_row = (input_ids == image_id).sum(1).tolist()  # placeholders (image tokens) of each row
+    chunks = list(image_tokens.split(per_row))
+    order = [g * b + i for g in range(rows) for i in (*range(b), *[0] * (batch - b))]  # source row of each
+    index = torch.tensor(order, device=input_ids.device)
+    tokens = torch.cat([chunks[i] for i in order]) if image_tokens.shape[0] else image_tokens
+    return input_ids[index], attention_mask[index.to(attention_mask.device)], tokens
+
+
+def noise_fill(seed: int, draw, batch: int) -> Callable[[torch.Tensor], None]:
+    """A function filling a state's noise (draws, B', D) for one token: rows [:batch] exactly as an unpadded
+    call draws them (one normal fill of (draws, batch, D) from the generator seeded with `seed`, or
+    `draw((batch, D))` once per draw, in order), the padding rows zero."""
+    gen = None
+
+    def fill(noise: torch.Tensor) -> None:
+        nonlocal gen
+        own = noise if noise.shape[1] == batch else torch.empty_like(noise[:, :batch])
+        if draw is not None:
+            own.copy_(torch.stack([draw((batch, noise.shape[-1])) for _ in range(len(noise))]))
+        else:
+            if gen is None:
+                gen = torch.Generator(device=noise.device).manual_seed(seed)
+            own.normal_(generator=gen)  # one call: the draws of this token, in order
+        if own is not noise:
+            noise[:, :batch].copy_(own)
+            noise[:, batch:].zero_()
+
+    return fill

@@ -88,6 +88,7 @@ class Pipeline:
         self.edit_defaults = {**EDIT_DEFAULTS, **defaults.pop("edit", {})}  # editing: official, then checkpoint
         self.defaults = defaults
         self._engine: tuple[tuple[bool, bool], Engine] | None = None  # ((eager, compile), engine) from engine()
+        self.engine_options: dict = {}  # Engine's max_states and batch_buckets (configure_engine)
 
     @classmethod
     def from_pretrained(
@@ -232,14 +233,7 @@ class Pipeline:
         warn_untrained_size(self.trained, opts.size)
         if len(captions) * opts.n > MAX_BATCH:
             raise ValueError(f"{len(captions)} prompts x n={opts.n} exceeds the batch limit of {MAX_BATCH}")
-        settings = FlowSettings(
-            family=self.family,
-            num_steps=opts.steps,
-            shift=opts.shift,
-            rule=opts.sampler,
-            noise_level=opts.noise_level,
-            last_step_size=opts.last_step_size,
-        )
+        settings = self._settings(opts)
         texts, images = self._rows(captions, sources, opts)
         input_ids, attn = self.tokenize(texts, opts.size)
         pixels = [pil_to_pixels(img) for row in images for img in row]
@@ -252,6 +246,33 @@ class Pipeline:
         decoded = self.decode_tokens(tokens, h, w, trace)
         return [pixels_to_pil(x) for x in decoded]
 
+    def _settings(self, opts: GenerateOptions) -> FlowSettings:
+        return FlowSettings(
+            family=self.family,
+            num_steps=opts.steps,
+            shift=opts.shift,
+            rule=opts.sampler,
+            noise_level=opts.noise_level,
+            last_step_size=opts.last_step_size,
+        )
+
+    def configure_engine(self, *, max_states: int = 1, batch_buckets: tuple[int, ...] = ()) -> None:
+        """How the engine keeps decoding states (a server's batches vary in size): up to `max_states` of them,
+        and calls padded up to the smallest of `batch_buckets` that holds them (Engine)."""
+        self.engine_options = {"max_states": max_states, "batch_buckets": tuple(batch_buckets)}
+        self._engine = None
+
+    @torch.inference_mode()
+    def warm(self, batch: int, **options) -> None:
+        """Build the engine's state for text-to-image calls of `batch` images with these options (a short
+        prompt's cache bucket): caches allocated, head kernels tuned, CUDA graphs captured."""
+        opts = replace(GenerateOptions(**self.defaults), **options, n=1)
+        check_options(opts, self.down_factor)
+        texts, _ = self._rows(["warm-up"] * batch, [[] for _ in range(batch)], opts)
+        input_ids, _ = self.tokenize(texts, opts.size)
+        n_tokens = (opts.size[0] // self.down_factor) * (opts.size[1] // self.down_factor)
+        self.engine(opts).prepare(tuple(input_ids.shape), self._settings(opts), opts, n_tokens=n_tokens)
+
     def engine(self, opts: GenerateOptions) -> Engine:
         """This pipeline's engine for opts.engine, kept between calls; one at a time (its state holds the KV
         cache). eager: the same code without CUDA graphs or fused kernels; fast: graphs and fused kernels
@@ -262,7 +283,8 @@ class Pipeline:
             self._engine = None
             gc.collect()  # a state and its graphs form a reference cycle: free them before the next one
             off = False if eager else None  # None: wherever the device has them
-            self._engine = kind, Engine(self.model, graphs=off, compile=kind[1], head_kernels=off)
+            engine = Engine(self.model, graphs=off, compile=kind[1], head_kernels=off, **self.engine_options)
+            self._engine = kind, engine
         return self._engine[1]
 
     def encode_images(self, pixels: list[torch.Tensor]) -> torch.Tensor:

@@ -68,10 +68,14 @@ class ServeConfig:
     max_body_bytes: int = 20 * 2**20  # largest request body (413 beyond)
     max_upload_pixels: int = MAX_PIXELS  # largest uploaded image, checked before decoding
     stall_s: float = 60.0  # /health answers 503 when a running batch has made no progress (image token) this long
+    # GPU: decoding states (KV caches, CUDA graphs) kept, batches padded to a power of two (batch_buckets); a
+    # state that does not fit in memory drops the others
+    keep_states: int = 8
     default_size: tuple[int, int] | None = None  # (height, width) when a request names none; None: the checkpoint's
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_queue", "max_n", "max_side", "max_steps", "max_prompt_chars", "max_body_bytes"):
+        names = ("max_batch", "max_queue", "max_n", "max_side", "max_steps", "max_prompt_chars", "max_body_bytes")
+        for name in (*names, "keep_states"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.max_batch > MAX_BATCH or self.max_n > MAX_BATCH:
@@ -81,6 +85,11 @@ class ServeConfig:
                 f"need max_wait_ms >= 0, timeout_s > 0, stall_s > 0, got {self.max_wait_ms}, {self.timeout_s}, "
                 f"{self.stall_s}"
             )
+
+
+def batch_buckets(max_batch: int) -> tuple[int, ...]:
+    """The batch sizes a GPU server pads its batches to: powers of two below max_batch, and max_batch."""
+    return (*(2**i for i in range(max_batch.bit_length()) if 2**i < max_batch), max_batch)
 
 
 class OpenAIRequest(BaseModel):
@@ -182,9 +191,21 @@ class Server:
             max_wait_s=config.max_wait_ms / 1000,
             max_queue=config.max_queue,
         )
+        if pipe.model.embed_tokens.weight.is_cuda:  # a state per batch size: graphs captured once, not per call
+            pipe.configure_engine(max_states=config.keep_states, batch_buckets=batch_buckets(config.max_batch))
+        self.warmed = False
         self.responses: Counter = Counter()  # (path, status) -> responses
         self.streams = StreamStats()
         self.started = time.time()
+
+    def warm(self) -> None:
+        """Compile, tune and capture before the first request: one image at the default size, then the engine's
+        states of the default options at every batch bucket (GPU). Blocking; once."""
+        if not self.warmed:
+            self.pipe.generate("warm-up", size=self.default_size, steps=1, seed=0)
+            for batch in self.pipe.engine_options.get("batch_buckets", ()):
+                self.pipe.warm(batch, size=self.default_size)
+            self.warmed = True
 
     def check_text(self, text: str, param: str, *, required: bool) -> None:
         if required and not text.strip():
@@ -334,6 +355,8 @@ def build_app(pipe: Pipeline, config: ServeConfig | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if pipe.model.embed_tokens.weight.is_cuda:  # requests come once this returns: warm up first
+            await asyncio.to_thread(server.warm)
         server.batcher.start()
         yield
         await server.batcher.stop()
@@ -447,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=d.max_steps, help="largest steps a request may ask for")
     p.add_argument("--default-size", type=size_arg, default=None, help="WIDTHxHEIGHT when a request names none")
     p.add_argument("--stall", type=float, default=d.stall_s, help="seconds without progress before /health is 503")
+    p.add_argument("--keep-states", type=int, default=d.keep_states, help="GPU decoding states kept (batch sizes)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
 
@@ -463,6 +487,7 @@ def serve_config(args: argparse.Namespace, **fields) -> ServeConfig:
         max_steps=args.max_steps,
         default_size=args.default_size,
         stall_s=args.stall,
+        keep_states=args.keep_states,
         **fields,
     )
 

@@ -178,10 +178,9 @@ class ImageModel:
         device = config.device or ("cuda" if config.gpus_per_replica > 0 else "cpu")
         self.pipe = await asyncio.to_thread(Pipeline.from_pretrained, model_dir, device=device)
         self.app = replica_app(self.pipe, config.serve)
-        server = self.app.state.server
         # Ray marks the replica ready when this constructor returns: warm up first, so the first request
-        # does not pay for lazy initialisation (and on GPU the engine's CUDA-graph capture)
-        await asyncio.to_thread(self.pipe.generate, "warm-up", size=server.default_size, steps=1, seed=0)
+        # does not pay for lazy initialisation (and on GPU the engine's CUDA-graph captures)
+        await asyncio.to_thread(self.app.state.server.warm)
         self.lifespan = contextlib.AsyncExitStack()
         await self.lifespan.enter_async_context(self.app.router.lifespan_context(self.app))
         self.name = serve.get_replica_context().replica_id.to_full_id_str()

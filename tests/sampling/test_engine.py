@@ -13,7 +13,8 @@ from PIL import Image
 from nextstep.model.backbone import FusedLinear, build_attention_mask
 from nextstep.model.nextstep import NextStep
 from nextstep.model.vae import pil_to_pixels
-from nextstep.sampling.engine import Engine
+from nextstep.sampling import engine as engine_mod
+from nextstep.sampling.engine import Engine, Recording, pad_rows
 from nextstep.sampling.flow import FlowSettings, guidance_rows, guidance_table, sample_token
 from nextstep.sampling.pipeline import GenerateOptions, Pipeline
 from nextstep.sampling.quantize import QuantizedLinear, apply_quantization, quantize_linear
@@ -262,3 +263,104 @@ def test_pipeline_engine_switches_compile_setting():
     assert torch._dynamo.config.recompile_limit == limit
     with pytest.raises(ValueError, match="engine must be one of auto, fast, compiled, eager, got 'turbo'"):
         pipe.generate("a fox", size=(32, 32), steps=2, engine="turbo")
+
+
+@pytest.mark.parametrize("edit, replayed", [(False, False), (True, True)])
+def test_padded_batch_equals_unpadded(edit, replayed):
+    """A batch of 3 run at bucket 4 (padded with copies of its first image) gives the unpadded tokens: the same
+    draws for its own rows, the same on_token views, the padding dropped; a Recording keeps 3 images too."""
+    pipe = load("nextstep11")
+    options = dict(cfg=3.0, cfg_img=2.0) if edit else dict(cfg=5.0)
+    opts = GenerateOptions(size=(32, 32), steps=3, **options)
+    ids, mask, latents, settings = inputs(pipe, opts, ["a fox", "two red circles", "a longer prompt of a cat"], edit)
+    seen = []
+
+    def run(buckets):
+        engine, draw = Engine(pipe.model, batch_buckets=buckets), replay(7) if replayed else None
+        out = engine.generate(
+            ids,
+            mask,
+            latents,
+            settings,
+            opts,
+            n_tokens=4,
+            seed=7,
+            draw=draw,
+            on_token=lambda k, tokens: seen.append(tuple(tokens.shape)),
+        )
+        return out, engine._state.key.batch
+
+    want, unpadded = run(())
+    got, padded = run((1, 2, 4, 8))
+    assert (unpadded, padded) == (3, 4) and got.shape == want.shape == (3, 4, pipe.model.config.token_dim)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert seen[:4] == seen[4:] == [(3, k + 1, pipe.model.config.token_dim) for k in range(4)]
+
+
+def test_padded_recording_keeps_the_batch():
+    pipe = load("nextstep11")
+    opts = GenerateOptions(size=(32, 32), steps=3, cfg=1.0, sampler="sde")
+    ids, mask, latents, settings = inputs(pipe, opts, ["a fox", "a cat", "a dog"])
+    recs = []
+    for buckets in ((), (4,)):
+        rec = Recording(steps=(0, 2))
+        Engine(pipe.model, batch_buckets=buckets).generate(
+            ids, mask, latents, settings, opts, n_tokens=4, seed=3, record=rec
+        )
+        recs.append(rec)
+    assert recs[1].x.shape == recs[0].x.shape == (3, 4, 2, pipe.model.config.token_dim)
+    for a, b in zip((recs[0].x, recs[0].v, recs[0].x_next), (recs[1].x, recs[1].v, recs[1].x_next), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_pad_rows_repeats_each_branch_first_row_with_its_image_tokens():
+    p = 9  # placeholder id
+    ids = torch.tensor([[1, p, p], [2, 3, 4], [5, p, p], [6, 7, 8]])  # 2 branches x 2 images, guidance-major
+    mask = torch.ones_like(ids)
+    mask[1, 0] = 0
+    tokens = torch.arange(4.0)[:, None].expand(4, 2)  # row 0's two placeholders, then row 2's
+    got_ids, got_mask, got_tokens = pad_rows(ids, mask, tokens, rows=2, batch=3, image_id=p)
+    assert got_ids.tolist() == [[1, p, p], [2, 3, 4], [1, p, p], [5, p, p], [6, 7, 8], [5, p, p]]
+    assert got_mask[1, 0] == 0 and got_mask.sum() == 17
+    assert got_tokens[:, 0].tolist() == [0, 1, 0, 1, 2, 3, 2, 3]
+    with pytest.raises(ValueError, match="batch_buckets must be positive"):
+        Engine(load("nextstep11").model, batch_buckets=(0, 4))
+
+
+def test_engine_buckets_and_prepare_build_the_state_a_call_reuses():
+    pipe = load("nextstep11")
+    pipe.configure_engine(max_states=3, batch_buckets=(1, 2, 4))
+    try:
+        opts = GenerateOptions(size=(32, 32), steps=2, cfg=2.0)
+        engine = pipe.engine(opts)
+        assert [engine.bucket(b) for b in (1, 2, 3, 4, 5)] == [1, 2, 4, 4, 5]
+        pipe.warm(4, size=(32, 32), steps=2, cfg=2.0)
+        warmed = engine._state
+        assert warmed.key.batch == 4 and warmed.key.rows == 2
+        images = pipe.generate(["a fox", "a cat", "a dog"], size=(32, 32), steps=2, cfg=2.0, seed=0)
+        assert len(images) == 3 and engine._state is warmed  # the call of 3 ran in the warmed state of 4
+    finally:
+        pipe.configure_engine()
+
+
+def test_engine_state_that_runs_out_of_memory_drops_the_kept_ones(monkeypatch):
+    pipe = load("nextstep11")
+    engine = Engine(pipe.model, max_states=4)
+    opts = GenerateOptions(size=(32, 32), steps=2)
+    ids, mask, latents, settings = inputs(pipe, opts, ["a fox"])
+    for steps in (2, 3):
+        engine.generate(ids, mask, latents, dataclasses.replace(settings, num_steps=steps), opts, n_tokens=2, seed=0)
+    build, calls = engine_mod._State, []
+
+    def short_of_memory(eng, key):
+        calls.append(len(eng._states))
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return build(eng, key)
+
+    monkeypatch.setattr(engine_mod, "_State", short_of_memory)
+    engine.generate(ids, mask, latents, dataclasses.replace(settings, num_steps=4), opts, n_tokens=2, seed=0)
+    assert calls == [2, 0] and len(engine._states) == 1  # the two kept states dropped, the new one built alone
+    monkeypatch.setattr(engine_mod, "_State", lambda eng, key: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
+    with pytest.raises(torch.OutOfMemoryError):  # nothing left to drop: the error is the caller's
+        Engine(pipe.model).generate(ids, mask, latents, settings, opts, n_tokens=2, seed=0)

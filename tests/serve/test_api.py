@@ -26,8 +26,8 @@ pytest.importorskip("multipart")
 from nextstep.assets import builtin_model_dir  # noqa: E402
 from nextstep.cli import main as cli_main  # noqa: E402
 from nextstep.sampling.chain import KEY, Chain, pixel_sha256  # noqa: E402
-from nextstep.sampling.pipeline import Pipeline  # noqa: E402
-from nextstep.serve.api import ServeConfig, build_app  # noqa: E402
+from nextstep.sampling.pipeline import GenerateOptions, Pipeline  # noqa: E402
+from nextstep.serve.api import ServeConfig, Server, batch_buckets, build_app  # noqa: E402
 from nextstep.serve.batching import Batcher, BatchKey, Job, QueueFull, run_batch  # noqa: E402
 from nextstep.shapes.synth import make_sample  # noqa: E402
 from tests.refs import ROOT  # noqa: E402
@@ -348,3 +348,27 @@ def test_batched_draws_reproduce_lone_requests_on_the_fast_engine(pipe):
 def test_serve_reports_a_missing_model(capsys):
     assert cli_main(["serve", "--model", "/nonexistent/model"]) == 2
     assert capsys.readouterr().err.startswith("nextstep: error: model directory not found")
+
+
+def test_batch_buckets_are_powers_of_two_up_to_max_batch():
+    assert batch_buckets(16) == (1, 2, 4, 8, 16)
+    assert batch_buckets(12) == (1, 2, 4, 8, 12)
+    assert batch_buckets(1) == (1,)
+    with pytest.raises(ValueError, match="keep_states must be > 0, got 0"):
+        ServeConfig(keep_states=0)
+
+
+def test_server_warm_builds_a_state_per_batch_bucket(model_dir):
+    """What a GPU server does before its first request (configure_engine there follows the model's device)."""
+    pipe = Pipeline.from_pretrained(model_dir, device="cpu")
+    server = Server(pipe, ServeConfig(max_batch=4, default_size=(32, 32)))
+    assert pipe.engine_options == {}  # on CPU: no padding, one state
+    pipe.configure_engine(max_states=4, batch_buckets=batch_buckets(4))
+    server.warm()
+    engine = pipe.engine(GenerateOptions(**pipe.defaults))
+    default_steps = GenerateOptions(**pipe.defaults).steps
+    kept = sorted(k.batch for k in engine._states if k.settings.num_steps == default_steps)
+    assert kept == [1, 2, 4] and server.warmed
+    states = dict(engine._states)
+    server.warm()  # once
+    assert engine._states == states
