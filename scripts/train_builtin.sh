@@ -8,14 +8,28 @@
 # be run again (e.g. in a second call on the same machine) to continue. A training stage stops at its
 # max_steps or after TRAIN_SECONDS; each stage starts once the one before has finished. The newest
 # checkpoint of the last stage is then exported in fp16 with its sampling defaults (128 px, tuned guidance).
+# STAGE2=DIR starts stages 3, 3a and 4 from a stage 2 export (with its VAE and tokenizer) instead of training
+# stages 1 and 2 (~30 min of data and training): the one shipped at commit 2e700f6, for instance:
+#   git archive 2e700f6 nextstep/assets/nextstep-shapes | tar x -C /tmp   (DIR: /tmp/nextstep/assets/nextstep-shapes)
 set -euo pipefail
 OUT=${1:-runs/shapes/export}
 TRAIN_SECONDS=${2:-100000}
 N=${N:-400000}
 STAGES=${STAGES:-3a}
+STAGE2=${STAGE2:-}
 case "$STAGES" in 2 | 3 | 3a | 4) ;; *) echo "STAGES must be 2, 3, 3a or 4, not '$STAGES'" >&2; exit 2 ;; esac
+if [ -n "$STAGE2" ]; then
+  if [ "$STAGES" = 2 ]; then echo "STAGE2 is stage 2's export: STAGES must be 3, 3a or 4" >&2; exit 2; fi
+  for f in config.json model.safetensors.index.json tokenizer.json vae/checkpoint.pt; do
+    if [ ! -f "$STAGE2/$f" ]; then echo "STAGE2=$STAGE2 is not a model export: no $f" >&2; exit 2; fi
+  done
+  mkdir -p runs/shapes/stage2 runs/shapes/tokenizer runs/shapes/vae
+  cp -r "$STAGE2"/. runs/shapes/stage2/
+  cp "$STAGE2"/tokenizer*.json "$STAGE2"/special_tokens_map.json runs/shapes/tokenizer/
+  cp "$STAGE2"/vae/* runs/shapes/vae/
+fi
 # synth-shapes keeps the shards a run before finished (an interrupted one resumes).
-nextstep data synth-shapes data/shapes --n "$N" --seed 0 --workers "$(nproc)"
+if [ -z "$STAGE2" ]; then nextstep data synth-shapes data/shapes --n "$N" --seed 0 --workers "$(nproc)"; fi
 if [ ! -f runs/shapes/tokenizer/tokenizer.json ]; then
   nextstep data train-tokenizer data/shapes runs/shapes/tokenizer --vocab-size 1024 --max-samples 50000
 fi
@@ -32,7 +46,7 @@ latents() {
   nextstep data meta "$2" --workers "$(nproc)"
   nextstep data warmup "$2" --n_jobs "$(nproc)"
 }
-latents data/shapes data/shapes-latents
+if [ -z "$STAGE2" ]; then latents data/shapes data/shapes-latents; fi
 if [ "$TRAIN_SECONDS" = 0 ]; then exit 0; fi  # data, tokenizer, VAE and latents only
 # train DIR PRESET: run (or resume) a preset until its max_steps or TRAIN_SECONDS; true once it has finished.
 train() {
@@ -43,24 +57,27 @@ train() {
   local max; max=$(python3 -c "from $2 import config; print(config.training.max_steps)")
   [ -d "$1/checkpoints/step-$(printf %08d "$max")" ]
 }
-train runs/shapes/model configs.shapes || exit 0  # stage 1 not finished: run the script again
 # export_once RUN DIR: the newest checkpoint of a finished stage in fp16, the next stage's starting point.
 export_once() {
   if [ ! -f "$2/config.json" ]; then nextstep export "$1" "$2" --dtype float16; fi
 }
-# Stage 2 starts from stage 1's fp16 export (what shipped before), on 200k fresh scenes.
-export_once runs/shapes/model runs/shapes/stage1
-nextstep data synth-shapes data/shapes-ft --n 200000 --seed 1 --workers "$(nproc)"
-latents data/shapes-ft data/shapes-ft-latents
-train runs/shapes/model-stage2 configs.shapes_stage2 || exit 0
-LAST=runs/shapes/model-stage2
-if [ "$STAGES" != 2 ]; then export_once runs/shapes/model-stage2 runs/shapes/stage2; fi
-if [ "$STAGES" = 3a ] || [ "$STAGES" = 4 ]; then  # 300k fresh scenes with counted-group relations
+if [ -z "$STAGE2" ]; then
+  train runs/shapes/model configs.shapes || exit 0  # stage 1 not finished: run the script again
+  # Stage 2 starts from stage 1's fp16 export (what shipped before), on 200k fresh scenes.
+  export_once runs/shapes/model runs/shapes/stage1
+  nextstep data synth-shapes data/shapes-ft --n 200000 --seed 1 --workers "$(nproc)"
+  latents data/shapes-ft data/shapes-ft-latents
+  train runs/shapes/model-stage2 configs.shapes_stage2 || exit 0
+  LAST=runs/shapes/model-stage2
+  if [ "$STAGES" != 2 ]; then export_once runs/shapes/model-stage2 runs/shapes/stage2; fi
+fi
+ft3() {  # stages 3a and 4: 300k fresh scenes with counted-group relations
   nextstep data synth-shapes data/shapes-ft3 --n 300000 --seed 3 --p-no-color 0.5 --p-group-relation 0.3 \
     --workers "$(nproc)"
   latents data/shapes-ft3 data/shapes-ft3-latents
-fi
+}
 if [ "$STAGES" = 3a ]; then  # from stage 2's export: attention, norms, embeddings and projectors only
+  ft3
   train runs/shapes/model-stage3-attn configs.shapes_stage3_attn || exit 0
   LAST=runs/shapes/model-stage3-attn
 fi
@@ -72,6 +89,7 @@ if [ "$STAGES" = 3 ] || [ "$STAGES" = 4 ]; then  # from stage 2's export, on 300
 fi
 if [ "$STAGES" = 4 ]; then  # from stage 3's export
   export_once runs/shapes/model-stage3 runs/shapes/stage3
+  ft3
   train runs/shapes/model-stage4 configs.shapes_stage4 || exit 0
   LAST=runs/shapes/model-stage4
 fi

@@ -5,7 +5,8 @@ nextstep serve --replicas 2 --max-replicas 8 --address ray://head:10001
 serve run configs/serve_ray.yaml                                    # the same application from a config file
 
 Each replica (ImageModel) loads the pipeline, warms it up, then serves the single-process server's own app
-(nextstep.serve.api.build_app) in process, with its batches formed by Ray Serve's @serve.batch (RayBatcher).
+(nextstep.serve.api.build_app) in process, batches included: Ray Serve's @serve.batch forms the next batch while
+the current one runs, so under load a replica ran batches of 1-3 images instead of max_batch (BENCHMARKS.md).
 The gateway, the HTTP ingress, forwards each request to a replica through a streaming deployment handle
 (nextstep.serve.relay: a whole reply, or a stream=true response event by event) and turns Ray's failures into
 the API's JSON errors: a replica that dies mid-request gives 503, a hung one 504; once a stream has started,
@@ -37,7 +38,6 @@ except ImportError as e:
 
 from nextstep.sampling.pipeline import Pipeline
 from nextstep.serve.api import ApiError, BodyLimit, ServeConfig, build_app, build_parser, serve_config
-from nextstep.serve.batching import Batcher, Job, QueueFull
 from nextstep.serve.relay import HttpCall, HttpReply, call_app
 from nextstep.serve.stream import error_event
 
@@ -86,90 +86,6 @@ class RayConfig:
         return cls(**{**args, "serve": ServeConfig(**serve_args)})
 
 
-class RayBatcher(Batcher):
-    """The server's batcher with batches formed by Ray Serve's @serve.batch instead of our own wait loop.
-
-    @serve.batch collects calls for up to max_wait_s or max_batch images (batch_size_fn counts images) and
-    runs one batch at a time; what it cannot do, grouping by options, happens here: a batch mixing options
-    runs as one pipeline call per option set, in arrival order. The queue limit (429), the retry of a
-    failed batch request by request and the counters of /metrics are the Batcher's own.
-    """
-
-    def __init__(self, run, *, max_batch: int, max_wait_s: float, max_queue: int, max_n: int):
-        super().__init__(run, max_batch=max_batch, max_wait_s=max_wait_s, max_queue=max_queue)
-        self._queued: set[Job] = set()  # submitted, not yet in a batch
-        self._tasks: set[asyncio.Task] = set()  # the @serve.batch calls in flight
-        self._running = False
-        # a request of n > max_batch images still runs, alone, as with our own batcher
-        self._batched = serve.batch(
-            max_batch_size=max(max_batch, max_n),
-            batch_wait_timeout_s=max_wait_s,
-            max_concurrent_batches=1,
-            batch_size_fn=lambda jobs: sum(job.n for job in jobs),
-        )(self._run_jobs)
-
-    @property
-    def queued(self) -> int:
-        return sum(not job.future.done() for job in self._queued)
-
-    @property
-    def alive(self) -> bool:
-        return self._running
-
-    def start(self) -> None:
-        self._running = True
-
-    async def stop(self) -> None:
-        self._running = False
-        for job in self._queued:
-            if not job.future.done():
-                job.future.set_exception(RuntimeError("the server is shutting down"))
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    def submit(self, job: Job) -> asyncio.Future:
-        if self.queued >= self.max_queue:
-            self.stats.rejected += 1
-            raise QueueFull(f"{self.queued} requests are waiting (limit {self.max_queue}); retry later")
-        job.future = asyncio.get_running_loop().create_future()
-        self._queued.add(job)
-        task = asyncio.get_running_loop().create_task(self._enqueue(job))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return job.future
-
-    async def _enqueue(self, job: Job) -> None:
-        try:
-            await self._batched(job)
-        except Exception as e:  # @serve.batch failed the call (e.g. outside a replica): fail the request, never hang
-            self._queued.discard(job)
-            if not job.future.done():
-                job.future.set_exception(e)
-
-    async def _run_jobs(self, jobs: list[Job]) -> list[None]:
-        """One @serve.batch batch: a pipeline call per option set; each job's future gets its images."""
-        self._queued.difference_update(jobs)
-        live = [job for job in jobs if not job.future.done()]  # a request that timed out while queued is gone
-        for key in dict.fromkeys(job.key for job in live):
-            await self._serve([job for job in live if job.key == key])
-        return [None] * len(jobs)
-
-
-def replica_app(pipe: Pipeline, config: ServeConfig) -> FastAPI:
-    """The API app of one replica: the single server's, with batches formed by @serve.batch."""
-    app = build_app(pipe, config)
-    server = app.state.server
-    server.batcher = RayBatcher(
-        server.batcher.run,
-        max_batch=config.max_batch,
-        max_wait_s=config.max_wait_ms / 1000,
-        max_queue=config.max_queue,
-        max_n=config.max_n,
-    )
-    return app
-
-
 @serve.deployment(name="ImageModel")
 class ImageModel:
     """One model replica: the pipeline, warmed up before Ray routes to it, serving the API app in process."""
@@ -177,7 +93,7 @@ class ImageModel:
     async def __init__(self, config: RayConfig, model_dir: str):
         device = config.device or ("cuda" if config.gpus_per_replica > 0 else "cpu")
         self.pipe = await asyncio.to_thread(Pipeline.from_pretrained, model_dir, device=device)
-        self.app = replica_app(self.pipe, config.serve)
+        self.app = build_app(self.pipe, config.serve)
         # Ray marks the replica ready when this constructor returns: warm up first, so the first request
         # does not pay for lazy initialisation (and on GPU the engine's CUDA-graph captures)
         await asyncio.to_thread(self.app.state.server.warm)

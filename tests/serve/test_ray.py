@@ -11,6 +11,7 @@ import json
 import signal
 import socket
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,12 +27,10 @@ from ray import serve  # noqa: E402
 from nextstep.assets import builtin_model_dir  # noqa: E402
 from nextstep.sampling.pipeline import Pipeline  # noqa: E402
 from nextstep.serve.api import ServeConfig, build_app  # noqa: E402
-from nextstep.serve.batching import BatchKey, Job, QueueFull  # noqa: E402
 from nextstep.serve.middleware import ApiError  # noqa: E402
 from nextstep.serve.ray_serve import (  # noqa: E402
     APP_NAME,
     REPLICA_HEADER,
-    RayBatcher,
     RayConfig,
     build_application,
     next_piece,
@@ -224,57 +223,29 @@ def test_serve_with_bad_replica_options_exits_2_naming_the_value(argv, message, 
     assert f"nextstep serve: error: {message}" in capsys.readouterr().err
 
 
-def job(key: str, n: int = 1) -> Job:
-    return Job(key=BatchKey(kind="generate", options=(("size", key),)), prompt="p", seed=0, n=n)
+def test_requests_arriving_while_a_replica_runs_a_batch_all_join_its_next_batch(url):
+    """Why replicas batch with the server's own Batcher and not @serve.batch: Ray's decorator forms the next
+    batch while the current one runs (in max_wait windows), so requests trickling in during a long batch ran
+    as many batches of 1-3 images; the Batcher forms a batch when the model is free, from all that waits."""
+    replicas = {r.headers[REPLICA_HEADER] for r in post_all(url, [{"prompt": "a", "steps": 1}] * 4)}
+    before = {name: replica_metrics(url, name)["batch_images"] for name in replicas}
+    slow = {"prompt": "a red circle", "size": "128x128", "steps": 8, "seed": 0}  # ~0.5 s a batch on CPU
+    bodies = [slow] * 2 + [{"prompt": f"a blue star {i}", "seed": i, "steps": 2} for i in range(16)]
 
+    def post(i: int) -> httpx.Response:
+        time.sleep(0.03 * i if i >= 2 else 0)  # the first two start batches; the rest trickle in meanwhile
+        with httpx.Client(base_url=url, timeout=120) as c:
+            return c.post(GEN, json=bodies[i])
 
-@serve.deployment(ray_actor_options={"num_cpus": 0})
-class BatcherProbe:
-    """RayBatcher inside a replica (where @serve.batch runs) over a recording stand-in for the pipeline."""
-
-    async def __call__(self) -> tuple[list, list[int], tuple[int, int, int]]:
-        calls = []
-
-        def run(jobs, on_token):
-            calls.append([(j.key.options[0][1], j.n) for j in jobs])
-            return [[None] * j.n for j in jobs]
-
-        batcher = RayBatcher(run, max_batch=4, max_wait_s=0.05, max_queue=6, max_n=6)
-        batcher.start()
-        futures = [batcher.submit(j) for j in [job("a", 2), job("b"), job("a"), job("c", 6), job("a"), job("b")]]
-        try:
-            batcher.submit(job("d"))
-        except QueueFull:
-            pass
-        results = await asyncio.gather(*futures)
-        counts = (batcher.queued, batcher.stats.requests, batcher.stats.rejected)
-        await batcher.stop()
-        return calls, [len(r) for r in results], counts
-
-
-def test_ray_batcher_groups_options_within_a_serve_batch_and_answers_queue_full(url):
-    """@serve.batch forms the batch (up to max_batch images); each option set in it is one pipeline call;
-    a request larger than max_batch runs alone; beyond max_queue waiting requests, QueueFull (429). (Ray puts a
-    request that does not fit back at the end of its queue, so the later batches' order is Ray's.)"""
-    probe = serve.run(BatcherProbe.bind(), name="probe", route_prefix="/probe")
-    calls, sizes, counts = probe.remote().result(timeout_s=60)
-    serve.delete("probe")
-    assert sizes == [2, 1, 1, 6, 1, 1] and counts == (0, 6, 1)
-    assert calls[:2] == [[("a", 2), ("a", 1)], [("b", 1)]]  # the first batch of 4 images, split by options
-    assert [("c", 6)] in calls and all(len({key for key, _ in call}) == 1 for call in calls)
-    everything = [("a", 2), ("a", 1), ("a", 1), ("b", 1), ("b", 1), ("c", 6)]
-    assert sorted(j for call in calls for j in call) == sorted(everything)
-
-
-def test_ray_batcher_fails_requests_outside_a_replica_instead_of_hanging():
-    async def scenario():
-        batcher = RayBatcher(lambda jobs: [], max_batch=4, max_wait_s=0.01, max_queue=4, max_n=4)
-        batcher.start()
-        with pytest.raises(Exception, match="within a Ray Serve deployment"):
-            await asyncio.wait_for(batcher.submit(job("a")), 10)
-        assert batcher.queued == 0
-
-    asyncio.run(scenario())
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        assert [r.status_code for r in pool.map(post, range(len(bodies)))] == [200] * len(bodies)
+    new = Counter()
+    for name in replicas:
+        after = replica_metrics(url, name)["batch_images"]
+        new.update({int(k): v - before[name].get(k, 0) for k, v in after.items() if v > before[name].get(k, 0)})
+    assert sum(k * v for k, v in new.items()) == len(bodies)
+    # the 16 trickling requests (8 per replica, max_batch 8) in at most 4 batches; @serve.batch took 6 or more
+    assert sum(new.values()) - 2 <= 4, f"batches (images: count) {dict(new)}"
 
 
 class Replies:
