@@ -7,6 +7,11 @@ skips the timing (issue 22, cold start): the fp8/int8 GEMM's `quant_kernels.Tune
 
 Entries are valid for the Triton version that timed them; a file of another version, or one that cannot be
 read, is ignored with a warning (and replaced on the next write). Writes are atomic (nextstep.io).
+
+A fresh machine has no such file. For the GPUs we measure on, the package ships the file a tuning run there
+wrote (nextstep/assets/tuning/<gpu>.json, the same format, copied from a GPU run's cache folder): an entry
+missing from the user's file is read from it, so a first process on such a GPU skips the timing too, as long
+as its Triton is the one that tuned it.
 """
 
 from __future__ import annotations
@@ -31,9 +36,13 @@ def cache_dir() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "nextstep") / "tuning"
 
 
-def cache_path(gpu: str) -> Path:
-    """The file of one GPU model, its name made file-safe ("NVIDIA H200" -> NVIDIA_H200.json)."""
-    return cache_dir() / (re.sub(r"[^A-Za-z0-9.-]+", "_", gpu).strip("_") + ".json")
+SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "tuning"  # tables shipped with the package
+
+
+def cache_path(gpu: str, root: Path | None = None) -> Path:
+    """The file of one GPU model, its name made file-safe ("NVIDIA H200" -> NVIDIA_H200.json), in `root`
+    (default: the user's cache_dir())."""
+    return (root or cache_dir()) / (re.sub(r"[^A-Za-z0-9.-]+", "_", gpu).strip("_") + ".json")
 
 
 def entry_key(*parts) -> str:
@@ -57,22 +66,26 @@ class TuningCache:
         self.path = cache_path(gpu)
         self.version = _triton_version()
         self.data = self._read()
+        self.shipped = self._read(cache_path(gpu, SHIPPED), level=logging.INFO)  # read-only fallback
 
-    def _read(self) -> dict:
-        """The file's tables, or {} (with a warning) when it is missing, corrupt or of another Triton."""
-        if not self.path.exists():
+    def _read(self, path: Path | None = None, level: int = logging.WARNING) -> dict:
+        """A file's tables (default: the user's), or {} (logged at `level`) when it is missing, corrupt or of
+        another Triton."""
+        path = path or self.path
+        if not path.exists():
             return {}
         try:
-            data = json.loads(self.path.read_text())
+            data = json.loads(path.read_text())
             if not isinstance(data, dict) or not all(isinstance(v, dict) for k, v in data.items() if k != "triton"):
                 raise ValueError("not a table of kernels")
         except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
-            log.warning("ignoring the unreadable tuning cache %s (%s); tuning again", self.path, e)
+            log.log(level, "ignoring the unreadable tuning cache %s (%s); tuning again", path, e)
             return {}
         if data.get("triton") != self.version:
-            log.warning(
+            log.log(
+                level,
                 "ignoring tuning cache %s: tuned with Triton %s, running %s",
-                self.path,
+                path,
                 data.get("triton"),
                 self.version,
             )
@@ -82,7 +95,7 @@ class TuningCache:
     def get(self, kernel: str, key: str, kind: type[T]) -> T | None:
         """The stored launch configuration of `kernel` for `key`, as the dataclass `kind`; None if there is
         none or its fields are not `kind`'s (written by another version of the kernel: tuned again)."""
-        entry = self.data.get(kernel, {}).get(key)
+        entry = self.data.get(kernel, {}).get(key) or self.shipped.get(kernel, {}).get(key)
         if entry is None:
             return None
         try:

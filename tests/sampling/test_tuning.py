@@ -89,6 +89,28 @@ def test_unwritable_cache_only_warns(cache_root, caplog):
     assert cache.get("head", "k", Head) == Head(2) and "could not write" in caplog.text
 
 
+def test_shipped_table_answers_what_the_users_cache_lacks(tmp_path, monkeypatch, caplog):
+    """A fresh machine (no user cache) reads the package's table of its GPU; the user's entries win; a shipped
+    table of another Triton is skipped without a warning (it is the package's, not the user's)."""
+    shipped = tmp_path / "shipped"
+    monkeypatch.setattr(tuning, "SHIPPED", shipped)
+    version = tuning.TuningCache(GPU).version
+    write = lambda triton: tuning.write_json(  # noqa: E731
+        tuning.cache_path(GPU, shipped), {"triton": triton, "head": {"a": {"block_n": 8}, "b": {"block_n": 2}}}
+    )
+    write(version)
+    cache = tuning.TuningCache(GPU)
+    assert cache.get("head", "a", Head) == Head(8) and cache.get("head", "c", Head) is None
+    cache.put("head", "a", Head(4))
+    assert not (shipped / "NVIDIA_H200.json").read_text().count('"block_n": 4')  # the shipped file is never written
+    again = tuning.TuningCache(GPU)
+    assert again.get("head", "a", Head) == Head(4) and again.get("head", "b", Head) == Head(2)
+    write("0.0.1")
+    with caplog.at_level(logging.WARNING):
+        assert tuning.TuningCache(GPU).get("head", "b", Head) is None
+    assert not caplog.records
+
+
 @pytest.fixture
 def fake_gpu(monkeypatch):
     """get_device_properties answers for a fake H200 (the tuners ask it for the GPU name and SM count)."""
