@@ -12,8 +12,8 @@ The model is --model, or with --model-config a random-weight one of that shape w
 checkpoint (the built-in model's tokenizer and VAE). Each setup starts as a subprocess on 127.0.0.1 and is
 warmed up at batch sizes 1 to 4 and --max-batch; then at each concurrency c, c clients each keep one request
 (n=1, own seed) in flight until max(--requests, c) have started or --duration seconds have passed.
-One JSON line per result: {"what", "config", "device", "number", "unit"}: images/s, p50/p95 latency, for
-`single` the images per pipeline call from /metrics, and each setup's images/s against the first setup's.
+One JSON line per result: {"what", "config", "device", "number", "unit"}: images/s, p50/p95 latency, the
+images per pipeline call (every replica's /metrics), and each setup's images/s against the first setup's.
 """
 
 from __future__ import annotations
@@ -170,6 +170,19 @@ async def load(
         return time.perf_counter() - start, latencies
 
 
+def pipeline_calls(url: str, replicas: int) -> int:
+    """Pipeline calls made so far by all `replicas` behind `url`: /metrics is the answering replica's (named by
+    the x-nextstep-replica header through Ray), so ask until each has answered."""
+    seen: dict[str, int] = {}
+    with httpx.Client(base_url=url, timeout=60) as http:
+        for _ in range(50 * replicas):
+            r = http.get("/metrics")
+            seen[r.headers.get("x-nextstep-replica", "single")] = r.json()["batches"]
+            if len(seen) == replicas:
+                return sum(seen.values())
+    raise RuntimeError(f"only {len(seen)} of {replicas} replicas answered /metrics")
+
+
 def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else values[0]
 
@@ -182,11 +195,12 @@ def bench_setup(args: argparse.Namespace, setup: str, device: str) -> dict[int, 
             asyncio.run(load(url, concurrency=c, requests=c, duration=math.inf, steps=args.steps, offset=10**6))
         for c in args.concurrency:
             requests = max(args.requests, c)
-            before = httpx.get(f"{url}/metrics").json()
+            replicas = int(setup[3:]) if setup.startswith("ray") else 1
+            before = pipeline_calls(url, replicas)
             wall, latencies = asyncio.run(
                 load(url, concurrency=c, requests=requests, duration=args.duration, steps=args.steps, offset=0)
             )
-            after = httpx.get(f"{url}/metrics").json()
+            calls = pipeline_calls(url, replicas) - before
             config = {
                 "setup": setup,
                 "max_batch": 1 if setup == "single-nobatch" else args.max_batch,
@@ -203,9 +217,7 @@ def bench_setup(args: argparse.Namespace, setup: str, device: str) -> dict[int, 
             emit("images_per_s", config, round(rates[c], 2), "images/s", device)
             emit("latency_p50", config, round(1e3 * percentile(latencies, 50), 1), "ms", device)
             emit("latency_p95", config, round(1e3 * percentile(latencies, 95), 1), "ms", device)
-            if setup.startswith("single"):  # a Ray deployment's /metrics is one replica's
-                calls = after["batches"] - before["batches"]
-                emit("images_per_pipeline_call", config, round(len(latencies) / max(calls, 1), 2), "images", device)
+            emit("images_per_pipeline_call", config, round(len(latencies) / max(calls, 1), 2), "images", device)
     finally:
         proc.terminate()
         proc.wait(120)
