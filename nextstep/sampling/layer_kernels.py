@@ -52,10 +52,9 @@ if triton is not None:
         cols = tl.arange(0, BLOCK)
         m = cols < N
         x = tl.load(x_ptr + row * N + cols, mask=m, other=0.0).to(tl.float32)
-        norm_ty = x_ptr.dtype.element_ty
+        norm_ty = sum_ptr.dtype.element_ty  # the dtype the norm's input has (x's without HAS_RES)
         if HAS_RES:
             x = x + tl.load(res_ptr + row * N + cols, mask=m, other=0.0).to(tl.float32)
-            norm_ty = sum_ptr.dtype.element_ty
             x = x.to(norm_ty)  # the eager residual add rounds here
             tl.store(sum_ptr + row * N + cols, x, mask=m)
             x = x.to(tl.float32)
@@ -63,11 +62,6 @@ if triton is not None:
         y = (x * rstd).to(norm_ty).to(tl.float32)  # F.rms_norm in fp32, cast back to the input's dtype
         w = tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * N + cols, (w * y).to(out_ptr.dtype.element_ty), mask=m)
-
-    @triton.jit
-    def _round(x, ty: tl.constexpr):
-        """x (fp32) rounded to `ty` as an eager op in that dtype rounds its result."""
-        return x.to(ty).to(tl.float32)
 
     @triton.jit
     def _rope_cache(
@@ -115,8 +109,9 @@ if triton is not None:
             tl.store(vdst + HALF + i, tl.load(vsrc + HALF + i, mask=m), mask=m)
         x1 = tl.load(src + i, mask=m, other=0.0).to(tl.float32)
         x2 = tl.load(src + HALF + i, mask=m, other=0.0).to(tl.float32)
-        o1 = _round(x1 * c1, ty) + _round(-x2 * s1, ty)  # rotate_half(x) = (-x2, x1)
-        o2 = _round(x2 * c2, ty) + _round(x1 * s2, ty)
+        # Each product rounded to the dtype as the eager ops round it; rotate_half(x) = (-x2, x1).
+        o1 = (x1 * c1).to(ty).to(tl.float32) + (-x2 * s1).to(ty).to(tl.float32)
+        o2 = (x2 * c2).to(ty).to(tl.float32) + (x1 * s2).to(ty).to(tl.float32)
         tl.store(dst + i, o1.to(ty), mask=m)
         tl.store(dst + HALF + i, o2.to(ty), mask=m)
 
@@ -135,7 +130,7 @@ if triton is not None:
         m = cols < F
         g = tl.load(g_ptr + row * g_stride + cols, mask=m, other=0.0).to(tl.float32)
         u = tl.load(u_ptr + row * u_stride + cols, mask=m, other=0.0).to(tl.float32)
-        s = _round(g / (1.0 + tl.exp(-g)), g_ptr.dtype.element_ty)  # F.silu's formula, rounded to its dtype
+        s = (g / (1.0 + tl.exp(-g))).to(g_ptr.dtype.element_ty).to(tl.float32)  # F.silu's formula and rounding
         tl.store(out_ptr + row * F + cols, (s * u).to(out_ptr.dtype.element_ty), mask=m)
 
 
