@@ -5,6 +5,7 @@
     python bench/decode.py --batches 1 --heads fused --tokens 32 --official-eager-s 217  # engine vs eager
     python bench/decode.py --quantize fp8,int8 --tokens 0          # fp8 and int8 rows beside bf16's
     python bench/decode.py --cold-start --quantize fp8 --steps 30   # fresh processes, empty then warm caches
+    python bench/decode.py --batches 1 --heads fused --tokens 0 --quantize fp8 --layer-kernels off,on  # layer kernels
 
 Random bf16 weights built directly on the GPU (then quantised for --quantize rows); each row's roofline
 counts the bytes of its own precision. One JSON line per result:
@@ -33,6 +34,7 @@ from nextstep.model.nextstep import NextStep
 from nextstep.sampling.engine import Engine
 from nextstep.sampling.flow import FlowSettings, guidance_rows, guidance_table
 from nextstep.sampling.head_kernels import MAX_ROWS
+from nextstep.sampling.layer_kernels import decode_layer
 from nextstep.sampling.pipeline import GenerateOptions, Pipeline
 from nextstep.sampling.quantize import MODES, apply_quantization
 
@@ -179,12 +181,12 @@ def time_eager(model, rows, settings, opts, tokens: int) -> float:
     return seconds
 
 
-def profile_kernels(model, rows, settings, opts, n_tokens: int) -> tuple[float, float, str]:
+def profile_kernels(model, rows, settings, opts, n_tokens: int, layer_kernels: bool) -> tuple[float, float, str]:
     """Summed kernel time (s) of one head loop and one backbone step, run without graphs (batch 1):
     graph time minus this is launch gaps and tiny-kernel overhead."""
     from torch.profiler import ProfilerActivity, profile
 
-    engine = Engine(model, graphs=False)
+    engine = Engine(model, graphs=False, layer_kernels=layer_kernels)
     ids, mask = prompt(model.config, 1, rows)
     st, n_prefix = engine.start(ids, mask, torch.zeros(0, 64, device=DEVICE), settings, opts, n_tokens=n_tokens)
     sums, table = [], ""
@@ -270,14 +272,17 @@ def time_precision(args, quantize: str, bw: float, base: dict) -> dict[int, floa
     w = args.window
     offsets = (0, n_tokens // 2 - w // 2, n_tokens - w)
     base = {**base, "quantize": quantize}
-    per_image = {}
-    heads = args.heads.split(",")
-    for batch, head_impl in [(int(b), h) for b in args.batches.split(",") for h in heads]:
+    per_image, backbone = {}, {}
+    heads, layers = args.heads.split(","), args.layer_kernels.split(",")
+    runs = [(int(b), h, lk) for b in args.batches.split(",") for h in heads for lk in layers]
+    for batch, head_impl, layer_impl in runs:
         if head_impl == "fused" and batch * rows > MAX_ROWS and "torch" in heads:
             continue  # too many rows for the fused kernels: the engine would run the torch head anyway
-        engine = Engine(model, compile=args.compile, head_kernels=head_impl == "fused")
+        on = layer_impl == "on"
+        engine = Engine(model, compile=args.compile, head_kernels=head_impl == "fused", layer_kernels=on)
         t = time_engine(engine, model, batch, rows, settings, opts, n_tokens, w, offsets)
         head_impl = "fused" if engine._state.head_kernels else "torch"  # more rows than MAX_ROWS: torch
+        assert (engine._state.layer_fn is decode_layer) == on  # what is timed is what the row names
         tuned = dataclasses.asdict(engine._state.launch) if head_impl == "fused" else None
         del engine
         gc.collect()  # the engine's state and graphs form a cycle; free them before the next batch
@@ -289,6 +294,7 @@ def time_precision(args, quantize: str, bw: float, base: dict) -> dict[int, floa
             "compile": args.compile,
             "head": head_impl,
             "head_kernel_config": tuned,
+            "layer_kernels": layer_impl,
             "window": f"3 windows of {w} tokens at {list(offsets)}, mean x {n_tokens} tokens + prefill",
         }
         roof = roofline(model, batch, rows, n_tokens, args.steps, bw)
@@ -310,10 +316,14 @@ def time_precision(args, quantize: str, bw: float, base: dict) -> dict[int, floa
         note = "adaLN, cond and time weights read once per token"
         emit("roofline_token_latency_engine_algorithm", {**cfg, "note": note}, floor_engine * 1e3, "ms/token")
         emit("ratio_engine_over_roofline", cfg, step / floor, "x")
-        if head_impl == "fused" or batch not in per_image:  # the engine's default where both ran
+        if layer_impl == layers[0] and (head_impl == "fused" or batch not in per_image):  # the default head
             per_image[batch] = t["image"] / batch
-        print(f"# {quantize} batch {batch} ({head_impl} head): head {t['head'] * 1e3:.2f} ms "
-              f"backbone {t['backbone'] * 1e3:.2f} ms roofline {floor * 1e3:.2f} ms", flush=True)  # fmt: skip
+        backbone[batch, head_impl, layer_impl] = t["backbone"]
+        if layer_impl == "on" and (batch, head_impl, "off") in backbone:
+            ratio = t["backbone"] / backbone[batch, head_impl, "off"]
+            emit("ratio_backbone_layer_kernels_on_over_off", {**cfg, "layer_kernels": "on / off"}, ratio, "x")
+        print(f"# {quantize} batch {batch} ({head_impl} head, layer kernels {layer_impl}): head {t['head'] * 1e3:.2f}"
+              f" ms backbone {t['backbone'] * 1e3:.2f} ms roofline {floor * 1e3:.2f} ms", flush=True)  # fmt: skip
     if 1 in per_image and 32 in per_image:
         emit("ratio_images_per_s_batch32_over_batch1", base, per_image[1] / per_image[32], "x")
     if args.tokens:
@@ -326,12 +336,12 @@ def time_precision(args, quantize: str, bw: float, base: dict) -> dict[int, floa
         if args.official_eager_s:
             official = {**cfg, "official_eager_s_per_image": args.official_eager_s}
             emit("ratio_eager_over_official_eager", official, eager * n_tokens / args.official_eager_s, "x")
-    if args.profile:
-        head, backbone, table = profile_kernels(model, rows, settings, opts, n_tokens)
+    for layer_impl in layers if args.profile else ():
+        head, step, table = profile_kernels(model, rows, settings, opts, n_tokens, layer_impl == "on")
         print(table, flush=True)
-        cfg = {**base, "batch": 1, "note": "sum of kernel times, one token, eager launches (no graph)"}
+        cfg = {**base, "batch": 1, "layer_kernels": layer_impl, "note": "sum of kernel times, one token, no graph"}
         emit("kernel_time_head", cfg, head * 1e3, "ms/token")
-        emit("kernel_time_backbone", cfg, backbone * 1e3, "ms/token")
+        emit("kernel_time_backbone", cfg, step * 1e3, "ms/token")
     del model
     gc.collect()
     torch.cuda.empty_cache()
@@ -366,6 +376,12 @@ def main() -> None:
         help="comma list of head implementations per batch: fused (Triton kernels, the default) | torch",
     )
     ap.add_argument(
+        "--layer-kernels",
+        default="off",
+        help="comma list per batch and head: off (eager decoder layer) | on (Triton layer kernels, layer_kernels.py);"
+        " ratio lines use the first",
+    )
+    ap.add_argument(
         "--cold-start",
         action="store_true",
         help="time to first image minus steady image time of two fresh processes, empty caches then reused",
@@ -378,6 +394,10 @@ def main() -> None:
     modes = [m for m in args.quantize.split(",") if m != "none"]
     if set(modes) - set(MODES):
         ap.error(f"--quantize takes none or a comma list of {', '.join(MODES)}, got {args.quantize!r}")
+    if not args.layer_kernels or set(args.layer_kernels.split(",")) - {"off", "on"}:
+        ap.error(f"--layer-kernels takes a comma list of off, on, got {args.layer_kernels!r}")
+    if args.compile and "on" in args.layer_kernels.split(","):
+        ap.error("--layer-kernels on does not combine with --compile (the engine then compiles its own layer)")
     if args.cold_start_child is not None:
         return cold_start_child(args)
     torch.backends.cuda.matmul.allow_tf32 = True

@@ -24,6 +24,7 @@ from nextstep.model.backbone import build_attention_mask, fuse_projections
 from nextstep.model.head import AdaLNMLP, compute_dtype
 from nextstep.model.nextstep import NextStep
 from nextstep.sampling import head_kernels as head_kernels_mod
+from nextstep.sampling import layer_kernels as layer_kernels_mod
 from nextstep.sampling.flow import FlowSettings, guidance_rows, guidance_table, guided_update, plan_steps
 from nextstep.sampling.quantize import fuse_quantized
 
@@ -124,7 +125,10 @@ class _State:
         else:
             compiled = torch.compile(head_velocity, dynamic=False) if engine.compile else head_velocity
             self.velocity, self.update = compiled, guided_update
-        self.layer_fn = torch.compile(type(model.layers[0]).forward, dynamic=False) if engine.compile else None
+        if engine.compile:
+            self.layer_fn = torch.compile(type(model.layers[0]).forward, dynamic=False)
+        else:
+            self.layer_fn = layer_kernels_mod.decode_layer if engine.layer_kernels else None
         capture, pool = engine.graphs, (torch.cuda.graph_pool_handle() if engine.graphs else None)
         # Captures run now, before any prefill: their warm-up writes only the last cache slot, which no
         # generated token attends to, and the cond/token buffers, which start() then overwrites.
@@ -182,6 +186,7 @@ class Engine:
         graphs: bool | None = None,
         compile: bool = False,
         head_kernels: bool | None = None,
+        layer_kernels: bool | None = None,
         kv_block: int = 256,
         max_states: int = 1,
         batch_buckets: tuple[int, ...] = (),
@@ -193,6 +198,11 @@ class Engine:
         # Fused Triton head blocks (head_kernels.py, float or fp8/int8 weights); None: wherever Triton runs them.
         self.head_kernels = head_kernels_mod.available(dev) if head_kernels is None else head_kernels
         self._launch: dict[int, head_kernels_mod.LaunchConfig] = {}  # tuned per row count, kept across states
+        # Fused Triton kernels between the decoder layers' GEMVs in the decode step (layer_kernels.py; not with
+        # compile, which fuses its own); None: off until measured.
+        if layer_kernels and not layer_kernels_mod.available(dev):
+            raise ValueError(f"layer_kernels=True needs Triton and a CUDA device, got device {dev}")
+        self.layer_kernels = bool(layer_kernels)
         self.kv_block = kv_block  # cache length granularity: one decode graph per kv_block slots
         # States kept, least recently used first: one by default, as a batch-32 cache is ~14 GB at 14B; more
         # for a caller that alternates between a few keys (RL rollouts' trained steps), so none is rebuilt.
