@@ -264,18 +264,19 @@ class LaunchConfig:
 
 def default_config(rows: int) -> LaunchConfig:
     """The launch used untuned (off CUDA; a caller that passes none) for `rows` rows."""
-    return LaunchConfig() if rows <= BROADCAST_ROWS else LaunchConfig(block_n=16, block_k=128)
+    return LaunchConfig() if rows <= BROADCAST_ROWS else LaunchConfig(block_n=16, block_k=64)
 
 
 def candidates(rows: int, width: int) -> list[LaunchConfig]:
     """The launches `tune` times for `rows` rows of a `width`-wide head. A few rows: the whole K in one tile
-    or a few. tl.dot (16-64 rows): 16-64 columns (grid 96-24 programs at width 1536) and shorter K steps,
-    as the rows x BLOCK_K activation, scale and shift tiles grow with the rows; deeper pipelines hide the
-    weight loads' latency."""
+    or a few. tl.dot (16-64 rows): 16-64 columns (grid 96-24 programs at width 1536), pipelined 3-4 deep.
+    The modulated kernel keeps num_stages rows x BLOCK_K tiles of h, scale and shift in shared memory: with
+    32-64 rows a 256-wide K step does not fit the 227 KB of an H100/H200 SM, so it is tried up to 16 rows."""
     if rows <= BROADCAST_ROWS:
         tiles = [(n, k, w, 3) for n in (2, 4, 8, 16) for k in (256, 512, triton.next_power_of_2(width)) for w in (4, 8)]
     else:
-        tiles = [(n, k, w, s) for n in (16, 32, 64) for k in (64, 128, 256) for w, s in ((4, 3), (4, 4), (8, 3))]
+        steps = (64, 128, 256) if rows <= 16 else (64, 128)
+        tiles = [(n, k, w, s) for n in (16, 32, 64) for k in steps for w, s in ((4, 3), (4, 4), (8, 3))]
     return list(dict.fromkeys(LaunchConfig(*t) for t in tiles))
 
 
