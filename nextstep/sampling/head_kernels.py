@@ -339,7 +339,7 @@ def modulated_linear(
         HAS_AFFINE=affine,
         HAS_SCALE=has_scale,
         SILU=silu,
-        K_POW2=_pow2(k, meta["DOT"]),
+        K_POW2=triton.next_power_of_2(k),  # the whole-row load of a few rows (unused by tl.dot)
         **meta,
     )
     return out
