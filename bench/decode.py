@@ -4,6 +4,7 @@
     python bench/decode.py --shape 1.5b --batches 1 --compile  # quick run
     python bench/decode.py --batches 1 --heads fused --tokens 32 --official-eager-s 217  # engine vs eager
     python bench/decode.py --quantize fp8,int8 --tokens 0          # fp8 and int8 rows beside bf16's
+    python bench/decode.py --batches 1,32 --heads fused,torch --quantize fp8 --steps 30 --tokens 0  # head: fused/torch
     python bench/decode.py --cold-start --quantize fp8 --steps 30   # fresh processes, empty then warm caches
     python bench/decode.py --batches 1 --heads fused --tokens 0 --quantize fp8 --layer-kernels off,on  # layer kernels
 
@@ -272,7 +273,7 @@ def time_precision(args, quantize: str, bw: float, base: dict) -> dict[int, floa
     w = args.window
     offsets = (0, n_tokens // 2 - w // 2, n_tokens - w)
     base = {**base, "quantize": quantize}
-    per_image, backbone = {}, {}
+    per_image, backbone, head_s = {}, {}, {}
     heads, layers = args.heads.split(","), args.layer_kernels.split(",")
     runs = [(int(b), h, lk) for b in args.batches.split(",") for h in heads for lk in layers]
     for batch, head_impl, layer_impl in runs:
@@ -319,11 +320,17 @@ def time_precision(args, quantize: str, bw: float, base: dict) -> dict[int, floa
         if layer_impl == layers[0] and (head_impl == "fused" or batch not in per_image):  # the default head
             per_image[batch] = t["image"] / batch
         backbone[batch, head_impl, layer_impl] = t["backbone"]
+        if layer_impl == layers[0]:
+            head_s[batch, head_impl] = t["head"]
         if layer_impl == "on" and (batch, head_impl, "off") in backbone:
             ratio = t["backbone"] / backbone[batch, head_impl, "off"]
             emit("ratio_backbone_layer_kernels_on_over_off", {**cfg, "layer_kernels": "on / off"}, ratio, "x")
         print(f"# {quantize} batch {batch} ({head_impl} head, layer kernels {layer_impl}): head {t['head'] * 1e3:.2f}"
               f" ms backbone {t['backbone'] * 1e3:.2f} ms roofline {floor * 1e3:.2f} ms", flush=True)  # fmt: skip
+    for batch in per_image:
+        if (batch, "fused") in head_s and (batch, "torch") in head_s:
+            cfg = {**base, "batch": batch, "rows": rows * batch}
+            emit("ratio_head_torch_over_fused", cfg, head_s[batch, "torch"] / head_s[batch, "fused"], "x")
     if 1 in per_image and 32 in per_image:
         emit("ratio_images_per_s_batch32_over_batch1", base, per_image[1] / per_image[32], "x")
     if args.tokens:

@@ -8,7 +8,9 @@ bound that loop. Each block becomes
     h'  = h + gate * (a @ W2.T + b2)                     `gated_linear`     (residual epilogue)
 
 and the final layer is `modulated_linear` without activation. Each program owns BLOCK_N output columns
-for all rows (a few: batch 1-4 with guidance), so every weight is read once per step, at GEMV bandwidth.
+for all rows, so every weight is read once per step, at GEMV bandwidth. Up to BROADCAST_ROWS rows (batch
+1-4 with guidance) a program multiplies by broadcasting and reducing; more rows (up to MAX_ROWS: batch 32
+with guidance) go through tl.dot, the rows padded to 16/32/64 and masked (the constexpr DOT).
 Weight-only fp8/int8 linears (quantize.QuantizedLinear) are read as 1 byte per weight, converted in
 registers, and their per-output-channel scale multiplies the fp32 sums: no dequantised copy in HBM.
 Used by the engine on CUDA when Triton is present (`Engine(head_kernels=...)`); tests also run them in
@@ -31,7 +33,8 @@ try:
 except ImportError:  # the CPU install has no Triton; the engine then uses the torch ops
     triton = None
 
-MAX_ROWS = 8  # guidance rows x images handled by one program; larger batches use cuBLAS (launches amortise)
+MAX_ROWS = 64  # guidance rows x images handled by one program; larger batches use cuBLAS (launches amortise)
+BROADCAST_ROWS = 8  # up to this many rows a broadcast multiply; more: tl.dot (which pads the rows to 16)
 
 
 def available(device: torch.device) -> bool:
@@ -42,10 +45,45 @@ def available(device: torch.device) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _rows_dot(a, w):
-        """(BLOCK_R, BLOCK_K) x (BLOCK_N, BLOCK_K) -> (BLOCK_R, BLOCK_N) fp32: a few rows, so a broadcast
-        multiply and a reduction, not tl.dot (which would pad the rows to 16)."""
-        return tl.sum(a[:, None, :] * w[None, :, :].to(tl.float32), axis=2)
+    def _rows_dot(a, w, DOT: tl.constexpr):
+        """a (BLOCK_R, BLOCK_K) in the linear's input dtype x w (BLOCK_N, BLOCK_K) -> (BLOCK_R, BLOCK_N) fp32.
+        A few rows: a broadcast multiply and a reduction in fp32. DOT: tl.dot on the tensor cores with fp32
+        accumulation, w converted to a's dtype first (exact: fp8 e4m3 and int8 values are bf16/fp16 values;
+        fp32 stays IEEE fp32, not TF32)."""
+        if DOT:
+            return tl.dot(a, tl.trans(w.to(a.dtype)), input_precision="ieee")
+        else:
+            return tl.sum(a.to(tl.float32)[:, None, :] * w[None, :, :].to(tl.float32), axis=2)
+
+    @triton.jit
+    def _row_moments(
+        x_ptr, rows, rmask, K: tl.constexpr, eps, BLOCK_K: tl.constexpr, K_POW2: tl.constexpr, DOT: tl.constexpr
+    ):
+        """LayerNorm (mean, rstd) (BLOCK_R,) fp32 of rows (R, K), centred before squaring. A few rows: the
+        whole rows in one load (R x K is a few KB). DOT (16-64 rows would not fit in registers): two passes
+        over BLOCK_K slices."""
+        if DOT:
+            total = tl.zeros([rows.shape[0]], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                m = rmask[:, None] & (ks < K)[None, :]
+                total += tl.sum(tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=m, other=0.0).to(tl.float32), 1)
+            mean = total / K
+            total = tl.zeros([rows.shape[0]], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                m = rmask[:, None] & (ks < K)[None, :]
+                xa = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=m, other=0.0).to(tl.float32)
+                d = tl.where(m, xa - mean[:, None], 0.0)
+                total += tl.sum(d * d, axis=1)
+        else:
+            kall = tl.arange(0, K_POW2)
+            m = rmask[:, None] & (kall < K)[None, :]
+            xa = tl.load(x_ptr + rows[:, None] * K + kall[None, :], mask=m, other=0.0).to(tl.float32)
+            mean = tl.sum(xa, axis=1) / K
+            d = tl.where((kall < K)[None, :], xa - mean[:, None], 0.0)
+            total = tl.sum(d * d, axis=1)
+        return mean, 1.0 / tl.sqrt(total / K + eps)
 
     @triton.jit
     def _modulated_linear(
@@ -69,18 +107,13 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         K_POW2: tl.constexpr,
+        DOT: tl.constexpr,
     ):
         rows = tl.arange(0, BLOCK_R)
         rmask = rows < R
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = cols < N
-        # LayerNorm statistics of the whole rows in one load (R x K is a few KB).
-        kall = tl.arange(0, K_POW2)
-        xa = tl.load(x_ptr + rows[:, None] * K + kall[None, :], mask=rmask[:, None] & (kall < K)[None, :], other=0.0)
-        xa = xa.to(tl.float32)
-        mean = tl.sum(xa, axis=1) / K
-        d = tl.where((kall < K)[None, :], xa - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / K + eps)
+        mean, rstd = _row_moments(x_ptr, rows, rmask, K, eps, BLOCK_K, K_POW2, DOT)
         acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
@@ -95,8 +128,8 @@ if triton is not None:
                 a = a * lw[None, :] + lb[None, :]
             sc = tl.load(scale_ptr + offs, mask=m, other=0.0).to(tl.float32)
             sh = tl.load(shift_ptr + offs, mask=m, other=0.0).to(tl.float32)
-            a = (a * sc + sh).to(x_ptr.dtype.element_ty).to(tl.float32)  # rounded like the eager op's input
-            acc += _rows_dot(a, w)
+            a = (a * sc + sh).to(x_ptr.dtype.element_ty)  # rounded like the eager op's input
+            acc += _rows_dot(a, w, DOT)
         if HAS_SCALE:
             acc *= tl.load(ws_ptr + cols, mask=nmask, other=0.0)[None, :]
         acc += tl.load(b_ptr + cols, mask=nmask, other=0.0).to(tl.float32)[None, :]
@@ -121,6 +154,7 @@ if triton is not None:
         BLOCK_R: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        DOT: tl.constexpr,
     ):
         rows = tl.arange(0, BLOCK_R)
         rmask = rows < R
@@ -132,7 +166,7 @@ if triton is not None:
             kmask = ks < K
             w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
             a = tl.load(a_ptr + rows[:, None] * K + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-            acc += _rows_dot(a.to(tl.float32), w)
+            acc += _rows_dot(a, w, DOT)
         if HAS_SCALE:
             acc *= tl.load(ws_ptr + cols, mask=nmask, other=0.0)[None, :]
         acc += tl.load(b_ptr + cols, mask=nmask, other=0.0).to(tl.float32)[None, :]
@@ -157,6 +191,7 @@ if triton is not None:
         BLOCK_R: tl.constexpr,
         BLOCK_N: tl.constexpr,
         K_POW2: tl.constexpr,
+        DOT: tl.constexpr,
     ):
         rows = tl.arange(0, BLOCK_R)
         rmask = rows < R
@@ -166,7 +201,7 @@ if triton is not None:
         kmask = ks < K
         w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
         a = tl.load(x_ptr + (rows % B)[:, None] * K + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        acc = _rows_dot(a.to(out_ptr.dtype.element_ty).to(tl.float32), w)  # input in the linear's dtype
+        acc = _rows_dot(a.to(out_ptr.dtype.element_ty), w, DOT)  # input in the linear's dtype
         if HAS_SCALE:
             acc *= tl.load(ws_ptr + cols, mask=nmask, other=0.0)[None, :]
         acc += tl.load(b_ptr + cols, mask=nmask, other=0.0).to(tl.float32)[None, :]
@@ -219,11 +254,30 @@ if triton is not None:
 class LaunchConfig:
     """How the block kernels are launched; `tune` picks one per GPU, head width, weight format and row
     count, and the engine that tuned it keeps it. Small N tiles give one program per SM or more for a
-    1536-wide layer."""
+    1536-wide layer. The defaults are the launch for up to BROADCAST_ROWS rows untuned."""
 
-    block_n: int = 8  # output columns per program
-    block_k: int = 256  # reduction tile
+    block_n: int = 8  # output columns per program (tl.dot, above BROADCAST_ROWS rows: at least 16)
+    block_k: int = 256  # reduction tile (tl.dot: at least 16)
     num_warps: int = 4
+    num_stages: int = 3  # software pipelining depth of the K loop (Triton's default)
+
+
+def default_config(rows: int) -> LaunchConfig:
+    """The launch used untuned (off CUDA; a caller that passes none) for `rows` rows."""
+    return LaunchConfig() if rows <= BROADCAST_ROWS else LaunchConfig(block_n=16, block_k=64)
+
+
+def candidates(rows: int, width: int) -> list[LaunchConfig]:
+    """The launches `tune` times for `rows` rows of a `width`-wide head. A few rows: the whole K in one tile
+    or a few. tl.dot (16-64 rows): 16-64 columns (grid 96-24 programs at width 1536), pipelined 3-4 deep.
+    The modulated kernel keeps num_stages rows x BLOCK_K tiles of h, scale and shift in shared memory: with
+    32-64 rows a 256-wide K step does not fit the 227 KB of an H100/H200 SM, so it is tried up to 16 rows."""
+    if rows <= BROADCAST_ROWS:
+        tiles = [(n, k, w, 3) for n in (2, 4, 8, 16) for k in (256, 512, triton.next_power_of_2(width)) for w in (4, 8)]
+    else:
+        steps = (64, 128, 256) if rows <= 16 else (64, 128)
+        tiles = [(n, k, w, s) for n in (16, 32, 64) for k in steps for w, s in ((4, 3), (4, 4), (8, 3))]
+    return list(dict.fromkeys(LaunchConfig(*t) for t in tiles))
 
 
 def _weights(linear: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -233,14 +287,20 @@ def _weights(linear: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, bool]
     return linear.weight, linear.weight if scale is None else scale, scale is not None
 
 
-def _launch_args(n: int, rows: int, config: LaunchConfig) -> tuple[tuple[int], dict]:
+def _pow2(n: int, dot: bool) -> int:
+    """A tile's extent for n: the next power of two, at least 16 for tl.dot."""
+    return max(triton.next_power_of_2(n), 16 if dot else 1)
+
+
+def _launch_args(n: int, rows: int, config: LaunchConfig | None) -> tuple[tuple[int], dict]:
     if rows > MAX_ROWS:
         raise ValueError(f"fused head kernels take at most {MAX_ROWS} rows, got {rows}")
-    block_r = triton.next_power_of_2(rows)
+    config = config or default_config(rows)
+    dot = rows > BROADCAST_ROWS
     grid = (triton.cdiv(n, config.block_n),)
-    meta = {"BLOCK_R": block_r, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k}
+    meta = {"BLOCK_R": _pow2(rows, dot), "BLOCK_N": config.block_n, "BLOCK_K": config.block_k, "DOT": dot}
     if os.environ.get("TRITON_INTERPRET") != "1":
-        meta["num_warps"] = config.num_warps
+        meta.update(num_warps=config.num_warps, num_stages=config.num_stages)
     return grid, meta
 
 
@@ -252,9 +312,10 @@ def modulated_linear(
     linear: torch.nn.Linear,
     *,
     silu: bool,
-    config: LaunchConfig = LaunchConfig(),
+    config: LaunchConfig | None = None,
 ) -> torch.Tensor:
-    """(silu)(linear(ln(x) * scale1 + shift)) for x, scale1, shift (R, K) -> (R, N) in x's dtype."""
+    """(silu)(linear(ln(x) * scale1 + shift)) for x, scale1, shift (R, K) -> (R, N) in x's dtype; config
+    None: default_config(R)."""
     r, k = x.shape
     n = linear.out_features
     out = torch.empty(r, n, dtype=x.dtype, device=x.device)
@@ -278,7 +339,7 @@ def modulated_linear(
         HAS_AFFINE=affine,
         HAS_SCALE=has_scale,
         SILU=silu,
-        K_POW2=triton.next_power_of_2(k),
+        K_POW2=triton.next_power_of_2(k),  # the whole-row load of a few rows (unused by tl.dot)
         **meta,
     )
     return out
@@ -290,7 +351,7 @@ def gated_linear(
     gate: torch.Tensor,
     residual: torch.Tensor,
     *,
-    config: LaunchConfig = LaunchConfig(),
+    config: LaunchConfig | None = None,
 ) -> torch.Tensor:
     """residual + gate * linear(a) for a (R, K), gate and residual (R, N) -> (R, N)."""
     r, k = a.shape
@@ -302,12 +363,10 @@ def gated_linear(
     return out
 
 
-def velocity(
-    net, x: torch.Tensor, mods: list[tuple], rows: int, *, config: LaunchConfig = LaunchConfig()
-) -> torch.Tensor:
+def velocity(net, x: torch.Tensor, mods: list[tuple], rows: int, *, config: LaunchConfig | None = None) -> torch.Tensor:
     """engine.head_velocity (net.trunk over the input projection) with fused kernels: (B, D) tokens and one
     step's modulations -> (rows * B, D) in the head's dtype. The input projection writes the guidance rows
-    directly; each block is 2 kernels, the final layer 1."""
+    directly; each block is 2 kernels, the final layer 1. config None: default_config(rows * B)."""
     bsz, d = x.shape
     r = rows * bsz
     width = net.input_proj.out_features
@@ -315,7 +374,7 @@ def velocity(
     grid, meta = _launch_args(width, r, config)
     meta.pop("BLOCK_K")
     weight, wscale, has_scale = _weights(net.input_proj)
-    k_pow2 = triton.next_power_of_2(d)
+    k_pow2 = _pow2(d, meta["DOT"])
     _input_rows[grid](
         x, weight, wscale, net.input_proj.bias, h, bsz, r, d, width, HAS_SCALE=has_scale, K_POW2=k_pow2, **meta
     )
@@ -378,10 +437,10 @@ def _graph_time(run, reps: int = 12) -> float:
 def tune(net, rows: int, device: torch.device, *, persist: bool = True) -> LaunchConfig:
     """The fastest LaunchConfig on this GPU for this head width, weight format and row count: from the GPU's
     tuning cache on disk (nextstep.sampling.tuning), else by timing one block's two kernels (a few seconds)
-    and stored there (persist=False: neither read nor stored). The caller keeps the result. The default
-    off CUDA."""
+    and stored there (persist=False: neither read nor stored). The caller keeps the result.
+    default_config(rows) off CUDA."""
     if device.type != "cuda":
-        return LaunchConfig()
+        return default_config(rows)
     linear = net.res_blocks[0].mlp[0]
     dtypes = (str(d).removeprefix("torch.") for d in (linear.weight.dtype, compute_dtype(linear)))
     key = entry_key(*dtypes, rows, linear.in_features)
@@ -402,19 +461,16 @@ def _fastest(net, rows: int, device: torch.device) -> LaunchConfig:
     h = torch.randn(rows, w, device=device, dtype=compute_dtype(net.input_proj))
     ones, zeros = torch.ones_like(h), torch.zeros_like(h)
     best = None
-    for block_n in (2, 4, 8, 16):
-        for block_k in (256, 512, triton.next_power_of_2(w)):
-            for warps in (4, 8):
-                config = LaunchConfig(block_n, block_k, warps)
+    for config in candidates(rows, w):
 
-                def run(config=config):
-                    a = modulated_linear(h, block.in_ln, ones, zeros, block.mlp[0], silu=True, config=config)
-                    return gated_linear(a, block.mlp[2], ones, h, config=config)
+        def run(config=config):
+            a = modulated_linear(h, block.in_ln, ones, zeros, block.mlp[0], silu=True, config=config)
+            return gated_linear(a, block.mlp[2], ones, h, config=config)
 
-                try:
-                    ms = _graph_time(run)
-                except Exception:  # noqa: BLE001 - a config the compiler rejects (registers, shared memory)
-                    continue
-                if best is None or ms < best[0]:
-                    best = (ms, config)
+        try:
+            ms = _graph_time(run)
+        except Exception:  # noqa: BLE001 - a config the compiler rejects (registers, shared memory)
+            continue
+        if best is None or ms < best[0]:
+            best = (ms, config)
     return best[1]

@@ -157,5 +157,6 @@ def test_head_tune_reads_what_another_process_stored(fake_gpu, monkeypatch):
     assert timed == [2, 4, 2]
     assert tuning.TuningCache(GPU).get("head", "float8_e4m3fn/bfloat16/2/48", Head) == best
     assert head_kernels.tune(net, 2, torch.device("cpu")) == head_kernels.LaunchConfig()  # off CUDA: the default
+    assert head_kernels.tune(net, 64, torch.device("cpu")) == head_kernels.default_config(64)  # tl.dot's default
     head_kernels.tune(net, 2, cuda, persist=False)
     assert timed == [2, 4, 2, 2]
