@@ -11,23 +11,29 @@
 # STAGE2=DIR starts stages 3, 3a and 4 from a stage 2 export (with its VAE and tokenizer) instead of training
 # stages 1 and 2 (~30 min of data and training): the one shipped at commit 2e700f6, for instance:
 #   git archive 2e700f6 nextstep/assets/nextstep-shapes | tar x -C /tmp   (DIR: /tmp/nextstep/assets/nextstep-shapes)
+# STAGE3=DIR (with STAGES=4) likewise starts stage 4 from a stage 3 export, e.g. one a shorter run brought back.
 set -euo pipefail
 OUT=${1:-runs/shapes/export}
 TRAIN_SECONDS=${2:-100000}
 N=${N:-400000}
 STAGES=${STAGES:-3a}
 STAGE2=${STAGE2:-}
+STAGE3=${STAGE3:-}
 case "$STAGES" in 2 | 3 | 3a | 4) ;; *) echo "STAGES must be 2, 3, 3a or 4, not '$STAGES'" >&2; exit 2 ;; esac
-if [ -n "$STAGE2" ]; then
-  if [ "$STAGES" = 2 ]; then echo "STAGE2 is stage 2's export: STAGES must be 3, 3a or 4" >&2; exit 2; fi
+if [ -n "$STAGE2" ] && [ "$STAGES" = 2 ]; then echo "STAGE2 is stage 2's export: STAGES must be 3, 3a or 4" >&2; exit 2; fi
+if [ -n "$STAGE3" ] && [ "$STAGES" != 4 ]; then echo "STAGE3 is stage 3's export: STAGES must be 4" >&2; exit 2; fi
+# start_from NAME DIR: a stage's export as runs/shapes/NAME, its tokenizer and VAE as the runs' own
+start_from() {
   for f in config.json model.safetensors.index.json tokenizer.json vae/checkpoint.pt; do
-    if [ ! -f "$STAGE2/$f" ]; then echo "STAGE2=$STAGE2 is not a model export: no $f" >&2; exit 2; fi
+    if [ ! -f "$2/$f" ]; then echo "$2 is not a model export: no $f" >&2; exit 2; fi
   done
-  mkdir -p runs/shapes/stage2 runs/shapes/tokenizer runs/shapes/vae
-  cp -r "$STAGE2"/. runs/shapes/stage2/
-  cp "$STAGE2"/tokenizer*.json "$STAGE2"/special_tokens_map.json runs/shapes/tokenizer/
-  cp "$STAGE2"/vae/* runs/shapes/vae/
-fi
+  mkdir -p "runs/shapes/$1" runs/shapes/tokenizer runs/shapes/vae
+  cp -r "$2"/. "runs/shapes/$1/"
+  cp "$2"/tokenizer*.json "$2"/special_tokens_map.json runs/shapes/tokenizer/
+  cp "$2"/vae/* runs/shapes/vae/
+}
+if [ -n "$STAGE2" ]; then start_from stage2 "$STAGE2"; fi
+if [ -n "$STAGE3" ]; then start_from stage3 "$STAGE3"; STAGE2=$STAGE3; fi  # stages 1-3 are skipped
 # synth-shapes keeps the shards a run before finished (an interrupted one resumes).
 if [ -z "$STAGE2" ]; then nextstep data synth-shapes data/shapes --n "$N" --seed 0 --workers "$(nproc)"; fi
 if [ ! -f runs/shapes/tokenizer/tokenizer.json ]; then
@@ -81,7 +87,7 @@ if [ "$STAGES" = 3a ]; then  # from stage 2's export: attention, norms, embeddin
   train runs/shapes/model-stage3-attn configs.shapes_stage3_attn || exit 0
   LAST=runs/shapes/model-stage3-attn
 fi
-if [ "$STAGES" = 3 ] || [ "$STAGES" = 4 ]; then  # from stage 2's export, on 300k fresh scenes
+if [ "$STAGES" = 3 ] || { [ "$STAGES" = 4 ] && [ -z "$STAGE3" ]; }; then  # from stage 2's export, 300k scenes
   nextstep data synth-shapes data/shapes-ft2 --n 300000 --seed 2 --workers "$(nproc)"
   latents data/shapes-ft2 data/shapes-ft2-latents
   train runs/shapes/model-stage3 configs.shapes_stage3 || exit 0
