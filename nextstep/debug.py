@@ -83,10 +83,17 @@ def listen(host: str, port: int, *, wait: bool) -> None:
     except (RuntimeError, OSError) as e:
         raise ValueError(f"cannot listen on {host}:{port}: {e}") from None
     state = "waiting for a client" if wait else "running, attach any time"
-    print(f"debug: rank {rank} listening on {display_host(host)}:{port} ({state})", file=sys.stderr, flush=True)
+    say(f"debug: rank {rank} listening on {display_host(host)}:{port} ({state})")
     if wait:
         debugpy.wait_for_client()
-        print(f"debug: rank {rank} client attached", file=sys.stderr, flush=True)
+        say(f"debug: rank {rank} client attached")
+
+
+def say(line: str) -> None:
+    """One line on stderr in one write: print() writes the text and its newline separately (stderr writes
+    through), so the ranks' lines could run into one another in a shared log."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def main_single(argv: list[str] | None = None, *, prog: str = "singlegpu_debug") -> int:

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from nextstep.data.format import Sample, write_shards
-from nextstep.debug import launch_json, parse
+from nextstep.debug import launch_json, parse, say
 
 REPO = Path(__file__).parents[1]
 
@@ -39,7 +39,7 @@ def run_and_probe(entry: str, args: list[str], tmp_path: Path) -> tuple[int, lis
         connected, err = [], []
         for line in proc.stderr:
             err.append(line)
-            if m := re.search(r"listening on [^ ]+:(\d+) ", line):
+            for m in re.finditer(r"listening on [^ ]+:(\d+) ", line):
                 with socket.create_connection(("127.0.0.1", int(m.group(1))), timeout=10):
                     connected.append(int(m.group(1)))
         return proc.wait(timeout=300), sorted(connected), "".join(err)
@@ -100,3 +100,12 @@ def test_multigpu_debug_listens_on_port_plus_rank(preset_args, tmp_path):
     assert rc == 0, err[-3000:]
     assert connected == [port, port + 1]
     assert (tmp_path / "run/checkpoints/step-00000002").is_dir()
+
+
+def test_a_rank_line_is_one_write(monkeypatch):
+    """Ranks share one stderr pipe: a line written in two writes (text, then newline, as print() does on stderr)
+    can end up joined to another rank's line, and the port in it unread."""
+    writes = []
+    monkeypatch.setattr(sys, "stderr", type("Err", (), {"write": writes.append, "flush": lambda self: None})())
+    say("debug: rank 1 listening on 127.0.0.1:5679 (running, attach any time)")
+    assert writes == ["debug: rank 1 listening on 127.0.0.1:5679 (running, attach any time)\n"]
