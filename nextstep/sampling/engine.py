@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -27,6 +28,8 @@ from nextstep.sampling import head_kernels as head_kernels_mod
 from nextstep.sampling import layer_kernels as layer_kernels_mod
 from nextstep.sampling.flow import FlowSettings, guidance_rows, guidance_table, guided_update, plan_steps
 from nextstep.sampling.quantize import fuse_quantized
+
+log = logging.getLogger(__name__)
 
 
 # ---- the flow head at decode time ----------------------------------------------------------------
@@ -117,9 +120,9 @@ class _State:
         with torch.inference_mode():
             self.t_embed = model.image_head.net.time_embed(plan.t.to(dev, dtype))  # (S, W), every token
         self.coef_eps = torch.tensor([c for _, _, c in plan.coef[: plan.num_eps]], device=dev)[:, None, None]
-        self.head_kernels = engine.use_head_kernels(r)
+        self.launch = engine.launch_config(r) if engine.use_head_kernels(r) else None
+        self.head_kernels = self.launch is not None
         if self.head_kernels:
-            self.launch = engine.launch_config(r)
             self.velocity = partial(head_kernels_mod.velocity, config=self.launch)
             self.update = head_kernels_mod.guided_update
         else:
@@ -197,7 +200,7 @@ class Engine:
         self.compile = compile  # torch.compile the decoder layer and the torch head before capture
         # Fused Triton head blocks (head_kernels.py, float or fp8/int8 weights); None: wherever Triton runs them.
         self.head_kernels = head_kernels_mod.available(dev) if head_kernels is None else head_kernels
-        self._launch: dict[int, head_kernels_mod.LaunchConfig] = {}  # tuned per row count, kept across states
+        self._launch: dict[int, head_kernels_mod.LaunchConfig | None] = {}  # tuned per row count, kept across states
         # Fused Triton kernels between the decoder layers' GEMVs in the decode step (layer_kernels.py; not with
         # compile, which fuses its own); None: off until measured.
         if layer_kernels and not layer_kernels_mod.available(dev):
@@ -223,11 +226,14 @@ class Engine:
         """Fused head kernels for `rows` guidance rows x images (small batches, where launches dominate)."""
         return self.head_kernels and rows <= head_kernels_mod.MAX_ROWS
 
-    def launch_config(self, rows: int) -> head_kernels_mod.LaunchConfig:
-        """The fused kernels' launch configuration for `rows`, tuned on first use (CUDA)."""
+    def launch_config(self, rows: int) -> head_kernels_mod.LaunchConfig | None:
+        """The fused kernels' launch configuration for `rows`, tuned on first use (CUDA); None (with a warning,
+        the torch head then runs) when no configuration compiles on this GPU."""
         if rows not in self._launch:
             dev = self.model.embed_tokens.weight.device
             self._launch[rows] = head_kernels_mod.tune(self.model.image_head.net, rows, dev)
+            if self._launch[rows] is None:
+                log.warning("no fused head kernel launch compiles for %d rows on this GPU: using the torch head", rows)
         return self._launch[rows]
 
     def compiling(self):

@@ -434,11 +434,11 @@ def _graph_time(run, reps: int = 12) -> float:
     return min(triton.testing.do_bench(graph.replay, warmup=2, rep=10) for _ in range(3)) / reps
 
 
-def tune(net, rows: int, device: torch.device, *, persist: bool = True) -> LaunchConfig:
+def tune(net, rows: int, device: torch.device, *, persist: bool = True) -> LaunchConfig | None:
     """The fastest LaunchConfig on this GPU for this head width, weight format and row count: from the GPU's
     tuning cache on disk (nextstep.sampling.tuning), else by timing one block's two kernels (a few seconds)
     and stored there (persist=False: neither read nor stored). The caller keeps the result.
-    default_config(rows) off CUDA."""
+    default_config(rows) off CUDA; None when no candidate compiles on this GPU (the caller runs the torch head)."""
     if device.type != "cuda":
         return default_config(rows)
     linear = net.res_blocks[0].mlp[0]
@@ -449,13 +449,13 @@ def tune(net, rows: int, device: torch.device, *, persist: bool = True) -> Launc
     if stored:
         return stored
     best = _fastest(net, rows, device)
-    if cache:
+    if cache and best is not None:
         cache.put("head", key, best)
     return best
 
 
-def _fastest(net, rows: int, device: torch.device) -> LaunchConfig:
-    """Time every candidate launch of one block's two kernels in CUDA graphs; the fastest."""
+def _fastest(net, rows: int, device: torch.device) -> LaunchConfig | None:
+    """Time every candidate launch of one block's two kernels in CUDA graphs; the fastest (None: none ran)."""
     w = net.input_proj.out_features
     block = net.res_blocks[0]
     h = torch.randn(rows, w, device=device, dtype=compute_dtype(net.input_proj))
@@ -473,4 +473,4 @@ def _fastest(net, rows: int, device: torch.device) -> LaunchConfig:
             continue
         if best is None or ms < best[0]:
             best = (ms, config)
-    return best[1]
+    return None if best is None else best[1]

@@ -4,6 +4,7 @@ on GPU)."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from nextstep.model.backbone import FusedLinear, build_attention_mask
 from nextstep.model.nextstep import NextStep
 from nextstep.model.vae import pil_to_pixels
 from nextstep.sampling import engine as engine_mod
+from nextstep.sampling import head_kernels as head_kernels_mod
 from nextstep.sampling.engine import Engine, Recording, pad_rows
 from nextstep.sampling.flow import FlowSettings, guidance_rows, guidance_table, sample_token
 from nextstep.sampling.pipeline import GenerateOptions, Pipeline
@@ -364,3 +366,25 @@ def test_engine_state_that_runs_out_of_memory_drops_the_kept_ones(monkeypatch):
     monkeypatch.setattr(engine_mod, "_State", lambda eng, key: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
     with pytest.raises(torch.OutOfMemoryError):  # nothing left to drop: the error is the caller's
         Engine(pipe.model).generate(ids, mask, latents, settings, opts, n_tokens=2, seed=0)
+
+
+def test_engine_runs_the_torch_head_when_no_fused_launch_compiles(monkeypatch, caplog):
+    """A GPU on which no fused head launch compiles (tune gives None) gets the torch head, not a crash."""
+    pipe = load("nextstep11")
+    opts = GenerateOptions(size=(32, 32), steps=2, cfg=2.0)
+    ids, mask, latents, settings = inputs(pipe, opts, ["a fox"])
+    want = Engine(pipe.model, head_kernels=False).generate(ids, mask, latents, settings, opts, n_tokens=3, seed=0)
+    monkeypatch.setattr(head_kernels_mod, "tune", lambda net, rows, device, persist=True: None)
+    engine = Engine(pipe.model, head_kernels=True)
+    with caplog.at_level(logging.WARNING):
+        got = engine.generate(ids, mask, latents, settings, opts, n_tokens=3, seed=0)
+    assert torch.equal(got, want) and not engine._state.head_kernels
+    assert "no fused head kernel launch compiles for 2 rows" in caplog.text
+
+
+def test_head_tuner_gives_none_when_no_candidate_runs(monkeypatch):
+    def rejected(run, reps=12):
+        raise RuntimeError("out of resources: shared memory")
+
+    monkeypatch.setattr(head_kernels_mod, "_graph_time", rejected)
+    assert head_kernels_mod._fastest(load("nextstep11").model.image_head.net, 16, torch.device("cpu")) is None
