@@ -26,7 +26,7 @@ from nextstep.sampling import chain
 from nextstep.sampling.options import FIELDS, GenerateOptions, size_arg
 from nextstep.sampling.partial import every_rows
 from nextstep.sampling.pipeline import Pipeline
-from nextstep.serve.api import fit_size
+from nextstep.serve.inputs import fit_size
 from nextstep.serve.stream import DEFAULT_PARTIAL_IMAGES
 
 log = logging.getLogger(__name__)
