@@ -74,7 +74,7 @@ def sample_rollout(
     ]
     input_ids, mask = pipe.tokenize([text for text, _ in inputs], size)
     dev = pipe.model.embed_tokens.weight.device
-    h, w = size[0] // pipe.down_factor, size[1] // pipe.down_factor
+    h, w = pipe.grid(size)
     with torch.no_grad():  # ordinary tensors (not inference ones): the teacher-forced forward reads them
         source_tokens = pipe.encode_images([pil_to_pixels(src) for _, src in inputs if src is not None])
     record = Recording(steps)

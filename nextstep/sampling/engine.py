@@ -416,8 +416,7 @@ def pad_rows(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Prompt rows (R, L) = rows x B guidance-major, and the image tokens (N, D) of their placeholders in row
     order -> the same for `batch` >= B images, each guidance branch padded with copies of its first row."""
-    r, length = input_ids.shape
-    b = r // rows
+    b = input_ids.shape[0] // rows
     per_row = (input_ids == image_id).sum(1).tolist()  # placeholders (image tokens) of each row
     chunks = list(image_tokens.split(per_row))
     order = [g * b + i for g in range(rows) for i in (*range(b), *[0] * (batch - b))]  # source row of each
@@ -430,11 +429,12 @@ def noise_fill(seed: int, draw, batch: int) -> Callable[[torch.Tensor], None]:
     """A function filling a state's noise (draws, B', D) for one token: rows [:batch] exactly as an unpadded
     call draws them (one normal fill of (draws, batch, D) from the generator seeded with `seed`, or
     `draw((batch, D))` once per draw, in order), the padding rows zero."""
-    gen = None
+    gen = own = None
 
     def fill(noise: torch.Tensor) -> None:
-        nonlocal gen
-        own = noise if noise.shape[1] == batch else torch.empty_like(noise[:, :batch])
+        nonlocal gen, own
+        if own is None:  # the rows drawn: the state's buffer itself, or one of the unpadded shape (made once)
+            own = noise if noise.shape[1] == batch else torch.empty_like(noise[:, :batch])
         if draw is not None:
             own.copy_(torch.stack([draw((batch, noise.shape[-1])) for _ in range(len(noise))]))
         else:

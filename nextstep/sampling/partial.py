@@ -38,7 +38,7 @@ def decode_partial(pipe: Pipeline, tokens: torch.Tensor, size: tuple[int, int]) 
     cost of a partial image, shrinks with the part drawn (half the grid, half a decode). The rows below are
     each image's mean colour. With every token (k = h*w) this is exactly the pipeline's final decode.
     """
-    h, w = size[0] // pipe.down_factor, size[1] // pipe.down_factor
+    h, w = pipe.grid(size)
     if not 0 < tokens.shape[1] <= h * w:
         raise ValueError(f"got {tokens.shape[1]} tokens for a grid of {h}x{w}")
     rows = -(-tokens.shape[1] // w)
@@ -57,7 +57,7 @@ def every_rows(
     that sends the pipeline's own result last passes final=False and saves that decode."""
     if rows <= 0:
         raise ValueError(f"rows (image-token rows between partial images) must be > 0, got {rows}")
-    h, w = size[0] // pipe.down_factor, size[1] // pipe.down_factor
+    h, w = pipe.grid(size)
 
     def on_token(k: int, tokens: torch.Tensor) -> None:
         done = k + 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -116,6 +117,10 @@ class Pipeline:
         """Pixels per image-token side: VAE downsampling x latent patch."""
         return self.vae.config.down_factor * self.model.config.latent_patch_size
 
+    def grid(self, size: tuple[int, int]) -> tuple[int, int]:
+        """Image tokens (rows, columns) of an image of `size` (H, W) pixels."""
+        return size[0] // self.down_factor, size[1] // self.down_factor
+
     # ---- public API ----------------------------------------------------------------------------
     def generate(
         self,
@@ -187,7 +192,7 @@ class Pipeline:
         return self._image_string(size) + instruction, image.convert("RGB")
 
     def _image_string(self, size: tuple[int, int]) -> str:
-        h, w = size[0] // self.down_factor, size[1] // self.down_factor
+        h, w = self.grid(size)
         return f"{IMAGE_AREA}{h}*{w}{BOI}" + IMAGE_PLACEHOLDER * (h * w) + EOI
 
     def _rows(
@@ -216,7 +221,7 @@ class Pipeline:
             n_text = len(row) - row.count(placeholder)
             if n_text > MAX_PROMPT_TOKENS:
                 raise ValueError(f"prompt of {n_text} tokens exceeds {MAX_PROMPT_TOKENS}: {t[:60]!r}...")
-        h, w = size[0] // self.down_factor, size[1] // self.down_factor
+        h, w = self.grid(size)
         suffix = self.tokenizer.encode(f"{IMAGE_AREA}{h}*{w}") + [self.model.config.boi]
         width = max(len(r) for r in ids)
         pad = self.model.config.pad_token_id_added
@@ -242,7 +247,7 @@ class Pipeline:
         tokens = self.generate_tokens(
             input_ids, attn, latents, settings, opts, seed=seed, trace=trace, draw=draw, on_token=on_token
         )
-        h, w = opts.size[0] // self.down_factor, opts.size[1] // self.down_factor
+        h, w = self.grid(opts.size)
         decoded = self.decode_tokens(tokens, h, w, trace)
         return [pixels_to_pil(x) for x in decoded]
 
@@ -270,7 +275,7 @@ class Pipeline:
         check_options(opts, self.down_factor)
         texts, _ = self._rows(["warm-up"] * batch, [[] for _ in range(batch)], opts)
         input_ids, _ = self.tokenize(texts, opts.size)
-        n_tokens = (opts.size[0] // self.down_factor) * (opts.size[1] // self.down_factor)
+        n_tokens = math.prod(self.grid(opts.size))
         self.engine(opts).prepare(tuple(input_ids.shape), self._settings(opts), opts, n_tokens=n_tokens)
 
     def engine(self, opts: GenerateOptions) -> Engine:
@@ -324,7 +329,7 @@ class Pipeline:
         Returns the fed-back tokens (B, h*w, D). `draw` overrides the seeded generator (replay); `on_token`
         as in generate.
         """
-        n_tokens = (opts.size[0] // self.down_factor) * (opts.size[1] // self.down_factor)
+        n_tokens = math.prod(self.grid(opts.size))
         return self.engine(opts).generate(
             input_ids,
             attention_mask,

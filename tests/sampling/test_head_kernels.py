@@ -180,26 +180,34 @@ def test_tuner_candidates_per_row_count():
         assert hk.default_config(rows) in hk.candidates(rows, 1536)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("images", [2, 32])
-def test_fused_head_matches_torch_head_gpu(images):
-    """bf16 on CUDA: the engine with fused head kernels against the engine with torch ops, same draws; 4 rows
-    (broadcast multiply) and 64 rows (batch 32 with guidance: tl.dot)."""
+def fused_against_torch_head(pipe, opts, images: int) -> tuple[float, float]:
+    """The engine's tokens with fused head kernels against its torch head, same draws, for `images` captions:
+    relative error of the first token and of all 16."""
     from nextstep.sampling.engine import Engine
-    from nextstep.sampling.pipeline import GenerateOptions
-    from tests.sampling.test_engine import inputs, load
+    from tests.sampling.test_engine import inputs
 
-    pipe = load("nextstep11", "cuda")
-    opts = GenerateOptions(size=(64, 64), steps=8, cfg=3.0, sampler="sde")
     ids, mask, latents, settings = inputs(pipe, opts, CAPTIONS[:images])
     outs = []
     for fused in (False, True):
         engine = Engine(pipe.model, head_kernels=fused)
         outs.append(engine.generate(ids, mask, latents, settings, opts, n_tokens=16, seed=0))
         assert engine._state.head_kernels == fused
-    err = ((outs[1] - outs[0]).norm() / outs[0].norm()).item()
     first = ((outs[1][:, 0] - outs[0][:, 0]).norm() / outs[0][:, 0].norm()).item()
+    return first, ((outs[1] - outs[0]).norm() / outs[0].norm()).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("images", [2, 32])
+def test_fused_head_matches_torch_head_gpu(images):
+    """bf16 on CUDA: the engine with fused head kernels against the engine with torch ops, same draws; 4 rows
+    (broadcast multiply) and 64 rows (batch 32 with guidance: tl.dot)."""
+    from nextstep.sampling.pipeline import GenerateOptions
+    from tests.sampling.test_engine import load
+
+    pipe = load("nextstep11", "cuda")
+    opts = GenerateOptions(size=(64, 64), steps=8, cfg=3.0, sampler="sde")
+    first, err = fused_against_torch_head(pipe, opts, images)
     assert first < 2e-2 and err < 5e-2, (first, err)
 
 
@@ -218,7 +226,6 @@ def test_fused_head_14b_shape_gpu(mode):
     from nextstep.sampling.engine import Engine, head_velocity, step_modulations
     from nextstep.sampling.pipeline import GenerateOptions, Pipeline
     from nextstep.sampling.quantize import quantize_linears
-    from tests.sampling.test_engine import inputs
 
     torch.manual_seed(0)
     net = AdaLNMLP(64, 5120, 1536, 12).to("cuda", torch.bfloat16)
@@ -246,12 +253,5 @@ def test_fused_head_14b_shape_gpu(mode):
     assert Engine(pipe.model).head_kernels  # the default keeps the fused head on a quantised model
     opts = GenerateOptions(size=(64, 64), steps=8, cfg=3.0, sampler="sde")
     for images in (2, 32):
-        ids, mask, latents, settings = inputs(pipe, opts, CAPTIONS[:images])
-        outs = []
-        for fused in (False, True):
-            engine = Engine(pipe.model, head_kernels=fused)
-            outs.append(engine.generate(ids, mask, latents, settings, opts, n_tokens=16, seed=0))
-            assert engine._state.head_kernels == fused
-        first = ((outs[1][:, 0] - outs[0][:, 0]).norm() / outs[0][:, 0].norm()).item()
-        err = ((outs[1] - outs[0]).norm() / outs[0].norm()).item()
+        first, err = fused_against_torch_head(pipe, opts, images)
         assert first < 2e-2 and err < 5e-2, (images, first, err)
