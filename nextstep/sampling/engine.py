@@ -198,13 +198,19 @@ class Engine:
         self.model = model
         self.graphs = dev.type == "cuda" if graphs is None else graphs  # capture CUDA graphs
         self.compile = compile  # torch.compile the decoder layer and the torch head before capture
-        # Fused Triton head blocks (head_kernels.py, float or fp8/int8 weights); None: wherever Triton runs them.
+        # Fused Triton head blocks (head_kernels.py, float or fp8/int8 weights). None: wherever Triton runs them,
+        # up to BROADCAST_ROWS rows (H200, 14B, batch 32 = 64 rows: the tl.dot path's head takes 14.5 ms a token
+        # in bf16 and 16.2 with fp8, the torch ops 10.7 and 13.3; BENCHMARKS.md); True: up to MAX_ROWS.
         self.head_kernels = head_kernels_mod.available(dev) if head_kernels is None else head_kernels
+        self.head_max_rows = head_kernels_mod.BROADCAST_ROWS if head_kernels is None else head_kernels_mod.MAX_ROWS
         self._launch: dict[int, head_kernels_mod.LaunchConfig | None] = {}  # tuned per row count, kept across states
         # Fused Triton kernels between the decoder layers' GEMVs in the decode step (layer_kernels.py; not with
-        # compile, which fuses its own); None: off until measured.
+        # compile, which fuses its own); None: wherever Triton runs them (H200, 14B, batch 1: the backbone's
+        # token 11.5 -> 9.1 ms in bf16, 9.6 -> 7.2 ms with fp8 weights; BENCHMARKS.md).
         if layer_kernels and not layer_kernels_mod.available(dev):
             raise ValueError(f"layer_kernels=True needs Triton and a CUDA device, got device {dev}")
+        if layer_kernels is None:
+            layer_kernels = layer_kernels_mod.available(dev) and not compile
         self.layer_kernels = bool(layer_kernels)
         self.kv_block = kv_block  # cache length granularity: one decode graph per kv_block slots
         # States kept, least recently used first: one by default, as a batch-32 cache is ~14 GB at 14B; more
@@ -224,7 +230,7 @@ class Engine:
 
     def use_head_kernels(self, rows: int) -> bool:
         """Fused head kernels for `rows` guidance rows x images (small batches, where launches dominate)."""
-        return self.head_kernels and rows <= head_kernels_mod.MAX_ROWS
+        return self.head_kernels and rows <= self.head_max_rows
 
     def launch_config(self, rows: int) -> head_kernels_mod.LaunchConfig | None:
         """The fused kernels' launch configuration for `rows`, tuned on first use (CUDA); None (with a warning,

@@ -388,3 +388,22 @@ def test_head_tuner_gives_none_when_no_candidate_runs(monkeypatch):
 
     monkeypatch.setattr(head_kernels_mod, "_graph_time", rejected)
     assert head_kernels_mod._fastest(load("nextstep11").model.image_head.net, 16, torch.device("cpu")) is None
+
+
+def test_default_kernels_are_the_measured_ones(monkeypatch):
+    """Where Triton runs: the fused head by default up to BROADCAST_ROWS rows (its tl.dot path lost to the torch
+    ops at 64 rows on the H200), up to MAX_ROWS when asked for; the layer kernels on, except with compile."""
+    from nextstep.sampling import layer_kernels as layer_kernels_mod
+
+    pipe = load("nextstep11")
+    monkeypatch.setattr(head_kernels_mod, "available", lambda device: True)
+    monkeypatch.setattr(layer_kernels_mod, "available", lambda device: True)
+    auto, asked = Engine(pipe.model), Engine(pipe.model, head_kernels=True)
+    small, big = head_kernels_mod.BROADCAST_ROWS, head_kernels_mod.MAX_ROWS
+    assert auto.use_head_kernels(small) and not auto.use_head_kernels(small + 1)
+    assert asked.use_head_kernels(big) and not asked.use_head_kernels(big + 1)
+    assert not Engine(pipe.model, head_kernels=False).use_head_kernels(1)
+    assert auto.layer_kernels and not Engine(pipe.model, compile=True).layer_kernels
+    assert not Engine(pipe.model, layer_kernels=False).layer_kernels
+    monkeypatch.setattr(layer_kernels_mod, "available", lambda device: False)
+    assert not Engine(pipe.model).layer_kernels

@@ -4,6 +4,7 @@ of timing again (the timing itself faked: it needs a GPU)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import types
@@ -160,3 +161,20 @@ def test_head_tune_reads_what_another_process_stored(fake_gpu, monkeypatch):
     assert head_kernels.tune(net, 64, torch.device("cpu")) == head_kernels.default_config(64)  # tl.dot's default
     head_kernels.tune(net, 2, cuda, persist=False)
     assert timed == [2, 4, 2, 2]
+
+
+def test_shipped_tables_hold_launch_configs_of_their_kernels():
+    """Every table shipped with the package (copied from a GPU run's cache) names a Triton version and holds
+    only entries that build the kernel's own launch configuration: a hand-edited or stale one fails here."""
+    kinds = {"head": head_kernels.LaunchConfig, "quant_linear": quant_kernels.LaunchConfig}
+    tables = sorted(tuning.SHIPPED.glob("*.json"))
+    assert tables, f"no shipped tuning table in {tuning.SHIPPED}"
+    for path in tables:
+        data = json.loads(path.read_text())
+        assert isinstance(data.pop("triton"), str), path
+        assert set(data) <= set(kinds), (path, set(data))
+        for kernel, entries in data.items():
+            assert entries, (path, kernel)
+            for key, entry in entries.items():
+                config = kinds[kernel](**entry)  # TypeError on fields of another kernel version
+                assert all(v > 0 for v in dataclasses.asdict(config).values() if isinstance(v, int)), (path, key)
