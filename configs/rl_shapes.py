@@ -11,7 +11,8 @@ nothing here).
 Each step: 12 text prompts and 4 edits x 8 images of 128 px (64 tokens, 20 head steps, 2 of the first 10
 trained), rewards, one AdamW update. The first run (text prompts only, lr 5e-5 after 5 warm-up steps, 205 steps)
 raised both splits but lost held-out editing (0.86 -> 0.76), hence the edits. Start from stage 4 instead with
-model.path=runs/shapes/stage4 once it ships.
+model.path=runs/shapes/stage4 once it ships (`BASE=runs/shapes/stage4 bash scripts/rl_builtin.sh`: RL from it,
+evaluated against it).
 """
 
 import sys

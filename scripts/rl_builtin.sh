@@ -4,6 +4,7 @@
 # RL model and of the shipped one. The caller sets PYTHONPATH (the repository and its wheels); run from the
 # repository root:
 #   bash scripts/rl_builtin.sh [LIMIT_SECONDS=420] [override ...]     e.g. ... 420 optim.lr=3e-5
+# BASE (the shipped model): the export RL starts from and is compared with, e.g. a stage 4 export.
 # EVAL_N (50): eval prompts per category; RL_TESTS=0 skips the GPU rollout tests. Prints a few lines: the GPU rollout tests, the training summary (first
 # and last 20 steps), one JSON line per split and model. Into $OUT (default runs/rl_builtin): rl_train.log,
 # rl_metrics.jsonl, evals.tgz and the RL model's weight shards.
@@ -13,6 +14,11 @@ shift $(($# > 0 ? 1 : 0))
 OUT=${OUT:-runs/rl_builtin}
 WORK=${WORK:-/tmp/rl_builtin}
 N=${EVAL_N:-50}  # eval prompts per category (and batch size)
+BASE=${BASE:-nextstep/assets/nextstep-shapes}
+if [ ! -f "$BASE/config.json" ] || [ ! -f "$BASE/sampling_defaults.json" ]; then
+  echo "BASE=$BASE is not a model export with sampling defaults (config.json, sampling_defaults.json)" >&2
+  exit 2
+fi
 CLI="python3 -m nextstep.cli"
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT" && rm -rf "$WORK" && mkdir -p "$WORK/ev"
@@ -25,7 +31,7 @@ if [ "${RL_TESTS:-1}" != 0 ]; then  # RL_TESTS=0: the caller runs the GPU tests 
   t gpu-tests
 fi
 # SIGINT at the limit: the loop finishes its step, saves a checkpoint and stops; -k: killed if that hangs.
-timeout -k 60 --signal=INT "$LIMIT" $CLI train -m configs.rl_shapes training.output_dir="$WORK/run" \
+timeout -k 60 --signal=INT "$LIMIT" $CLI train -m configs.rl_shapes model.path="$BASE" training.output_dir="$WORK/run" \
   logging.log_steps=1 logging.sample_steps=0 training.save_steps=1000 checkpoint.export_final=false "$@" \
   > "$OUT/rl_train.log" 2>&1
 echo "train exit $? ($(grep -c 'stopped by signal' "$OUT/rl_train.log") stop-by-signal lines," \
@@ -47,7 +53,7 @@ out.update({k: mean(k, rows[5:]) for k in ("rollout_s", "update_s")})  # seconds
 print(json.dumps(out))
 PY
 $CLI export "$WORK/run" "$WORK/export" --dtype float16 --max-shard-mb 8 2>&1 | tail -1
-cp nextstep/assets/nextstep-shapes/sampling_defaults.json "$WORK/export/"
+cp "$BASE/sampling_defaults.json" "$WORK/export/"
 t export
 # summary MODEL RC LOG: the eval's JSON line named by its model, or how it failed
 summary() {
@@ -65,7 +71,7 @@ PY
 for split in in heldout; do
   for model in rl base; do
     args=(--split "$split" --n "$N" --batch-size "$N" --out "$WORK/ev/${model}_$split")
-    if [ "$model" = rl ]; then args+=(--model "$WORK/export"); fi
+    if [ "$model" = rl ]; then args+=(--model "$WORK/export"); else args+=(--model "$BASE"); fi
     timeout 150 $CLI eval shapes "${args[@]}" > "$WORK/ev/${model}_$split.log" 2>&1
     summary "$model" $? "$WORK/ev/${model}_$split.log"
   done
