@@ -17,12 +17,15 @@ from nextstep.sampling import head_kernels, quant_kernels, tuning
 from nextstep.sampling.quantize import quantize_linear, quantize_linears
 
 GPU = "NVIDIA H200"
+PACKAGE_TABLES = tuning.SHIPPED  # the tables shipped with the package (the fixture hides them from the cache)
 Head = head_kernels.LaunchConfig
 
 
 @pytest.fixture(autouse=True)
 def cache_root(tmp_path, monkeypatch):
+    """An empty user cache and no shipped tables (the package's H200 table would answer "NVIDIA H200")."""
     monkeypatch.setenv("NEXTSTEP_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tuning, "SHIPPED", tmp_path / "shipped")
     return tmp_path
 
 
@@ -167,8 +170,8 @@ def test_shipped_tables_hold_launch_configs_of_their_kernels():
     """Every table shipped with the package (copied from a GPU run's cache) names a Triton version and holds
     only entries that build the kernel's own launch configuration: a hand-edited or stale one fails here."""
     kinds = {"head": head_kernels.LaunchConfig, "quant_linear": quant_kernels.LaunchConfig}
-    tables = sorted(tuning.SHIPPED.glob("*.json"))
-    assert tables, f"no shipped tuning table in {tuning.SHIPPED}"
+    tables = sorted(PACKAGE_TABLES.glob("*.json"))
+    assert tables, f"no shipped tuning table in {PACKAGE_TABLES}"
     for path in tables:
         data = json.loads(path.read_text())
         assert isinstance(data.pop("triton"), str), path
