@@ -150,3 +150,65 @@ def test_kernels_with_pdl_match_without_gpu(mode):
             got = [graphed(partial(linear, pdl=pdl)) for pdl in (False, True)]
             torch.testing.assert_close(got[1], got[0], rtol=1e-3, atol=1e-3)
         assert splits[0] == 1 and splits[1] > 1, splits
+
+
+def _compile_sm90(fn, ptrs: dict, scalars: dict, constexprs: dict, pdl: bool) -> str:
+    """fn compiled for sm_90 (Triton's bundled ptxas; no GPU needed) with PDL=pdl -> its PTX."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    constexprs = {**constexprs, "PDL": pdl}
+    sig = {**ptrs, **scalars, **dict.fromkeys(constexprs, "constexpr")}
+    source = ASTSource(fn, {name: sig[name] for name in fn.arg_names}, constexprs)
+    options = {"num_warps": 4, "launch_pdl": pdl}
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+
+
+def test_kernels_compile_with_pdl_for_sm90():
+    """Every decode kernel compiles for sm_90 with PDL: one griddepcontrol.wait, then launch_dependents, and no
+    global store before the wait; the weight-reading kernels load before it (the GEMVs' first weight tile, the
+    norm weight), the others load nothing before it (their inputs are the previous kernels' outputs). Without
+    PDL no griddepcontrol at all."""
+    pytest.importorskip("triton")
+    from nextstep.sampling import quant_kernels as qk
+    from nextstep.sampling import update_kernel as uk
+
+    bf, f8, f32, i32, f = "*bf16", "*fp8e4nv", "*fp32", "i32", "fp32"
+    hk, lk = head_kernels_mod, layer_kernels_mod
+    mod = dict(x_ptr=bf, lnw_ptr=bf, lnb_ptr=bf, scale_ptr=bf, shift_ptr=bf, w_ptr=f8, ws_ptr=f32, b_ptr=bf, out_ptr=bf)
+    gated = dict(a_ptr=bf, w_ptr=bf, ws_ptr=f32, b_ptr=bf, gate_ptr=bf, res_ptr=bf, out_ptr=bf)
+    rope = dict(q_ptr=bf, k_ptr=bf, v_ptr=bf, cos_ptr=bf, sin_ptr=bf, slot_ptr="*i64", qo_ptr=bf, kc_ptr=bf, vc_ptr=bf)
+    few = dict(K=256, HAS_SCALE=True, BLOCK_R=2, BLOCK_N=8, BLOCK_K=256, DOT=False)  # broadcast, whole K
+    dot = dict(K=256, HAS_SCALE=False, BLOCK_R=16, BLOCK_N=16, BLOCK_K=64, DOT=True)
+    modc = dict(HAS_AFFINE=True, SILU=True, K_POW2=256)
+    split = dict(K=1100, K_SPLIT=576, EVEN_K=False, HAS_BIAS=True, SPLIT_K=2, DOT_F32=False, BLOCK_M=16, BLOCK_N=32)
+    cases = [  # (kernel, pointers, scalars, constexprs, loads before the wait)
+        (hk._modulated_linear, mod, dict(R=i32, N=i32, eps=f), {**few, **modc}, True),
+        (hk._modulated_linear, mod, dict(R=i32, N=i32, eps=f), {**dot, **modc}, False),  # tl.dot: waits first
+        (hk._gated_linear, gated, dict(R=i32, N=i32), few, True),
+        (hk._input_rows, dict(x_ptr=f32, w_ptr=bf, ws_ptr=f32, b_ptr=bf, out_ptr=bf), dict(B=i32, R=i32, K=i32, N=i32),
+         dict(HAS_SCALE=False, BLOCK_R=2, BLOCK_N=8, K_POW2=64, DOT=False), True),
+        (uk._guided_update, dict(x_ptr=f32, eps_ptr=f32, v_ptr=bf, scales_ptr=f32, out_ptr=f32),
+         dict(a=f, b=f, B=i32, D=i32), dict(ROWS=2, HAS_EPS=True, NORMALIZE=True, D_POW2=64), False),
+        (lk._rms_norm, dict(x_ptr=bf, res_ptr=bf, w_ptr=bf, sum_ptr=bf, out_ptr=bf), dict(N=i32, eps=f),
+         dict(HAS_RES=True, BLOCK=1024), True),
+        (lk._rope_cache, rope, dict(q_stride=i32, k_stride=i32, v_stride=i32, cs_stride=i32, L_MAX=i32),
+         dict(H=4, HKV=2, HALF=32, BLOCK=32), False),
+        (lk._silu_mul, dict(g_ptr=bf, u_ptr=bf, out_ptr=bf), dict(g_stride=i32, u_stride=i32, F=i32), dict(BLOCK=1024),
+         False),
+        (qk._quant_linear, dict(x_ptr=bf, w_ptr=f8, scale_ptr=f32, b_ptr=bf, out_ptr=f32), dict(M=i32, N=i32),
+         {**split, "BLOCK_K": 64}, True),
+        (qk._sum_splits, dict(part_ptr=f32, b_ptr=bf, out_ptr=bf), dict(MN=i32, N=i32),
+         dict(HAS_BIAS=True, SPLIT_K=2, BLOCK=1024), False),
+    ]  # fmt: skip
+    for fn, ptrs, scalars, constexprs, early in cases:
+        ptx = _compile_sm90(fn, ptrs, scalars, constexprs, pdl=True)
+        lines = ptx.splitlines()
+        waits = [i for i, line in enumerate(lines) if "griddepcontrol.wait" in line]
+        launch = [i for i, line in enumerate(lines) if "griddepcontrol.launch_dependents" in line]
+        assert len(waits) == 1 and len(launch) == 1 and waits[0] < launch[0], fn.__name__
+        before = lines[: waits[0]]
+        assert not any("st.global" in line for line in before), fn.__name__
+        assert any("ld.global" in line for line in before) == early, fn.__name__
+        assert "griddepcontrol" not in _compile_sm90(fn, ptrs, scalars, constexprs, pdl=False), fn.__name__
