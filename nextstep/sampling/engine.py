@@ -230,7 +230,8 @@ class Engine:
         self._state: _State | None = None  # the one last used
         # One GEMM for q/k/v and one for gate/up: float copies, or quantised ones sharing the weights' memory.
         fuse_projections(model.layers) or fuse_quantized(model.layers)
-        # Programmatic dependent launch of the decode kernels (pdl.py; SM90+): off until measured.
+        # Programmatic dependent launch of the decode kernels (pdl.py; SM90+), off until measured; the model's
+        # quantised linears take it too (an engine built later on the same model sets theirs again).
         if pdl:
             pdl_mod.check(dev)
         self.pdl = pdl

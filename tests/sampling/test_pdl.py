@@ -24,12 +24,12 @@ def test_supported_needs_sm90_cuda_and_no_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter cannot run griddepcontrol, whatever the device
     assert not pdl_mod.supported(cuda)
     monkeypatch.delenv("TRITON_INTERPRET")
-    monkeypatch.setattr(pdl_mod, "triton", object())  # as if Triton with grid dependency control were installed
+    monkeypatch.setattr(pdl_mod, "gdc_wait", object())  # as if Triton with grid dependency control were installed
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert not pdl_mod.supported(cuda)  # A100: no griddepcontrol
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert pdl_mod.supported(cuda)
-    monkeypatch.setattr(pdl_mod, "triton", None)
+    monkeypatch.setattr(pdl_mod, "gdc_wait", None)  # no Triton, or one before grid dependency control
     assert not pdl_mod.supported(cuda)
 
 
