@@ -7,6 +7,7 @@
     python bench/decode.py --batches 1,32 --heads fused,torch --quantize fp8 --steps 30 --tokens 0  # head: fused/torch
     python bench/decode.py --cold-start --quantize fp8 --steps 30   # fresh processes, empty then warm caches
     python bench/decode.py --batches 1 --heads fused --tokens 0 --quantize fp8 --layer-kernels off,on  # layer kernels
+    python bench/decode.py --batches 1 --heads fused --steps 30 --tokens 0 --quantize fp8 --pdl off,on  # PDL (SM90+)
 
 Random bf16 weights built directly on the GPU (then quantised for --quantize rows); each row's roofline
 counts the bytes of its own precision. One JSON line per result:
@@ -274,16 +275,20 @@ def time_precision(args, quantize: str, bw: float, base: dict) -> dict[int, floa
     offsets = (0, n_tokens // 2 - w // 2, n_tokens - w)
     base = {**base, "quantize": quantize}
     per_image, backbone, head_s = {}, {}, {}
-    heads, layers = args.heads.split(","), args.layer_kernels.split(",")
-    runs = [(int(b), h, lk) for b in args.batches.split(",") for h in heads for lk in layers]
-    for batch, head_impl, layer_impl in runs:
+    heads, layers, pdls = args.heads.split(","), args.layer_kernels.split(","), args.pdl.split(",")
+    runs = [(int(b), h, lk, p) for b in args.batches.split(",") for h in heads for lk in layers for p in pdls]
+    steps = {}  # (batch, head, layer kernels, pdl) -> the timings
+    for batch, head_impl, layer_impl, pdl in runs:
         if head_impl == "fused" and batch * rows > MAX_ROWS and "torch" in heads:
             continue  # too many rows for the fused kernels: the engine would run the torch head anyway
         on = layer_impl == "on"
-        engine = Engine(model, compile=args.compile, head_kernels=head_impl == "fused", layer_kernels=on)
+        engine = Engine(
+            model, compile=args.compile, head_kernels=head_impl == "fused", layer_kernels=on, pdl=pdl == "on"
+        )
         t = time_engine(engine, model, batch, rows, settings, opts, n_tokens, w, offsets)
         head_impl = "fused" if engine._state.head_kernels else "torch"  # more rows than MAX_ROWS: torch
-        assert (engine._state.layer_fn is decode_layer) == on  # what is timed is what the row names
+        layer_fn = getattr(engine._state.layer_fn, "func", None)
+        assert (layer_fn is decode_layer) == on  # what is timed is what the row names
         tuned = dataclasses.asdict(engine._state.launch) if head_impl == "fused" else None
         del engine
         gc.collect()  # the engine's state and graphs form a cycle; free them before the next batch
@@ -296,6 +301,7 @@ def time_precision(args, quantize: str, bw: float, base: dict) -> dict[int, floa
             "head": head_impl,
             "head_kernel_config": tuned,
             "layer_kernels": layer_impl,
+            "pdl": pdl,
             "window": f"3 windows of {w} tokens at {list(offsets)}, mean x {n_tokens} tokens + prefill",
         }
         roof = roofline(model, batch, rows, n_tokens, args.steps, bw)
@@ -317,16 +323,25 @@ def time_precision(args, quantize: str, bw: float, base: dict) -> dict[int, floa
         note = "adaLN, cond and time weights read once per token"
         emit("roofline_token_latency_engine_algorithm", {**cfg, "note": note}, floor_engine * 1e3, "ms/token")
         emit("ratio_engine_over_roofline", cfg, step / floor, "x")
-        if layer_impl == layers[0] and (head_impl == "fused" or batch not in per_image):  # the default head
+        first = layer_impl == layers[0] and pdl == pdls[0]
+        if first and (head_impl == "fused" or batch not in per_image):  # the default head
             per_image[batch] = t["image"] / batch
-        backbone[batch, head_impl, layer_impl] = t["backbone"]
-        if layer_impl == layers[0]:
+        if pdl == pdls[0]:
+            backbone[batch, head_impl, layer_impl] = t["backbone"]
+        if first:
             head_s[batch, head_impl] = t["head"]
-        if layer_impl == "on" and (batch, head_impl, "off") in backbone:
+        if layer_impl == "on" and pdl == pdls[0] and (batch, head_impl, "off") in backbone:
             ratio = t["backbone"] / backbone[batch, head_impl, "off"]
             emit("ratio_backbone_layer_kernels_on_over_off", {**cfg, "layer_kernels": "on / off"}, ratio, "x")
-        print(f"# {quantize} batch {batch} ({head_impl} head, layer kernels {layer_impl}): head {t['head'] * 1e3:.2f}"
-              f" ms backbone {t['backbone'] * 1e3:.2f} ms roofline {floor * 1e3:.2f} ms", flush=True)  # fmt: skip
+        steps[batch, head_impl, layer_impl, pdl] = t
+        on_off = [steps.get((batch, head_impl, layer_impl, p)) for p in ("on", "off")]
+        if pdl == pdls[-1] and all(on_off):  # both timed (in either order): token, head and backbone on / off
+            for part in ("token", "head", "backbone"):
+                on_s, off_s = ((x["head"] + x["backbone"]) if part == "token" else x[part] for x in on_off)
+                emit(f"ratio_{part}_pdl_on_over_off", {**cfg, "pdl": "on / off"}, on_s / off_s, "x")
+        print(f"# {quantize} batch {batch} ({head_impl} head, layer kernels {layer_impl}, pdl {pdl}): head"
+              f" {t['head'] * 1e3:.2f} ms backbone {t['backbone'] * 1e3:.2f} ms roofline {floor * 1e3:.2f} ms",
+              flush=True)  # fmt: skip
     for batch in per_image:
         if (batch, "fused") in head_s and (batch, "torch") in head_s:
             cfg = {**base, "batch": batch, "rows": rows * batch}
@@ -389,6 +404,12 @@ def main() -> None:
         " ratio lines use the first",
     )
     ap.add_argument(
+        "--pdl",
+        default="off",
+        help="comma list per batch, head and layer kernels: off | on (programmatic dependent launch of the decode"
+        " kernels, SM90+: Engine(pdl=True)), timed in one run; ratio lines on / off",
+    )
+    ap.add_argument(
         "--cold-start",
         action="store_true",
         help="time to first image minus steady image time of two fresh processes, empty caches then reused",
@@ -403,6 +424,8 @@ def main() -> None:
         ap.error(f"--quantize takes none or a comma list of {', '.join(MODES)}, got {args.quantize!r}")
     if not args.layer_kernels or set(args.layer_kernels.split(",")) - {"off", "on"}:
         ap.error(f"--layer-kernels takes a comma list of off, on, got {args.layer_kernels!r}")
+    if not args.pdl or set(args.pdl.split(",")) - {"off", "on"}:
+        ap.error(f"--pdl takes a comma list of off, on, got {args.pdl!r}")
     if args.compile and "on" in args.layer_kernels.split(","):
         ap.error("--layer-kernels on does not combine with --compile (the engine then compiles its own layer)")
     if args.cold_start_child is not None:

@@ -26,8 +26,10 @@ from nextstep.model.head import AdaLNMLP, compute_dtype
 from nextstep.model.nextstep import NextStep
 from nextstep.sampling import head_kernels as head_kernels_mod
 from nextstep.sampling import layer_kernels as layer_kernels_mod
+from nextstep.sampling import pdl as pdl_mod
+from nextstep.sampling import update_kernel
 from nextstep.sampling.flow import FlowSettings, guidance_rows, guidance_table, guided_update, plan_steps
-from nextstep.sampling.quantize import fuse_quantized
+from nextstep.sampling.quantize import fuse_quantized, set_pdl
 
 log = logging.getLogger(__name__)
 
@@ -123,15 +125,15 @@ class _State:
         self.launch = engine.launch_config(r) if engine.use_head_kernels(r) else None
         self.head_kernels = self.launch is not None
         if self.head_kernels:
-            self.velocity = partial(head_kernels_mod.velocity, config=self.launch)
-            self.update = head_kernels_mod.guided_update
+            self.velocity = partial(head_kernels_mod.velocity, config=self.launch, pdl=engine.pdl)
+            self.update = partial(update_kernel.guided_update, pdl=engine.pdl)
         else:
             compiled = torch.compile(head_velocity, dynamic=False) if engine.compile else head_velocity
             self.velocity, self.update = compiled, guided_update
         if engine.compile:
             self.layer_fn = torch.compile(type(model.layers[0]).forward, dynamic=False)
         else:
-            self.layer_fn = layer_kernels_mod.decode_layer if engine.layer_kernels else None
+            self.layer_fn = partial(layer_kernels_mod.decode_layer, pdl=engine.pdl) if engine.layer_kernels else None
         capture, pool = engine.graphs, (torch.cuda.graph_pool_handle() if engine.graphs else None)
         # Captures run now, before any prefill: their warm-up writes only the last cache slot, which no
         # generated token attends to, and the cond/token buffers, which start() then overwrites.
@@ -193,6 +195,7 @@ class Engine:
         kv_block: int = 256,
         max_states: int = 1,
         batch_buckets: tuple[int, ...] = (),
+        pdl: bool = False,
     ):
         dev = model.embed_tokens.weight.device
         self.model = model
@@ -227,6 +230,12 @@ class Engine:
         self._state: _State | None = None  # the one last used
         # One GEMM for q/k/v and one for gate/up: float copies, or quantised ones sharing the weights' memory.
         fuse_projections(model.layers) or fuse_quantized(model.layers)
+        # Programmatic dependent launch of the decode kernels (pdl.py; SM90+), off until measured; the model's
+        # quantised linears take it too (an engine built later on the same model sets theirs again).
+        if pdl:
+            pdl_mod.check(dev)
+        self.pdl = pdl
+        set_pdl(model, pdl)
 
     def use_head_kernels(self, rows: int) -> bool:
         """Fused head kernels for `rows` guidance rows x images (small batches, where launches dominate)."""

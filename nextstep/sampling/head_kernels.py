@@ -30,6 +30,8 @@ from nextstep.sampling.tuning import TuningCache, entry_key
 try:
     import triton
     import triton.language as tl
+
+    from nextstep.sampling.pdl import wait_previous
 except ImportError:  # the CPU install has no Triton; the engine then uses the torch ops
     triton = None
 
@@ -86,6 +88,33 @@ if triton is not None:
         return mean, 1.0 / tl.sqrt(total / K + eps)
 
     @triton.jit
+    def _k_slice(rows, rmask, k0, K: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The K slice k0 .. k0 + BLOCK_K: (ks, ks < K, its (rows, ks) mask, the offsets of (rows, ks) in (R, K))."""
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < K
+        return ks, kmask, rmask[:, None] & kmask[None, :], rows[:, None] * K + ks[None, :]
+
+    @triton.jit
+    def _weight_tile(w_ptr, cols, nmask, ks, kmask, K: tl.constexpr):
+        """w (N, K) at columns `cols`, K slice ks -> (BLOCK_N, BLOCK_K), zero outside."""
+        return tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+
+    @triton.jit
+    def _modulated_input(
+        x_ptr, lnw_ptr, lnb_ptr, scale_ptr, shift_ptr, m, offs, ks, kmask, mean, rstd, HAS_AFFINE: tl.constexpr
+    ):
+        """LN(x) * scale1 + shift over one K slice ks (kmask: ks < K; m, offs: its (rows, ks) mask and offsets)
+        -> (BLOCK_R, BLOCK_K) in x's dtype."""
+        a = (tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32) - mean[:, None]) * rstd[:, None]
+        if HAS_AFFINE:
+            lw = tl.load(lnw_ptr + ks, mask=kmask, other=0.0).to(tl.float32)
+            lb = tl.load(lnb_ptr + ks, mask=kmask, other=0.0).to(tl.float32)
+            a = a * lw[None, :] + lb[None, :]
+        sc = tl.load(scale_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        sh = tl.load(shift_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        return (a * sc + sh).to(x_ptr.dtype.element_ty)  # rounded like the eager op's input
+
+    @triton.jit
     def _modulated_linear(
         x_ptr,  # (R, K) block input h
         lnw_ptr,  # (K,) LayerNorm weight (unused without HAS_AFFINE)
@@ -108,27 +137,30 @@ if triton is not None:
         BLOCK_K: tl.constexpr,
         K_POW2: tl.constexpr,
         DOT: tl.constexpr,
+        PDL: tl.constexpr,  # programmatic dependent launch (pdl.py)
     ):
         rows = tl.arange(0, BLOCK_R)
         rmask = rows < R
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = cols < N
+        # With PDL and a few rows, the first weight tile (the whole K untuned) loads before the wait; tl.dot's
+        # two-pass moments of 16-64 rows would hold it in registers through both passes, so it waits first.
+        EARLY: tl.constexpr = PDL and not DOT
+        if EARLY:
+            ks, kmask, m, offs = _k_slice(rows, rmask, 0, K, BLOCK_K)
+            w_first = _weight_tile(w_ptr, cols, nmask, ks, kmask, K)
+        wait_previous(PDL)
         mean, rstd = _row_moments(x_ptr, rows, rmask, K, eps, BLOCK_K, K_POW2, DOT)
         acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            kmask = ks < K
-            m = rmask[:, None] & kmask[None, :]
-            offs = rows[:, None] * K + ks[None, :]
-            w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
-            a = (tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32) - mean[:, None]) * rstd[:, None]
-            if HAS_AFFINE:
-                lw = tl.load(lnw_ptr + ks, mask=kmask, other=0.0).to(tl.float32)
-                lb = tl.load(lnb_ptr + ks, mask=kmask, other=0.0).to(tl.float32)
-                a = a * lw[None, :] + lb[None, :]
-            sc = tl.load(scale_ptr + offs, mask=m, other=0.0).to(tl.float32)
-            sh = tl.load(shift_ptr + offs, mask=m, other=0.0).to(tl.float32)
-            a = (a * sc + sh).to(x_ptr.dtype.element_ty)  # rounded like the eager op's input
+        if EARLY:  # the first K slice with the weight tile loaded before the wait
+            a = _modulated_input(x_ptr, lnw_ptr, lnb_ptr, scale_ptr, shift_ptr, m, offs, ks, kmask, mean, rstd,
+                                 HAS_AFFINE)  # fmt: skip
+            acc += _rows_dot(a, w_first, DOT)
+        for k0 in range(EARLY * BLOCK_K, K, BLOCK_K):
+            ks, kmask, m, offs = _k_slice(rows, rmask, k0, K, BLOCK_K)
+            w = _weight_tile(w_ptr, cols, nmask, ks, kmask, K)
+            a = _modulated_input(x_ptr, lnw_ptr, lnb_ptr, scale_ptr, shift_ptr, m, offs, ks, kmask, mean, rstd,
+                                 HAS_AFFINE)  # fmt: skip
             acc += _rows_dot(a, w, DOT)
         if HAS_SCALE:
             acc *= tl.load(ws_ptr + cols, mask=nmask, other=0.0)[None, :]
@@ -155,16 +187,23 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         DOT: tl.constexpr,
+        PDL: tl.constexpr,  # as in _modulated_linear; the first weight tile loads before the wait
     ):
         rows = tl.arange(0, BLOCK_R)
         rmask = rows < R
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = cols < N
+        if PDL:
+            ks, kmask, m, offs = _k_slice(rows, rmask, 0, K, BLOCK_K)
+            w_first = _weight_tile(w_ptr, cols, nmask, ks, kmask, K)
+        wait_previous(PDL)
         acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        if PDL:  # the first K slice with the weight tile loaded before the wait
+            acc += _rows_dot(tl.load(a_ptr + offs, mask=m, other=0.0), w_first, DOT)
+        for k0 in range(PDL * BLOCK_K, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             kmask = ks < K
-            w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+            w = _weight_tile(w_ptr, cols, nmask, ks, kmask, K)
             a = tl.load(a_ptr + rows[:, None] * K + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
             acc += _rows_dot(a, w, DOT)
         if HAS_SCALE:
@@ -192,6 +231,7 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         K_POW2: tl.constexpr,
         DOT: tl.constexpr,
+        PDL: tl.constexpr,  # as in _modulated_linear; the weight (one tile) loads before the wait
     ):
         rows = tl.arange(0, BLOCK_R)
         rmask = rows < R
@@ -200,6 +240,7 @@ if triton is not None:
         ks = tl.arange(0, K_POW2)
         kmask = ks < K
         w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+        wait_previous(PDL)
         a = tl.load(x_ptr + (rows % B)[:, None] * K + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
         acc = _rows_dot(a.to(out_ptr.dtype.element_ty), w, DOT)  # input in the linear's dtype
         if HAS_SCALE:
@@ -210,44 +251,6 @@ if triton is not None:
             acc.to(out_ptr.dtype.element_ty),
             mask=rmask[:, None] & nmask[None, :],
         )
-
-    @triton.jit
-    def _guided_update(
-        x_ptr,  # (B, D) fp32 state
-        eps_ptr,  # (B, D) fp32 scaled noise of this step (unused without HAS_EPS)
-        v_ptr,  # (ROWS * B, D) branch velocities [cond; ...]
-        scales_ptr,  # (2,) fp32 this token's (cfg, cfg_img)
-        out_ptr,  # (B, D) fp32
-        a,
-        b,
-        B,
-        D,
-        ROWS: tl.constexpr,
-        HAS_EPS: tl.constexpr,
-        NORMALIZE: tl.constexpr,
-        D_POW2: tl.constexpr,
-    ):
-        """x' = (eps +) a x + b guide(v), one program per image (flow.combine_guidance's arithmetic)."""
-        img = tl.program_id(0)
-        d = tl.arange(0, D_POW2)
-        m = d < D
-        cond = tl.load(v_ptr + img * D + d, mask=m, other=0.0).to(tl.float32)
-        g = cond
-        if ROWS == 2:
-            u = tl.load(v_ptr + (B + img) * D + d, mask=m, other=0.0).to(tl.float32)
-            g = u + tl.load(scales_ptr) * (cond - u)
-        if ROWS == 3:
-            u1 = tl.load(v_ptr + (B + img) * D + d, mask=m, other=0.0).to(tl.float32)
-            u2 = tl.load(v_ptr + (2 * B + img) * D + d, mask=m, other=0.0).to(tl.float32)
-            g = u2 + tl.load(scales_ptr + 1) * (u1 - u2) + tl.load(scales_ptr) * (cond - u1)
-        if NORMALIZE:
-            ratio = tl.sqrt(tl.sum(cond * cond, axis=0)) / (tl.sqrt(tl.sum(g * g, axis=0)) + 1e-6)
-            g = g * tl.minimum(tl.maximum(ratio, 0.0), 1.0)
-        x = tl.load(x_ptr + img * D + d, mask=m, other=0.0)
-        x = x * a
-        if HAS_EPS:
-            x = tl.load(eps_ptr + img * D + d, mask=m, other=0.0) + x
-        tl.store(out_ptr + img * D + d, x + b * g, mask=m)
 
 
 @dataclass(frozen=True)
@@ -292,15 +295,15 @@ def _pow2(n: int, dot: bool) -> int:
     return max(triton.next_power_of_2(n), 16 if dot else 1)
 
 
-def _launch_args(n: int, rows: int, config: LaunchConfig | None) -> tuple[tuple[int], dict]:
+def _launch_args(n: int, rows: int, config: LaunchConfig | None, pdl: bool) -> tuple[tuple[int], dict]:
     if rows > MAX_ROWS:
         raise ValueError(f"fused head kernels take at most {MAX_ROWS} rows, got {rows}")
     config = config or default_config(rows)
     dot = rows > BROADCAST_ROWS
     grid = (triton.cdiv(n, config.block_n),)
-    meta = {"BLOCK_R": _pow2(rows, dot), "BLOCK_N": config.block_n, "BLOCK_K": config.block_k, "DOT": dot}
+    meta = {"BLOCK_R": _pow2(rows, dot), "BLOCK_N": config.block_n, "BLOCK_K": config.block_k, "DOT": dot, "PDL": pdl}
     if os.environ.get("TRITON_INTERPRET") != "1":
-        meta.update(num_warps=config.num_warps, num_stages=config.num_stages)
+        meta.update(num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl)
     return grid, meta
 
 
@@ -313,14 +316,15 @@ def modulated_linear(
     *,
     silu: bool,
     config: LaunchConfig | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """(silu)(linear(ln(x) * scale1 + shift)) for x, scale1, shift (R, K) -> (R, N) in x's dtype; config
-    None: default_config(R)."""
+    None: default_config(R); pdl: launched with programmatic dependent launch (pdl.py; SM90+)."""
     r, k = x.shape
     n = linear.out_features
     out = torch.empty(r, n, dtype=x.dtype, device=x.device)
     affine = ln.weight is not None
-    grid, meta = _launch_args(n, r, config)
+    grid, meta = _launch_args(n, r, config, pdl)
     weight, wscale, has_scale = _weights(linear)
     _modulated_linear[grid](
         x,
@@ -352,26 +356,30 @@ def gated_linear(
     residual: torch.Tensor,
     *,
     config: LaunchConfig | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
-    """residual + gate * linear(a) for a (R, K), gate and residual (R, N) -> (R, N)."""
+    """residual + gate * linear(a) for a (R, K), gate and residual (R, N) -> (R, N); pdl as in modulated_linear."""
     r, k = a.shape
     n = linear.out_features
     out = torch.empty(r, n, dtype=residual.dtype, device=a.device)
-    grid, meta = _launch_args(n, r, config)
+    grid, meta = _launch_args(n, r, config, pdl)
     weight, wscale, has_scale = _weights(linear)
     _gated_linear[grid](a, weight, wscale, linear.bias, gate, residual, out, r, k, n, HAS_SCALE=has_scale, **meta)
     return out
 
 
-def velocity(net, x: torch.Tensor, mods: list[tuple], rows: int, *, config: LaunchConfig | None = None) -> torch.Tensor:
+def velocity(
+    net, x: torch.Tensor, mods: list[tuple], rows: int, *, config: LaunchConfig | None = None, pdl: bool = False
+) -> torch.Tensor:
     """engine.head_velocity (net.trunk over the input projection) with fused kernels: (B, D) tokens and one
     step's modulations -> (rows * B, D) in the head's dtype. The input projection writes the guidance rows
-    directly; each block is 2 kernels, the final layer 1. config None: default_config(rows * B)."""
+    directly; each block is 2 kernels, the final layer 1. config None: default_config(rows * B); pdl: every
+    kernel launched with programmatic dependent launch (pdl.py; SM90+)."""
     bsz, d = x.shape
     r = rows * bsz
     width = net.input_proj.out_features
     h = torch.empty(r, width, dtype=compute_dtype(net.input_proj), device=x.device)
-    grid, meta = _launch_args(width, r, config)
+    grid, meta = _launch_args(width, r, config, pdl)
     meta.pop("BLOCK_K")
     weight, wscale, has_scale = _weights(net.input_proj)
     k_pow2 = _pow2(d, meta["DOT"])
@@ -379,44 +387,11 @@ def velocity(net, x: torch.Tensor, mods: list[tuple], rows: int, *, config: Laun
         x, weight, wscale, net.input_proj.bias, h, bsz, r, d, width, HAS_SCALE=has_scale, K_POW2=k_pow2, **meta
     )
     for block, (shift, scale1, gate) in zip(net.res_blocks, mods, strict=False):
-        act = modulated_linear(h, block.in_ln, scale1, shift, block.mlp[0], silu=True, config=config)
-        h = gated_linear(act, block.mlp[2], gate, h, config=config)
+        act = modulated_linear(h, block.in_ln, scale1, shift, block.mlp[0], silu=True, config=config, pdl=pdl)
+        h = gated_linear(act, block.mlp[2], gate, h, config=config, pdl=pdl)
     shift, scale1 = mods[-1]
     final = net.final_layer
-    return modulated_linear(h, final.norm_final, scale1, shift, final.linear, silu=False, config=config)
-
-
-def guided_update(
-    x: torch.Tensor,
-    v: torch.Tensor,
-    scales: torch.Tensor,
-    eps: torch.Tensor | None,
-    a: float,
-    b: float,
-    *,
-    rows: int,
-    normalize: bool,
-) -> torch.Tensor:
-    """flow.guided_update as one kernel: x (B, D) fp32 -> (eps +) a x + b guide(v), v (rows * B, D),
-    scales (2,) this token's (cfg, cfg_img) on the device."""
-    bsz, d = x.shape
-    out = torch.empty_like(x)
-    _guided_update[(bsz,)](
-        x,
-        x if eps is None else eps,
-        v,
-        scales,
-        out,
-        a,
-        b,
-        bsz,
-        d,
-        ROWS=rows,
-        HAS_EPS=eps is not None,
-        NORMALIZE=normalize,
-        D_POW2=triton.next_power_of_2(d),
-    )
-    return out
+    return modulated_linear(h, final.norm_final, scale1, shift, final.linear, silu=False, config=config, pdl=pdl)
 
 
 def _graph_time(run, reps: int = 12) -> float:

@@ -25,6 +25,8 @@ from nextstep.model.backbone import KVCache, RMSNorm
 try:
     import triton
     import triton.language as tl
+
+    from nextstep.sampling.pdl import wait_previous
 except ImportError:  # the CPU install has no Triton; decode_layer then runs the eager layer
     triton = None
 
@@ -47,10 +49,14 @@ if triton is not None:
         eps,
         HAS_RES: tl.constexpr,
         BLOCK: tl.constexpr,
+        PDL: tl.constexpr,  # programmatic dependent launch (pdl.py): the norm weight loads before the wait
     ):
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         m = cols < N
+        if PDL:
+            w = tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32)
+        wait_previous(PDL)
         x = tl.load(x_ptr + row * N + cols, mask=m, other=0.0).to(tl.float32)
         norm_ty = sum_ptr.dtype.element_ty  # the dtype the norm's input has (x's without HAS_RES)
         if HAS_RES:
@@ -60,7 +66,8 @@ if triton is not None:
             x = x.to(tl.float32)
         rstd = tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)
         y = (x * rstd).to(norm_ty).to(tl.float32)  # F.rms_norm in fp32, cast back to the input's dtype
-        w = tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32)
+        if not PDL:
+            w = tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * N + cols, (w * y).to(out_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
@@ -83,9 +90,11 @@ if triton is not None:
         HKV: tl.constexpr,
         HALF: tl.constexpr,  # D / 2
         BLOCK: tl.constexpr,  # HALF rounded up to a power of two
+        PDL: tl.constexpr,  # as in _rms_norm; waits first (the tables and slot are this step's, the cache is read)
     ):
         """One program per (row, head) over the H query heads then the Hkv key heads: x * cos + rotate_half(x)
         * sin (backbone.apply_rope, each product rounded); a key head also copies its value head."""
+        wait_previous(PDL)
         row = tl.program_id(0)
         head = tl.program_id(1)
         i = tl.arange(0, BLOCK)
@@ -124,7 +133,9 @@ if triton is not None:
         u_stride,
         F,
         BLOCK: tl.constexpr,
+        PDL: tl.constexpr,  # as in _rms_norm; nothing to load before the wait
     ):
+        wait_previous(PDL)
         row = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         m = cols < F
@@ -140,12 +151,14 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _warps(block: int) -> dict:
+def _launch(block: int, pdl: bool) -> dict:
     # The interpreter ignores launch options; on GPU about 16 elements per thread.
-    return {} if os.environ.get("TRITON_INTERPRET") == "1" else {"num_warps": min(16, max(1, block // 512))}
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return {"PDL": pdl}
+    return {"PDL": pdl, "num_warps": min(16, max(1, block // 512)), "launch_pdl": pdl}
 
 
-def _norm(x: torch.Tensor, res: torch.Tensor | None, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+def _norm(x: torch.Tensor, res: torch.Tensor | None, norm: RMSNorm, pdl: bool) -> tuple[torch.Tensor, torch.Tensor]:
     rows = _rows(x)
     r, n = rows.shape
     total = rows if res is None else torch.empty(r, n, dtype=torch.result_type(x, res), device=x.device)
@@ -161,19 +174,21 @@ def _norm(x: torch.Tensor, res: torch.Tensor | None, norm: RMSNorm) -> tuple[tor
         norm.eps,
         HAS_RES=res is not None,
         BLOCK=block,
-        **_warps(block),
+        **_launch(block, pdl),
     )
     return total.view(x.shape), out.view(x.shape)
 
 
-def rms_norm(x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
-    """norm(x) for x (B, 1, d) as one kernel."""
-    return _norm(x, None, norm)[1]
+def rms_norm(x: torch.Tensor, norm: RMSNorm, *, pdl: bool = False) -> torch.Tensor:
+    """norm(x) for x (B, 1, d) as one kernel; pdl: launched with programmatic dependent launch (pdl.py; SM90+)."""
+    return _norm(x, None, norm, pdl)[1]
 
 
-def add_rms_norm(x: torch.Tensor, a: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + a, norm(x + a)) for x, a (B, 1, d) as one kernel."""
-    return _norm(x, a, norm)
+def add_rms_norm(
+    x: torch.Tensor, a: torch.Tensor, norm: RMSNorm, *, pdl: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + a, norm(x + a)) for x, a (B, 1, d) as one kernel; pdl as in rms_norm."""
+    return _norm(x, a, norm, pdl)
 
 
 def rope_cache(
@@ -184,9 +199,12 @@ def rope_cache(
     sin: torch.Tensor,
     cache: KVCache,
     slots: torch.Tensor,
+    *,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """One decode token's q (B, 1, H*D), k, v (B, 1, Hkv*D): apply_rope to q and k, and k, v written into the
-    cache at slots (1,) (KVCache.update) -> rotated q (B, H, D). cos, sin: (B, 1, 1, D) or broadcastable."""
+    cache at slots (1,) (KVCache.update) -> rotated q (B, H, D). cos, sin: (B, 1, 1, D) or broadcastable;
+    pdl as in rms_norm."""
     b, hkv, l_max, d = cache.k.shape
     h = q.shape[-1] // d
     q2, k2, v2 = _rows(q), _rows(k), _rows(v)
@@ -217,18 +235,21 @@ def rope_cache(
         HKV=hkv,
         HALF=half,
         BLOCK=block,
-        **_warps(block),
+        **_launch(block, pdl),
     )
     return out
 
 
-def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """F.silu(gate) * up for gate, up (B, 1, F) (views of one gate_up output or two tensors) as one kernel."""
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, pdl: bool = False) -> torch.Tensor:
+    """F.silu(gate) * up for gate, up (B, 1, F) (views of one gate_up output or two tensors) as one kernel; pdl as
+    in rms_norm."""
     g2, u2 = _rows(gate), _rows(up)
     r, f = g2.shape
     out = torch.empty(r, f, dtype=torch.result_type(gate, up), device=gate.device)
     block = min(1024, triton.next_power_of_2(f))
-    _silu_mul[(r, triton.cdiv(f, block))](g2, u2, out, g2.stride(0), u2.stride(0), f, BLOCK=block, **_warps(block))
+    _silu_mul[(r, triton.cdiv(f, block))](
+        g2, u2, out, g2.stride(0), u2.stride(0), f, BLOCK=block, **_launch(block, pdl)
+    )
     return out.view(gate.shape)
 
 
@@ -250,28 +271,28 @@ def serves(layer, x: torch.Tensor, cos: torch.Tensor, mask: torch.Tensor | None,
     )
 
 
-def decode_layer(layer, x, cos, sin, mask, slots=None):
+def decode_layer(layer, x, cos, sin, mask, slots=None, *, pdl: bool = False):
     """DecoderLayer.forward(x, cos, sin, mask, slots) for a decode step, x (B, 1, d) -> (B, 1, d), with the
     fused kernels around the layer's own projections; what it does not serve (see `serves`) runs
-    layer.forward."""
+    layer.forward. pdl: the fused kernels launched with programmatic dependent launch (pdl.py; SM90+)."""
     if not serves(layer, x, cos, mask, slots):
         return layer.forward(x, cos, sin, mask, slots)
     attn, mlp = layer.self_attn, layer.mlp
     b = x.shape[0]
     h, hkv, hd = attn.num_heads, attn.num_kv_heads, attn.head_dim
-    normed = rms_norm(x, layer.input_layernorm)
+    normed = rms_norm(x, layer.input_layernorm, pdl=pdl)
     if attn.qkv_proj is None:
         q, k, v = attn.q_proj(normed), attn.k_proj(normed), attn.v_proj(normed)
     else:
         q, k, v = attn.qkv_proj(normed).split([h * hd, hkv * hd, hkv * hd], dim=-1)
-    q = rope_cache(q, k, v, cos, sin, attn.cache, slots)  # (B, H, D)
+    q = rope_cache(q, k, v, cos, sin, attn.cache, slots, pdl=pdl)  # (B, H, D)
     kv = mask.shape[-1]
     keys, values = attn.cache.k[:, :, :kv], attn.cache.v[:, :, :kv]  # (B, Hkv, Lk, D)
     # Attention.forward's decode branch: the H / Hkv query heads of a KV head as queries against it.
     out = F.scaled_dot_product_attention(q.view(b, hkv, h // hkv, hd), keys, values, attn_mask=mask)
-    x, normed = add_rms_norm(x, attn.o_proj(out.reshape(b, 1, h * hd)), layer.post_attention_layernorm)
+    x, normed = add_rms_norm(x, attn.o_proj(out.reshape(b, 1, h * hd)), layer.post_attention_layernorm, pdl=pdl)
     if mlp.gate_up_proj is None:
         gate, up = mlp.gate_proj(normed), mlp.up_proj(normed)
     else:
         gate, up = mlp.gate_up_proj(normed).chunk(2, dim=-1)
-    return x + mlp.down_proj(silu_mul(gate, up))
+    return x + mlp.down_proj(silu_mul(gate, up, pdl=pdl))

@@ -23,6 +23,8 @@ from nextstep.sampling.tuning import TuningCache, entry_key
 try:
     import triton
     import triton.language as tl
+
+    from nextstep.sampling.pdl import wait_previous
 except ImportError:  # the CPU install has no Triton; QuantizedLinear then runs the reference
     triton = None
 
@@ -51,6 +53,30 @@ class LaunchConfig:
 if triton is not None:
 
     @triton.jit
+    def _load_x(x_ptrs, rmask, ks, K: tl.constexpr, EVEN_K: tl.constexpr):
+        """The x tile (BLOCK_M, BLOCK_K) at x_ptrs, rows rmask and K step ks; zero outside."""
+        if EVEN_K:
+            return tl.load(x_ptrs, mask=rmask[:, None], other=0.0)
+        else:
+            return tl.load(x_ptrs, mask=rmask[:, None] & (ks < K)[None, :], other=0.0)
+
+    @triton.jit
+    def _load_w(w_ptrs, nmask, ks, K: tl.constexpr, EVEN_K: tl.constexpr):
+        """The W_q.T tile (BLOCK_K, BLOCK_N) at w_ptrs, columns nmask and K step ks; zero outside."""
+        if EVEN_K:
+            return tl.load(w_ptrs, mask=nmask[None, :], other=0.0)
+        else:
+            return tl.load(w_ptrs, mask=nmask[None, :] & (ks < K)[:, None], other=0.0)
+
+    @triton.jit
+    def _dot(x, w, DOT_F32: tl.constexpr):
+        """x (BLOCK_M, BLOCK_K) @ W_q.T tile (BLOCK_K, BLOCK_N) -> fp32, the weight converted to x's dtype."""
+        if DOT_F32:
+            return tl.dot(x.to(tl.float32), w.to(tl.float32))
+        else:
+            return tl.dot(x, w.to(tl.float32).to(x.dtype))  # the dequantisation, in registers
+
+    @triton.jit
     def _quant_linear(
         x_ptr,  # (M, K) activations, bf16/fp16
         w_ptr,  # (N, K) float8_e4m3fn or int8 weight
@@ -68,28 +94,26 @@ if triton is not None:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        PDL: tl.constexpr,  # programmatic dependent launch (pdl.py): the first weight tile loads before the wait
     ):
         pid_k = tl.program_id(1)
         rows = tl.arange(0, BLOCK_M)
         rmask = rows < M
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = cols < N
+        if PDL:
+            ks = pid_k * K_SPLIT + tl.arange(0, BLOCK_K)
+            w_first = _load_w(w_ptr + cols[None, :] * K + ks[:, None], nmask, ks, K, EVEN_K)
+        wait_previous(PDL)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K_SPLIT, BLOCK_K):
+        if PDL:  # the first K step with the weight tile loaded before the wait
+            acc += _dot(_load_x(x_ptr + rows[:, None] * K + ks[None, :], rmask, ks, K, EVEN_K), w_first, DOT_F32)
+        for k0 in range(PDL * BLOCK_K, K_SPLIT, BLOCK_K):
             ks = pid_k * K_SPLIT + k0 + tl.arange(0, BLOCK_K)
             x_ptrs = x_ptr + rows[:, None] * K + ks[None, :]
             w_ptrs = w_ptr + cols[None, :] * K + ks[:, None]  # (BLOCK_K, BLOCK_N): W_q.T
-            if EVEN_K:
-                x = tl.load(x_ptrs, mask=rmask[:, None], other=0.0)
-                w = tl.load(w_ptrs, mask=nmask[None, :], other=0.0)
-            else:
-                kmask = ks < K
-                x = tl.load(x_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
-                w = tl.load(w_ptrs, mask=nmask[None, :] & kmask[:, None], other=0.0)
-            if DOT_F32:
-                acc += tl.dot(x.to(tl.float32), w.to(tl.float32))
-            else:
-                acc += tl.dot(x, w.to(tl.float32).to(x.dtype))  # the dequantisation, in registers
+            x = _load_x(x_ptrs, rmask, ks, K, EVEN_K)
+            acc += _dot(x, _load_w(w_ptrs, nmask, ks, K, EVEN_K), DOT_F32)
         acc *= tl.load(scale_ptr + cols, mask=nmask, other=0.0)[None, :]
         offs = rows[:, None] * N + cols[None, :]
         omask = rmask[:, None] & nmask[None, :]
@@ -110,7 +134,9 @@ if triton is not None:
         HAS_BIAS: tl.constexpr,
         SPLIT_K: tl.constexpr,
         BLOCK: tl.constexpr,
+        PDL: tl.constexpr,  # as in _quant_linear; nothing to load before the wait
     ):
+        wait_previous(PDL)
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         m = offs < MN
         acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -129,8 +155,10 @@ def quant_linear(
     *,
     config: LaunchConfig,
     out: torch.Tensor | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
-    """x (M, K) contiguous @ dequantised weight (N, K).T + bias -> (M, N) in x's dtype (written into `out`)."""
+    """x (M, K) contiguous @ dequantised weight (N, K).T + bias -> (M, N) in x's dtype (written into `out`);
+    pdl: the kernels launched with programmatic dependent launch (pdl.py; SM90+)."""
     m, k = x.shape
     n = weight.shape[0]
     if out is None:
@@ -158,12 +186,13 @@ def quant_linear(
         BLOCK_K=c.block_k,
         num_warps=c.num_warps,
         num_stages=c.num_stages,
+        PDL=pdl,
+        launch_pdl=pdl,
     )
     if c.split_k > 1:
         block = 1024
-        _sum_splits[(triton.cdiv(m * n, block),)](
-            target, bias if has_bias else scale, out, m * n, n, HAS_BIAS=has_bias, SPLIT_K=c.split_k, BLOCK=block
-        )
+        split = {"HAS_BIAS": has_bias, "SPLIT_K": c.split_k, "BLOCK": block, "PDL": pdl, "launch_pdl": pdl}
+        _sum_splits[(triton.cdiv(m * n, block),)](target, bias if has_bias else scale, out, m * n, n, **split)
     return out
 
 

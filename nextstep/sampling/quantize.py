@@ -87,6 +87,7 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("bias", bias, persistent=persistent)
         # Launch configurations, shared by all layers that `quantize_linear` was given the same tuner for.
         self.tuner = quant_kernels.Tuner() if tuner is None else tuner
+        self.pdl = False  # kernels launched with programmatic dependent launch (set_pdl; Engine(pdl=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # (M, K)
@@ -94,7 +95,7 @@ class QuantizedLinear(nn.Module):
             return reference_linear(x, self.weight, self.scale, self.bias)
         rows = rows.contiguous()
         config = self.tuner.config(rows, self.weight, self.scale, self.bias)
-        y = quant_kernels.quant_linear(rows, self.weight, self.scale, self.bias, config=config)
+        y = quant_kernels.quant_linear(rows, self.weight, self.scale, self.bias, config=config, pdl=self.pdl)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -131,9 +132,19 @@ def concat_quantized(layers: list[QuantizedLinear], *, persistent: bool = True) 
     bias = None if biases[0] is None else torch.cat(biases)
     weight = torch.cat([layer.weight for layer in layers])
     scale = torch.cat([layer.scale for layer in layers])
-    return QuantizedLinear(
+    fused = QuantizedLinear(
         weight, scale, bias, tuner=layers[0].tuner, compute_dtype=layers[0].compute_dtype, persistent=persistent
     )
+    fused.pdl = layers[0].pdl  # launched as its parts are
+    return fused
+
+
+def set_pdl(root: nn.Module, pdl: bool) -> None:
+    """Every QuantizedLinear below `root` launches its kernels with programmatic dependent launch (pdl.py) or
+    without; fused ones made later (fuse_quantized) follow their parts."""
+    for module in root.modules():
+        if isinstance(module, QuantizedLinear):
+            module.pdl = pdl
 
 
 def _fuse(layers: list[QuantizedLinear]) -> QuantizedLinear:

@@ -1,5 +1,5 @@
-"""bench/decode.py refuses a bad --layer-kernels list, and `on` with --compile (which compiles its own layer),
-before touching a GPU."""
+"""bench/decode.py refuses a bad --layer-kernels or --pdl list, and layer kernels `on` with --compile (which compiles
+its own layer), before touching a GPU."""
 
 from __future__ import annotations
 
@@ -17,9 +17,11 @@ from tests.bench.test_quant_bench import ROOT
         (["--layer-kernels", "off,fast"], "--layer-kernels takes a comma list of off, on, got 'off,fast'"),
         (["--layer-kernels", ""], "--layer-kernels takes a comma list of off, on"),
         (["--layer-kernels", "off,on", "--compile"], "--layer-kernels on does not combine with --compile"),
+        (["--pdl", "off,fast"], "--pdl takes a comma list of off, on, got 'off,fast'"),
+        (["--pdl", ""], "--pdl takes a comma list of off, on, got ''"),
     ],
 )
-def test_bad_layer_kernels_argument(argv, message):
+def test_bad_layer_kernels_or_pdl_argument(argv, message):
     r = subprocess.run(
         [sys.executable, "bench/decode.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=300
     )

@@ -24,6 +24,7 @@ INTERPRETED = r"""
 import sys, torch
 from nextstep.model.head import AdaLNMLP
 from nextstep.sampling import head_kernels as hk
+from nextstep.sampling import update_kernel
 from nextstep.sampling.engine import Engine, head_velocity, step_modulations
 from nextstep.sampling.flow import guided_update
 
@@ -48,7 +49,7 @@ with torch.no_grad():
         scales = torch.tensor([3.0, 1.5])
         for normalize in (False, True):
             want = guided_update(x, v, scales, eps, 0.9, 0.1, rows=rows, normalize=normalize)
-            got = hk.guided_update(x, v, scales, eps, 0.9, 0.1, rows=rows, normalize=normalize)
+            got = update_kernel.guided_update(x, v, scales, eps, 0.9, 0.1, rows=rows, normalize=normalize)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     try:
         hk.modulated_linear(torch.zeros(hk.MAX_ROWS + 1, 48), net.res_blocks[0].in_ln, torch.zeros(hk.MAX_ROWS + 1, 48),
