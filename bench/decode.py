@@ -282,10 +282,13 @@ def time_precision(args, quantize: str, bw: float, base: dict) -> dict[int, floa
         if head_impl == "fused" and batch * rows > MAX_ROWS and "torch" in heads:
             continue  # too many rows for the fused kernels: the engine would run the torch head anyway
         on = layer_impl == "on"
+        weights_gib = torch.cuda.memory_allocated() / 2**30  # the model as stored (no engine yet)
+        torch.cuda.reset_peak_memory_stats()
         engine = Engine(
             model, compile=args.compile, head_kernels=head_impl == "fused", layer_kernels=on, pdl=pdl == "on"
         )
         t = time_engine(engine, model, batch, rows, settings, opts, n_tokens, w, offsets)
+        peak_gib = torch.cuda.max_memory_allocated() / 2**30  # weights + engine copies, caches, graphs, activations
         head_impl = "fused" if engine._state.head_kernels else "torch"  # more rows than MAX_ROWS: torch
         layer_fn = getattr(engine._state.layer_fn, "func", None)
         assert (layer_fn is decode_layer) == on  # what is timed is what the row names
@@ -317,6 +320,7 @@ def time_precision(args, quantize: str, bw: float, base: dict) -> dict[int, floa
         )
         emit("engine_seconds_per_image", cfg, t["image"] / batch, "s/image")
         emit("engine_images_per_second", cfg, batch / t["image"], "images/s")
+        emit("engine_peak_memory", {**cfg, "weights_gib": round(weights_gib, 2)}, peak_gib, "GiB")
         floor, floor_engine = roof["backbone"] + roof["head"], roof["backbone"] + roof["head_engine"]
         emit("roofline_token_latency", {**cfg, "bytes": roof["bytes"]}, floor * 1e3, "ms/token")
         emit("roofline_seconds_per_image", {**cfg, "bytes": roof["bytes"]}, floor * n_tokens / batch, "s/image")
@@ -399,9 +403,9 @@ def main() -> None:
     )
     ap.add_argument(
         "--layer-kernels",
-        default="off",
+        default=None,
         help="comma list per batch and head: off (eager decoder layer) | on (Triton layer kernels, layer_kernels.py);"
-        " ratio lines use the first",
+        " ratio lines use the first (default: the engine's, on; off with --compile)",
     )
     ap.add_argument(
         "--pdl",
@@ -422,6 +426,8 @@ def main() -> None:
     modes = [m for m in args.quantize.split(",") if m != "none"]
     if set(modes) - set(MODES):
         ap.error(f"--quantize takes none or a comma list of {', '.join(MODES)}, got {args.quantize!r}")
+    if args.layer_kernels is None:
+        args.layer_kernels = "off" if args.compile else "on"
     if not args.layer_kernels or set(args.layer_kernels.split(",")) - {"off", "on"}:
         ap.error(f"--layer-kernels takes a comma list of off, on, got {args.layer_kernels!r}")
     if not args.pdl or set(args.pdl.split(",")) - {"off", "on"}:
@@ -435,6 +441,8 @@ def main() -> None:
     if args.cold_start:
         return cold_start(args, base, ["none", *modes])
 
+    if not torch.cuda.is_available():
+        ap.error("timing the engine needs a CUDA device (--cold-start --device cpu is a CPU smoke test)")
     bw = hbm_bandwidth()
     emit(
         "hbm_bandwidth",

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.bench.test_quant_bench import ROOT
 
@@ -19,6 +20,8 @@ from tests.bench.test_quant_bench import ROOT
         (["--layer-kernels", "off,on", "--compile"], "--layer-kernels on does not combine with --compile"),
         (["--pdl", "off,fast"], "--pdl takes a comma list of off, on, got 'off,fast'"),
         (["--pdl", ""], "--pdl takes a comma list of off, on, got ''"),
+        # --compile alone takes the layer kernels off by default: it gets as far as asking for the GPU
+        *([(["--compile"], "timing the engine needs a CUDA device")] if not torch.cuda.is_available() else []),
     ],
 )
 def test_bad_layer_kernels_or_pdl_argument(argv, message):
