@@ -205,18 +205,23 @@ def profile_kernels(model, rows, settings, opts, n_tokens: int, layer_kernels: b
     return sums[0], sums[1], table
 
 
-def first_and_steady(args, quantize: str) -> tuple[float, float]:
+def first_and_steady(args, quantize: str) -> tuple[float, float, dict[str, float]]:
     """Seconds from `start` (the parent's clock when it launched this process) to the first image, and of a
     second image in the same process: one 512px (--size) batch-1 image of --shape's random model through the
-    default engine, or of --model's pipeline (nextstep.load + generate, VAE decode included)."""
+    default engine, or of --model's pipeline (nextstep.load + generate, VAE decode included); and where the
+    first one's extra time went: process start and imports, the model (built or loaded), the engine, and the
+    first image's call beyond a steady one (tuning, compiling, graph capture)."""
+    clock = [args.cold_start_child, time.time()]  # launch, imports done; then each phase's end
     if args.model is not None:
         import nextstep
 
         pipe = nextstep.load(args.model, device=args.device, quantize=quantize)
         options = dict(size=(args.size, args.size), steps=args.steps, cfg=args.cfg, seed=0)
         image = lambda: pipe.generate("two red circles above a blue star", **options)  # noqa: E731
+        names = ["process_and_imports", "model"]
     else:
         model = build_model(args.shape, quantize, device=args.device)
+        clock.append(time.time())
         opts = GenerateOptions(size=(args.size, args.size), steps=args.steps, cfg=args.cfg, sampler="sde")
         settings = FlowSettings(family=model.config.family, num_steps=args.steps, rule="sde")
         ids, mask = prompt(model.config, 1, guidance_rows(opts.cfg, opts.cfg_img))
@@ -224,17 +229,21 @@ def first_and_steady(args, quantize: str) -> tuple[float, float]:
         engine = Engine(model, compile=args.compile)
         n_tokens = (args.size // 16) ** 2
         image = lambda: engine.generate(ids, mask, latents, settings, opts, n_tokens=n_tokens, seed=0)  # noqa: E731
-    times = []
+        names = ["process_and_imports", "model", "engine"]
+    clock.append(time.time())
+    phases = {name: clock[i + 1] - clock[i] for i, name in enumerate(names)}
     for _ in range(2):
         image()
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
-        times.append(time.time())
-    return times[0] - args.cold_start_child, times[1] - times[0]
+        clock.append(time.time())
+    steady = clock[-1] - clock[-2]
+    phases["first_call_minus_steady"] = clock[-2] - clock[-3] - steady
+    return clock[-2] - clock[0], steady, phases
 
 
 def cold_start_child(args) -> None:
-    """The measured process (one --quantize value): [first, steady] seconds on its last stdout line."""
+    """The measured process (one --quantize value): [first, steady, phases] on its last stdout line."""
     print(json.dumps(first_and_steady(args, args.quantize)), flush=True)
 
 
@@ -254,12 +263,14 @@ def cold_start(args, base: dict, modes: list[str]) -> None:
                 r = subprocess.run([*argv, repr(time.time())], env=env, capture_output=True, text=True)
                 if r.returncode != 0:
                     raise SystemExit(f"cold-start child failed ({r.returncode}):\n{r.stderr[-4000:]}")
-                first, steady = json.loads(r.stdout.strip().splitlines()[-1])
+                first, steady, phases = json.loads(r.stdout.strip().splitlines()[-1])
                 cfg = {**base, "quantize": quantize, "batch": 1, "caches": run, "cache_env": names,
                        "model": args.model or f"random {args.shape}", "compile": args.compile}  # fmt: skip
                 emit("cold_start_first_image", cfg, first, "s")
                 emit("cold_start_steady_image", cfg, steady, "s")
                 emit("cold_start_first_minus_steady", cfg, first - steady, "s")
+                for phase, seconds in phases.items():  # they add up to first - steady
+                    emit("cold_start_phase", {**cfg, "phase": phase}, seconds, "s")
 
 
 def time_precision(args, quantize: str, bw: float, base: dict) -> dict[int, float]:

@@ -56,7 +56,8 @@ def test_psnr():
 
 
 def test_cold_start_runs_two_fresh_processes():
-    """Cold then warm caches, each reporting first image, steady image and their difference, in seconds."""
+    """Cold then warm caches, each reporting first image, steady image and their difference, in seconds, and the
+    phases that difference is made of."""
     argv = [
         "--cold-start",
         "--shape",
@@ -75,12 +76,21 @@ def test_cold_start_runs_two_fresh_processes():
     )
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines()]
-    assert [(row["what"], row["config"]["caches"]) for row in rows] == [
-        (what, caches)
+    phases = ["process_and_imports", "model", "engine", "first_call_minus_steady"]
+    assert [(row["what"], row["config"]["caches"], row["config"].get("phase")) for row in rows] == [
+        (what, caches, phase)
         for caches in ("cold", "warm")
-        for what in ("cold_start_first_image", "cold_start_steady_image", "cold_start_first_minus_steady")
+        for what, phase in [
+            ("cold_start_first_image", None),
+            ("cold_start_steady_image", None),
+            ("cold_start_first_minus_steady", None),
+            *(("cold_start_phase", p) for p in phases),
+        ]
     ]
     assert rows[0]["config"]["cache_env"][-1] == "X_CACHE"
-    for first, steady, diff in (rows[:3], rows[3:]):
+    for run in (rows[:7], rows[7:]):
+        first, steady, diff, *parts = run
         assert first["number"] > steady["number"] > 0
         assert math.isclose(diff["number"], first["number"] - steady["number"])
+        assert parts[0]["number"] > 0 and parts[1]["number"] > 0  # a process start and a model take time
+        assert math.isclose(sum(p["number"] for p in parts), diff["number"], abs_tol=1e-5)
